@@ -1,0 +1,281 @@
+//! Dot products and scaled row additions over each weight format, portable and AVX2.
+//!
+//! The portable bodies are written so that LLVM vectorises them (independent accumulators,
+//! fixed-width chunks); the AVX2 twins are the same bodies compiled with the wider instruction
+//! set enabled, plus F16C for half-precision conversion.
+
+use crate::checkpoint::{bf16_to_f32, FloatData};
+use std::sync::OnceLock;
+
+/// Whether AVX2, FMA and F16C are available (checked once).
+pub fn has_avx2() -> bool {
+    static HAS: OnceLock<bool> = OnceLock::new();
+    *HAS.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            std::env::var_os("RWKV_NO_SIMD").is_none()
+                && is_x86_feature_detected!("avx2")
+                && is_x86_feature_detected!("fma")
+                && is_x86_feature_detected!("f16c")
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            false
+        }
+    })
+}
+
+const L: usize = 16;
+
+#[inline(always)]
+fn dot_f32_body(a: &[f32], b: &[f32]) -> f32 {
+    let n = a.len().min(b.len());
+    let (a, b) = (&a[..n], &b[..n]);
+    let mut acc = [0f32; L];
+    let ca = a.chunks_exact(L);
+    let cb = b.chunks_exact(L);
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for k in 0..L {
+            acc[k] += x[k] * y[k];
+        }
+    }
+    let mut s = 0.0;
+    for (x, y) in ra.iter().zip(rb) {
+        s += x * y;
+    }
+    acc.iter().sum::<f32>() + s
+}
+
+#[inline(always)]
+fn dot_bf16_body(a: &[u16], b: &[f32]) -> f32 {
+    let n = a.len().min(b.len());
+    let (a, b) = (&a[..n], &b[..n]);
+    let mut acc = [0f32; L];
+    let ca = a.chunks_exact(L);
+    let cb = b.chunks_exact(L);
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for k in 0..L {
+            acc[k] += bf16_to_f32(x[k]) * y[k];
+        }
+    }
+    let mut s = 0.0;
+    for (x, y) in ra.iter().zip(rb) {
+        s += bf16_to_f32(*x) * y;
+    }
+    acc.iter().sum::<f32>() + s
+}
+
+#[inline(always)]
+fn dot_f16_scalar(a: &[u16], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 4];
+    let ca = a.chunks_exact(4);
+    let cb = b.chunks_exact(4);
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for k in 0..4 {
+            acc[k] += half::f16::from_bits(x[k]).to_f32() * y[k];
+        }
+    }
+    let mut s = 0.0;
+    for (x, y) in ra.iter().zip(rb) {
+        s += half::f16::from_bits(*x).to_f32() * y;
+    }
+    acc.iter().sum::<f32>() + s
+}
+
+#[inline(always)]
+fn axpy_f32_body(a: f32, x: &[f32], y: &mut [f32]) {
+    for (yi, xi) in y.iter_mut().zip(x) {
+        *yi += a * xi;
+    }
+}
+
+#[inline(always)]
+fn axpy_bf16_body(a: f32, x: &[u16], y: &mut [f32]) {
+    for (yi, xi) in y.iter_mut().zip(x) {
+        *yi += a * bf16_to_f32(*xi);
+    }
+}
+
+#[inline(always)]
+fn axpy_f16_scalar(a: f32, x: &[u16], y: &mut [f32]) {
+    for (yi, xi) in y.iter_mut().zip(x) {
+        *yi += a * half::f16::from_bits(*xi).to_f32();
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
+        super::dot_f32_body(a, b)
+    }
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dot_bf16(a: &[u16], b: &[f32]) -> f32 {
+        super::dot_bf16_body(a, b)
+    }
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn axpy_f32(a: f32, x: &[f32], y: &mut [f32]) {
+        super::axpy_f32_body(a, x, y)
+    }
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn axpy_bf16(a: f32, x: &[u16], y: &mut [f32]) {
+        super::axpy_bf16_body(a, x, y)
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn hsum(v: __m256) -> f32 {
+        let lo = _mm256_castps256_ps128(v);
+        let hi = _mm256_extractf128_ps(v, 1);
+        let s = _mm_add_ps(lo, hi);
+        let s = _mm_hadd_ps(s, s);
+        let s = _mm_hadd_ps(s, s);
+        _mm_cvtss_f32(s)
+    }
+
+    /// Half precision needs explicit F16C conversions: LLVM does not vectorise `half`'s.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dot_f16(a: &[u16], b: &[f32]) -> f32 {
+        let n = a.len().min(b.len());
+        let mut acc0 = _mm256_setzero_ps();
+        let mut acc1 = _mm256_setzero_ps();
+        let mut i = 0;
+        while i + 16 <= n {
+            let h0 = _mm_loadu_si128(a.as_ptr().add(i) as *const __m128i);
+            let h1 = _mm_loadu_si128(a.as_ptr().add(i + 8) as *const __m128i);
+            acc0 = _mm256_fmadd_ps(_mm256_cvtph_ps(h0), _mm256_loadu_ps(b.as_ptr().add(i)), acc0);
+            acc1 = _mm256_fmadd_ps(
+                _mm256_cvtph_ps(h1),
+                _mm256_loadu_ps(b.as_ptr().add(i + 8)),
+                acc1,
+            );
+            i += 16;
+        }
+        let mut s = hsum(_mm256_add_ps(acc0, acc1));
+        while i < n {
+            s += half::f16::from_bits(a[i]).to_f32() * b[i];
+            i += 1;
+        }
+        s
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn axpy_f16(a: f32, x: &[u16], y: &mut [f32]) {
+        let n = x.len().min(y.len());
+        let av = _mm256_set1_ps(a);
+        let mut i = 0;
+        while i + 8 <= n {
+            let h = _mm_loadu_si128(x.as_ptr().add(i) as *const __m128i);
+            let yp = y.as_mut_ptr().add(i);
+            _mm256_storeu_ps(yp, _mm256_fmadd_ps(av, _mm256_cvtph_ps(h), _mm256_loadu_ps(yp)));
+            i += 8;
+        }
+        while i < n {
+            y[i] += a * half::f16::from_bits(x[i]).to_f32();
+            i += 1;
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn f16_to_f32(x: &[u16], out: &mut [f32]) {
+        let n = x.len().min(out.len());
+        let mut i = 0;
+        while i + 8 <= n {
+            let h = _mm_loadu_si128(x.as_ptr().add(i) as *const __m128i);
+            _mm256_storeu_ps(out.as_mut_ptr().add(i), _mm256_cvtph_ps(h));
+            i += 8;
+        }
+        while i < n {
+            out[i] = half::f16::from_bits(x[i]).to_f32();
+            i += 1;
+        }
+    }
+}
+
+/// f32 dot product, fastest available code path.
+#[inline]
+pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        // SAFETY: the CPU supports the enabled features (checked above).
+        return unsafe { avx2::dot_f32(a, b) };
+    }
+    dot_f32_body(a, b)
+}
+
+/// The portable twin of [`dot_f32`].
+pub fn dot_f32_portable(a: &[f32], b: &[f32]) -> f32 {
+    dot_f32_body(a, b)
+}
+
+/// Dot product of `x` with the `x.len()` weights starting at element `start` of `w`.
+#[inline]
+pub fn dot_row(w: &FloatData, start: usize, x: &[f32]) -> f32 {
+    let n = x.len();
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        // SAFETY: the CPU supports the enabled features (checked above).
+        unsafe {
+            return match w {
+                FloatData::F32(v) => avx2::dot_f32(&v[start..start + n], x),
+                FloatData::BF16(v) => avx2::dot_bf16(&v[start..start + n], x),
+                FloatData::F16(v) => avx2::dot_f16(&v[start..start + n], x),
+            };
+        }
+    }
+    dot_row_portable(w, start, x)
+}
+
+/// The portable twin of [`dot_row`].
+pub fn dot_row_portable(w: &FloatData, start: usize, x: &[f32]) -> f32 {
+    let n = x.len();
+    match w {
+        FloatData::F32(v) => dot_f32_body(&v[start..start + n], x),
+        FloatData::BF16(v) => dot_bf16_body(&v[start..start + n], x),
+        FloatData::F16(v) => dot_f16_scalar(&v[start..start + n], x),
+    }
+}
+
+/// `y += a * w[start .. start + y.len()]`.
+#[inline]
+pub fn axpy_row(w: &FloatData, start: usize, a: f32, y: &mut [f32]) {
+    let n = y.len();
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        // SAFETY: the CPU supports the enabled features (checked above).
+        unsafe {
+            return match w {
+                FloatData::F32(v) => avx2::axpy_f32(a, &v[start..start + n], y),
+                FloatData::BF16(v) => avx2::axpy_bf16(a, &v[start..start + n], y),
+                FloatData::F16(v) => avx2::axpy_f16(a, &v[start..start + n], y),
+            };
+        }
+    }
+    axpy_row_portable(w, start, a, y)
+}
+
+/// The portable twin of [`axpy_row`].
+pub fn axpy_row_portable(w: &FloatData, start: usize, a: f32, y: &mut [f32]) {
+    let n = y.len();
+    match w {
+        FloatData::F32(v) => axpy_f32_body(a, &v[start..start + n], y),
+        FloatData::BF16(v) => axpy_bf16_body(a, &v[start..start + n], y),
+        FloatData::F16(v) => axpy_f16_scalar(a, &v[start..start + n], y),
+    }
+}
+
+/// Converts f16 bits to f32 with F16C where available.
+pub fn f16_to_f32(x: &[u16], out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        // SAFETY: the CPU supports the enabled features (checked above).
+        return unsafe { avx2::f16_to_f32(x, out) };
+    }
+    for (o, h) in out.iter_mut().zip(x) {
+        *o = half::f16::from_bits(*h).to_f32();
+    }
+}

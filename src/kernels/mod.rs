@@ -1,0 +1,284 @@
+//! The hot loops: matrix products over every stored weight format, normalisations and
+//! activations. Pure functions over slices; the models call them, never the other way round.
+//!
+//! Each inner loop is written once as portable code and compiled twice: as is, and inside a
+//! function with AVX2/FMA/F16C enabled, chosen at run time ([`simd_level`]). The two are the
+//! same source, so they compute the same sums up to the order the vector unit adds them.
+
+use crate::checkpoint::{bf16_to_f32, FloatData};
+use rayon::prelude::*;
+
+mod dot;
+pub use dot::{axpy_row, dot_row, f16_to_f32, has_avx2};
+
+/// Which instruction set the kernels use on this machine.
+pub fn simd_level() -> &'static str {
+    if has_avx2() {
+        "avx2+fma+f16c"
+    } else {
+        "portable"
+    }
+}
+
+/// Memory layout of a weight matrix.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layout {
+    /// `[out, in]`, used as `x @ W^T` (PyTorch `nn.Linear` weights).
+    OutIn,
+    /// `[in, out]`, used as `x @ W` (the LoRA matrices of v6/v7).
+    InOut,
+}
+
+/// A weight matrix in its stored format, used in place from the checkpoint's memory map.
+#[derive(Debug, Clone)]
+pub struct Matrix {
+    /// Input features.
+    pub n_in: usize,
+    /// Output features.
+    pub n_out: usize,
+    /// Layout of `data`.
+    pub layout: Layout,
+    /// The values.
+    pub data: FloatData,
+}
+
+impl Matrix {
+    /// Bytes read by one product with a vector.
+    pub fn bytes(&self) -> usize {
+        self.n_in * self.n_out * self.data.dtype().size()
+    }
+}
+
+/// Work per call below which threads cost more than they save.
+const PAR_MIN_WORK: usize = 1 << 18;
+
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+// SAFETY: used only to write disjoint elements from parallel tasks.
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+
+/// `y[t] = x[t] @ W` for `t` rows: `x` is `[t, n_in]`, `y` is `[t, n_out]` (overwritten).
+///
+/// With `t == 1` this is the matrix-vector product of the time-sequential mode; with `t > 1`
+/// every weight row is read once for all `t` inputs (time-parallel mode).
+pub fn matmul(w: &Matrix, x: &[f32], t: usize, y: &mut [f32]) {
+    debug_assert_eq!(x.len(), t * w.n_in);
+    debug_assert_eq!(y.len(), t * w.n_out);
+    match w.layout {
+        Layout::OutIn => matmul_out_in(w, x, t, y),
+        Layout::InOut => {
+            if t * w.n_in * w.n_out >= PAR_MIN_WORK && t > 1 {
+                y.par_chunks_mut(w.n_out)
+                    .zip(x.par_chunks(w.n_in))
+                    .for_each(|(yr, xr)| vec_mat(w, xr, yr));
+            } else {
+                for (yr, xr) in y.chunks_mut(w.n_out).zip(x.chunks(w.n_in)) {
+                    vec_mat(w, xr, yr);
+                }
+            }
+        }
+    }
+}
+
+/// `y = x @ M` for an `[in, out]` matrix: a sum of scaled rows.
+fn vec_mat(w: &Matrix, x: &[f32], y: &mut [f32]) {
+    y.fill(0.0);
+    for (i, &xi) in x.iter().enumerate() {
+        if xi != 0.0 {
+            axpy_row(&w.data, i * w.n_out, xi, y);
+        }
+    }
+}
+
+fn matmul_out_in(w: &Matrix, x: &[f32], t: usize, y: &mut [f32]) {
+    let (n_in, n_out) = (w.n_in, w.n_out);
+    let work = t * n_in * n_out;
+    if t == 1 {
+        let row = |(o, yo): (usize, &mut f32)| *yo = dot_row(&w.data, o * n_in, x);
+        if work >= PAR_MIN_WORK {
+            y.par_iter_mut().enumerate().with_min_len(16).for_each(row);
+        } else {
+            y.iter_mut().enumerate().for_each(row);
+        }
+        return;
+    }
+    // Several inputs: each block of weight rows is converted to f32 once and reused for every
+    // input row, so the weights are read once per chunk instead of once per token.
+    let yp = SendPtr(y.as_mut_ptr());
+    const RB: usize = 8;
+    let block = |b: usize| {
+        let yp = yp;
+        let o0 = b * RB;
+        let o1 = (o0 + RB).min(n_out);
+        let mut buf = [0f32; 1024];
+        for o in o0..o1 {
+            let mut sums_done = false;
+            let mut c0 = 0;
+            while c0 < n_in {
+                let c1 = (c0 + buf.len()).min(n_in);
+                let wb = &mut buf[..c1 - c0];
+                w.data.read_into(o * n_in + c0, wb);
+                for ti in 0..t {
+                    let xs = &x[ti * n_in + c0..ti * n_in + c1];
+                    let s = dot::dot_f32(wb, xs);
+                    // SAFETY: element (ti, o) is written only by the task owning row o.
+                    unsafe {
+                        let p = yp.0.add(ti * n_out + o);
+                        if sums_done {
+                            *p += s;
+                        } else {
+                            *p = s;
+                        }
+                    }
+                }
+                sums_done = true;
+                c0 = c1;
+            }
+        }
+    };
+    let nblocks = n_out.div_ceil(RB);
+    if work >= PAR_MIN_WORK {
+        (0..nblocks).into_par_iter().for_each(block);
+    } else {
+        (0..nblocks).for_each(block);
+    }
+}
+
+/// LayerNorm of `x` into `out` with weight `w`, bias `b` and epsilon `eps` (biased variance,
+/// as `torch.nn.functional.layer_norm`).
+pub fn layer_norm(x: &[f32], w: &[f32], b: &[f32], eps: f32, out: &mut [f32]) {
+    let n = x.len() as f32;
+    let mean = x.iter().sum::<f32>() / n;
+    let var = x.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / n;
+    let inv = 1.0 / (var + eps).sqrt();
+    for i in 0..x.len() {
+        out[i] = (x[i] - mean) * inv * w[i] + b[i];
+    }
+}
+
+/// GroupNorm over `groups` equal groups of `x`, in place, with per-channel weight and bias.
+pub fn group_norm(x: &mut [f32], groups: usize, w: &[f32], b: &[f32], eps: f32) {
+    let g = x.len() / groups;
+    for (h, xs) in x.chunks_mut(g).enumerate() {
+        let n = g as f32;
+        let mean = xs.iter().sum::<f32>() / n;
+        let var = xs.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / n;
+        let inv = 1.0 / (var + eps).sqrt();
+        for (i, v) in xs.iter_mut().enumerate() {
+            let c = h * g + i;
+            *v = (*v - mean) * inv * w[c] + b[c];
+        }
+    }
+}
+
+/// Logistic sigmoid.
+#[inline(always)]
+pub fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + (-x).exp())
+}
+
+/// Copies a row of an embedding table (any float format) into `out` as f32.
+pub fn embedding_row(table: &FloatData, row: usize, out: &mut [f32]) {
+    table.read_into(row * out.len(), out);
+}
+
+/// bf16 bits to f32, re-exported for the models' small conversions.
+#[inline(always)]
+pub fn bf16(b: u16) -> f32 {
+    bf16_to_f32(b)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::checkpoint::Shared;
+
+    fn naive(w: &[f32], n_in: usize, n_out: usize, layout: Layout, x: &[f32], t: usize) -> Vec<f32> {
+        let mut y = vec![0.0; t * n_out];
+        for ti in 0..t {
+            for o in 0..n_out {
+                let mut s = 0.0f64;
+                for i in 0..n_in {
+                    let wv = match layout {
+                        Layout::OutIn => w[o * n_in + i],
+                        Layout::InOut => w[i * n_out + o],
+                    };
+                    s += wv as f64 * x[ti * n_in + i] as f64;
+                }
+                y[ti * n_out + o] = s as f32;
+            }
+        }
+        y
+    }
+
+    fn rnd(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed;
+        (0..n)
+            .map(|_| {
+                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                ((s >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+            })
+            .collect()
+    }
+
+    #[test]
+    fn matmul_matches_naive_for_every_format_layout_and_size() {
+        for &(n_in, n_out, t) in &[(7, 5, 1), (33, 17, 3), (1030, 40, 2), (512, 600, 1), (600, 512, 5)] {
+            let wf = rnd(n_in * n_out, 1);
+            let x = rnd(n_in * t, 2);
+            for layout in [Layout::OutIn, Layout::InOut] {
+                let bf: Vec<u16> = wf.iter().map(|v| (v.to_bits() >> 16) as u16).collect();
+                let hf: Vec<u16> = wf.iter().map(|v| half::f16::from_f32(*v).to_bits()).collect();
+                let datas = [
+                    FloatData::F32(Shared::from_vec(wf.clone())),
+                    FloatData::BF16(Shared::from_vec(bf)),
+                    FloatData::F16(Shared::from_vec(hf)),
+                ];
+                for data in datas {
+                    let exact = data.to_f32();
+                    let want = naive(&exact, n_in, n_out, layout, &x, t);
+                    let m = Matrix { n_in, n_out, layout, data };
+                    let mut y = vec![f32::NAN; t * n_out];
+                    matmul(&m, &x, t, &mut y);
+                    for (a, b) in y.iter().zip(&want) {
+                        assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "{a} vs {b}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn simd_and_portable_dots_agree() {
+        let a = rnd(1000, 3);
+        let b = rnd(1000, 4);
+        let s1 = dot::dot_f32_portable(&a, &b);
+        let s2 = dot::dot_f32(&a, &b);
+        assert!((s1 - s2).abs() < 1e-4);
+        let bf: Vec<u16> = a.iter().map(|v| (v.to_bits() >> 16) as u16).collect();
+        let hf: Vec<u16> = a.iter().map(|v| half::f16::from_f32(*v).to_bits()).collect();
+        for d in [FloatData::BF16(Shared::from_vec(bf)), FloatData::F16(Shared::from_vec(hf))] {
+            let p = dot::dot_row_portable(&d, 0, &b);
+            let f = dot_row(&d, 0, &b);
+            assert!((p - f).abs() < 1e-4, "{p} vs {f}");
+            let mut y1 = b.clone();
+            let mut y2 = b.clone();
+            dot::axpy_row_portable(&d, 0, 0.5, &mut y1);
+            axpy_row(&d, 0, 0.5, &mut y2);
+            for (u, v) in y1.iter().zip(&y2) {
+                assert!((u - v).abs() < 1e-6);
+            }
+        }
+    }
+
+    #[test]
+    fn layer_norm_normalises() {
+        let x = [1.0, 2.0, 3.0, 4.0];
+        let mut y = [0.0; 4];
+        layer_norm(&x, &[1.0; 4], &[0.0; 4], 1e-5, &mut y);
+        let mean: f32 = y.iter().sum::<f32>() / 4.0;
+        assert!(mean.abs() < 1e-6);
+        assert!((y[3] - 1.3416).abs() < 1e-3);
+    }
+}

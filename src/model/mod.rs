@@ -1,0 +1,338 @@
+//! The RWKV generations: one file each, two entry points over the same weights.
+//!
+//! Every generation is computed by one chunk routine over `T` tokens: the linear layers run as
+//! matrix-matrix products over the chunk and only the WKV recurrence is scanned token by token.
+//! Time-sequential mode ([`Model::step`]) is the same routine with `T = 1` on buffers that live
+//! in the [`State`], so generating a token allocates nothing.
+
+mod state;
+pub mod v4;
+pub mod v7;
+
+pub use state::State;
+
+use crate::checkpoint::{detect::detect, Checkpoint, FloatData, Generation, ModelInfo};
+use crate::error::{Error, Result};
+use crate::kernels::{self, Layout, Matrix};
+use std::collections::HashSet;
+use std::path::Path;
+
+/// Which logits a chunk computes. The head is the largest matrix of a small model, so skipping
+/// it for prompt tokens whose logits nobody reads is a real saving.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Logits {
+    /// One row per input token.
+    All,
+    /// Only the last token's row.
+    Last,
+    /// None (prompt prefill whose logits are discarded).
+    None,
+}
+
+/// Tokens processed per chunk in time-parallel mode; bounds the activation memory.
+pub const CHUNK: usize = 256;
+
+/// A loaded model of any supported generation.
+pub enum Model {
+    /// RWKV-4.
+    V4(v4::V4),
+    /// RWKV-7.
+    V7(v7::V7),
+}
+
+impl Model {
+    /// Opens a checkpoint file and loads the model it holds.
+    pub fn load(path: impl AsRef<Path>) -> Result<Model> {
+        let ck = Checkpoint::open(path)?;
+        Self::from_checkpoint(&ck)
+    }
+
+    /// Loads a model from an opened checkpoint.
+    pub fn from_checkpoint(ck: &Checkpoint) -> Result<Model> {
+        let info = detect(ck)?;
+        let mut ld = Loader::new(ck);
+        let m = match info.generation {
+            Generation::V4 => Model::V4(v4::V4::load(&mut ld, info)?),
+            Generation::V7 => Model::V7(v7::V7::load(&mut ld, info)?),
+            g => {
+                return Err(Error::bad(format!(
+                    "{}: RWKV {g} checkpoints are recognised (see `rwkv info`) but cannot be run yet; v4 and v7 are supported",
+                    ck.path().display()
+                )))
+            }
+        };
+        ld.finish()?;
+        Ok(m)
+    }
+
+    /// Architecture and dimensions.
+    pub fn info(&self) -> &ModelInfo {
+        match self {
+            Model::V4(m) => &m.info,
+            Model::V7(m) => &m.info,
+        }
+    }
+
+    /// Vocabulary size (length of a logits row).
+    pub fn vocab_size(&self) -> usize {
+        self.info().vocab_size
+    }
+
+    /// A fresh zero state.
+    pub fn new_state(&self) -> State {
+        State::zeros(self.info())
+    }
+
+    /// Bytes of weights read to generate one token (all matrices and the head, one embedding row).
+    pub fn bytes_per_token(&self) -> usize {
+        match self {
+            Model::V4(m) => m.bytes_per_token(),
+            Model::V7(m) => m.bytes_per_token(),
+        }
+    }
+
+    fn check(&self, tokens: &[u32], state: &State) -> Result<()> {
+        state.check_compatible(self.info())?;
+        let v = self.vocab_size();
+        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= v) {
+            return Err(Error::bad(format!(
+                "token id {bad} is out of range for this model (vocab size {v})"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Time-sequential mode: advances `state` by one token and writes the next-token logits
+    /// into `logits` (length = vocab). Allocation-free once the state's buffers exist.
+    pub fn step_into(&self, token: u32, state: &mut State, logits: &mut [f32]) -> Result<()> {
+        self.check(&[token], state)?;
+        if logits.len() != self.vocab_size() {
+            return Err(Error::Internal(format!(
+                "logits buffer has {} entries, vocab is {}",
+                logits.len(),
+                self.vocab_size()
+            )));
+        }
+        self.chunk(&[token], state, Logits::Last, logits);
+        Ok(())
+    }
+
+    /// Time-sequential mode: advances `state` by one token and returns the logits.
+    pub fn step(&self, token: u32, state: &mut State) -> Result<Vec<f32>> {
+        let mut out = vec![0.0; self.vocab_size()];
+        self.step_into(token, state, &mut out)?;
+        Ok(out)
+    }
+
+    /// Time-parallel mode: advances `state` over `tokens` in chunks of [`CHUNK`] and returns
+    /// the requested logits (`[T, vocab]` for [`Logits::All`], `[vocab]` for
+    /// [`Logits::Last`], empty for [`Logits::None`]).
+    pub fn forward(&self, tokens: &[u32], state: &mut State, which: Logits) -> Result<Vec<f32>> {
+        self.check(tokens, state)?;
+        let v = self.vocab_size();
+        let mut out = match which {
+            Logits::All => vec![0.0; tokens.len() * v],
+            Logits::Last if !tokens.is_empty() => vec![0.0; v],
+            _ => Vec::new(),
+        };
+        let n = tokens.len();
+        let mut start = 0;
+        while start < n {
+            let end = (start + CHUNK).min(n);
+            let part = &tokens[start..end];
+            match which {
+                Logits::All => self.chunk(part, state, Logits::All, &mut out[start * v..end * v]),
+                Logits::Last if end == n => self.chunk(part, state, Logits::Last, &mut out),
+                _ => self.chunk(part, state, Logits::None, &mut []),
+            }
+            start = end;
+        }
+        Ok(out)
+    }
+
+    fn chunk(&self, tokens: &[u32], state: &mut State, which: Logits, out: &mut [f32]) {
+        match self {
+            Model::V4(m) => m.chunk(tokens, state, which, out),
+            Model::V7(m) => m.chunk(tokens, state, which, out),
+        }
+    }
+}
+
+/// Reads named tensors with shape checks and records which were used, so that tensors the
+/// model does not know are reported instead of silently ignored.
+pub(crate) struct Loader<'a> {
+    ck: &'a Checkpoint,
+    used: HashSet<String>,
+}
+
+fn squeeze(s: &[usize]) -> Vec<usize> {
+    s.iter().copied().filter(|&d| d != 1).collect()
+}
+
+impl<'a> Loader<'a> {
+    fn new(ck: &'a Checkpoint) -> Self {
+        Loader {
+            ck,
+            used: HashSet::new(),
+        }
+    }
+
+    fn what(&self) -> String {
+        self.ck.path().display().to_string()
+    }
+
+    fn shape_ok(&self, name: &str, want: &[usize]) -> Result<()> {
+        let m = self
+            .ck
+            .get(name)
+            .ok_or_else(|| Error::bad(format!("{}: missing tensor {name}", self.what())))?;
+        if squeeze(&m.shape) != squeeze(want) {
+            return Err(Error::bad(format!(
+                "{}: tensor {name} has shape {:?}, expected {:?}",
+                self.what(),
+                m.shape,
+                want
+            )));
+        }
+        Ok(())
+    }
+
+    /// Whether a tensor exists (without using it).
+    pub fn has(&self, name: &str) -> bool {
+        self.ck.has(name)
+    }
+
+    /// Marks a tensor as known but unused by the math.
+    pub fn ignore(&mut self, name: &str) {
+        self.used.insert(name.to_string());
+    }
+
+    /// A small tensor as owned f32, shape-checked (size-1 dimensions are ignored).
+    pub fn vec(&mut self, name: &str, want: &[usize]) -> Result<Vec<f32>> {
+        self.shape_ok(name, want)?;
+        self.used.insert(name.to_string());
+        self.ck.f32_vec(name)
+    }
+
+    /// A weight matrix in its stored format. For [`Layout::OutIn`] the stored shape is
+    /// `[n_out, n_in]`, for [`Layout::InOut`] `[n_in, n_out]`.
+    pub fn matrix(&mut self, name: &str, n_in: usize, n_out: usize, layout: Layout) -> Result<Matrix> {
+        let shape = match layout {
+            Layout::OutIn => [n_out, n_in],
+            Layout::InOut => [n_in, n_out],
+        };
+        let m = self.ck.expect_shape(name, &shape)?;
+        let _ = m;
+        self.used.insert(name.to_string());
+        let data = self.ck.float_tensor(name)?;
+        Ok(Matrix {
+            n_in,
+            n_out,
+            layout,
+            data,
+        })
+    }
+
+    /// The embedding table `[vocab, n_embd]` in its stored format.
+    pub fn table(&mut self, name: &str, rows: usize, cols: usize) -> Result<FloatData> {
+        self.ck.expect_shape(name, &[rows, cols])?;
+        self.used.insert(name.to_string());
+        self.ck.float_tensor(name)
+    }
+
+    fn finish(self) -> Result<()> {
+        for n in self.ck.names() {
+            if !self.used.contains(n) {
+                return Err(Error::bad(format!(
+                    "{}: unknown tensor {n} (not part of this model's architecture)",
+                    self.what()
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// LayerNorm parameters.
+#[derive(Debug, Clone)]
+pub(crate) struct Norm {
+    pub w: Vec<f32>,
+    pub b: Vec<f32>,
+}
+
+impl Norm {
+    pub fn load(ld: &mut Loader, prefix: &str, c: usize) -> Result<Norm> {
+        Ok(Norm {
+            w: ld.vec(&format!("{prefix}.weight"), &[c])?,
+            b: ld.vec(&format!("{prefix}.bias"), &[c])?,
+        })
+    }
+    /// LayerNorm of each `c`-wide row of `x` into `out`.
+    pub fn rows(&self, x: &[f32], out: &mut [f32]) {
+        let c = self.w.len();
+        for (xr, or) in x.chunks(c).zip(out.chunks_mut(c)) {
+            kernels::layer_norm(xr, &self.w, &self.b, 1e-5, or);
+        }
+    }
+}
+
+/// The parts every generation shares: the embedding (with ln0 applied on lookup), the final
+/// norm and the head.
+pub(crate) struct Io {
+    pub emb: FloatData,
+    pub ln0: Norm,
+    pub ln_out: Norm,
+    pub head: Matrix,
+}
+
+impl Io {
+    pub fn load(ld: &mut Loader, info: &ModelInfo) -> Result<Io> {
+        let (v, c) = (info.vocab_size, info.n_embd);
+        Ok(Io {
+            emb: ld.table("emb.weight", v, c)?,
+            ln0: Norm::load(ld, "blocks.0.ln0", c)?,
+            ln_out: Norm::load(ld, "ln_out", c)?,
+            head: ld.matrix("head.weight", c, v, Layout::OutIn)?,
+        })
+    }
+
+    /// `x[t] = LN(emb[token_t]; ln0)` — the reference applies ln0 once to the f32 table; doing
+    /// it per lookup gives the same numbers without a second copy of the table.
+    pub fn embed(&self, tokens: &[u32], x: &mut [f32], tmp: &mut [f32]) {
+        let c = self.ln0.w.len();
+        for (t, &tok) in tokens.iter().enumerate() {
+            kernels::embedding_row(&self.emb, tok as usize, tmp);
+            kernels::layer_norm(tmp, &self.ln0.w, &self.ln0.b, 1e-5, &mut x[t * c..(t + 1) * c]);
+        }
+    }
+
+    /// Final norm and head for the requested rows of `x`.
+    pub fn logits(&self, x: &[f32], t: usize, which: Logits, xn: &mut [f32], out: &mut [f32]) {
+        let c = self.ln0.w.len();
+        match which {
+            Logits::None => {}
+            Logits::Last => {
+                let last = &x[(t - 1) * c..t * c];
+                self.ln_out.rows(last, &mut xn[..c]);
+                kernels::matmul(&self.head, &xn[..c], 1, out);
+            }
+            Logits::All => {
+                self.ln_out.rows(&x[..t * c], &mut xn[..t * c]);
+                kernels::matmul(&self.head, &xn[..t * c], t, out);
+            }
+        }
+    }
+
+    pub fn bytes_per_token(&self) -> usize {
+        self.head.bytes() + self.ln0.w.len() * self.emb.dtype().size()
+    }
+}
+
+/// Grows `v` to at least `n` elements (keeps its allocation once large enough).
+#[inline]
+pub(crate) fn buf(v: &mut Vec<f32>, n: usize) -> &mut [f32] {
+    if v.len() < n {
+        v.resize(n, 0.0);
+    }
+    &mut v[..n]
+}

@@ -1,0 +1,217 @@
+//! The recurrent state: a constant-size list of f32 tensors in the official package's layout.
+
+use crate::checkpoint::{write_safetensors, Checkpoint, Generation, ModelInfo, OutTensor};
+use crate::error::{Error, Result};
+use std::collections::BTreeMap;
+use std::path::Path;
+
+/// The recurrent state of one sequence.
+///
+/// Its tensors follow the official `rwkv` package's flat list: `P` tensors per layer, entry
+/// `P * layer + slot` (v4: `att_x_prev, aa, bb, pp, ffn_x_prev`; v5.2/v6.0/v7:
+/// `att_x_prev, att_kv, ffn_x_prev`). Its size never depends on how many tokens it has seen.
+/// Cloning forks a conversation. The state also carries the work buffers of the model's
+/// token step, so that generating allocates nothing; they are not part of a clone or a file.
+pub struct State {
+    generation: Generation,
+    n_layer: usize,
+    n_embd: usize,
+    n_head: usize,
+    head_size: usize,
+    pub(crate) tensors: Vec<Vec<f32>>,
+    shapes: Vec<Vec<usize>>,
+    pub(crate) scratch: Vec<Vec<f32>>,
+}
+
+impl Clone for State {
+    fn clone(&self) -> Self {
+        State {
+            generation: self.generation,
+            n_layer: self.n_layer,
+            n_embd: self.n_embd,
+            n_head: self.n_head,
+            head_size: self.head_size,
+            tensors: self.tensors.clone(),
+            shapes: self.shapes.clone(),
+            scratch: Vec::new(),
+        }
+    }
+}
+
+impl std::fmt::Debug for State {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "State({} layers={} width={} tensors={})",
+            self.generation,
+            self.n_layer,
+            self.n_embd,
+            self.tensors.len()
+        )
+    }
+}
+
+/// Tensors per layer for a generation.
+pub fn tensors_per_layer(g: Generation) -> usize {
+    match g {
+        Generation::V4 => 5,
+        _ => 3,
+    }
+}
+
+impl State {
+    /// The zero state for a model (v4's `pp` starts at -1e30, everything else at 0).
+    pub fn zeros(info: &ModelInfo) -> State {
+        let c = info.n_embd;
+        let (h, n) = (info.n_head, info.head_size);
+        let mut tensors = Vec::new();
+        let mut shapes = Vec::new();
+        for _ in 0..info.n_layer {
+            match info.generation {
+                Generation::V4 => {
+                    for slot in 0..5 {
+                        tensors.push(vec![if slot == 3 { -1e30 } else { 0.0 }; c]);
+                        shapes.push(vec![c]);
+                    }
+                }
+                _ => {
+                    tensors.push(vec![0.0; c]);
+                    shapes.push(vec![c]);
+                    tensors.push(vec![0.0; h * n * n]);
+                    shapes.push(vec![h, n, n]);
+                    tensors.push(vec![0.0; c]);
+                    shapes.push(vec![c]);
+                }
+            }
+        }
+        State {
+            generation: info.generation,
+            n_layer: info.n_layer,
+            n_embd: c,
+            n_head: h,
+            head_size: n,
+            tensors,
+            shapes,
+            scratch: Vec::new(),
+        }
+    }
+
+    /// The generation this state belongs to.
+    pub fn generation(&self) -> Generation {
+        self.generation
+    }
+
+    /// Number of tensors (`P * n_layer`).
+    pub fn len(&self) -> usize {
+        self.tensors.len()
+    }
+
+    /// Whether the state has no tensors (never true for a real model).
+    pub fn is_empty(&self) -> bool {
+        self.tensors.is_empty()
+    }
+
+    /// Tensor `j` of the flat list.
+    pub fn tensor(&self, j: usize) -> &[f32] {
+        &self.tensors[j]
+    }
+
+    /// Shape of tensor `j`.
+    pub fn shape(&self, j: usize) -> &[usize] {
+        &self.shapes[j]
+    }
+
+    /// Mutable access to tensor `j` (for tests and tools that edit a state).
+    pub fn tensor_mut(&mut self, j: usize) -> &mut [f32] {
+        &mut self.tensors[j]
+    }
+
+    /// Total bytes of the state's tensors.
+    pub fn bytes(&self) -> usize {
+        self.tensors.iter().map(|t| t.len() * 4).sum()
+    }
+
+    /// Errors unless this state fits a model with `info`.
+    pub fn check_compatible(&self, info: &ModelInfo) -> Result<()> {
+        if self.generation != info.generation
+            || self.n_layer != info.n_layer
+            || self.n_embd != info.n_embd
+            || self.n_head != info.n_head
+            || self.head_size != info.head_size
+        {
+            return Err(Error::bad(format!(
+                "state is for a {} model with {} layers of width {}, but the model is {} with {} layers of width {}",
+                self.generation, self.n_layer, self.n_embd, info.generation, info.n_layer, info.n_embd
+            )));
+        }
+        Ok(())
+    }
+
+    /// The tensors as safetensors entries named `{prefix}{j}`.
+    pub fn out_tensors(&self, prefix: &str) -> Vec<OutTensor<'static>> {
+        self.tensors
+            .iter()
+            .zip(&self.shapes)
+            .enumerate()
+            .map(|(j, (t, s))| OutTensor::f32(format!("{prefix}{j}"), s.clone(), t))
+            .collect()
+    }
+
+    /// Metadata that identifies the model a state belongs to.
+    pub fn metadata(&self) -> BTreeMap<String, String> {
+        let mut m = BTreeMap::new();
+        m.insert("format".into(), "rwkv-state".into());
+        m.insert("generation".into(), self.generation.name().into());
+        m.insert("n_layer".into(), self.n_layer.to_string());
+        m.insert("n_embd".into(), self.n_embd.to_string());
+        m.insert("n_head".into(), self.n_head.to_string());
+        m.insert("head_size".into(), self.head_size.to_string());
+        m
+    }
+
+    /// Saves the state as a safetensors file of `state.{j}` tensors (written atomically).
+    pub fn save(&self, path: impl AsRef<Path>) -> Result<()> {
+        write_safetensors(path.as_ref(), &self.out_tensors("state."), &self.metadata())
+    }
+
+    /// Loads a state saved by [`State::save`] (or any file with `state.{j}` tensors of the
+    /// right shapes, such as the output of `rwkv logits`) for a model with `info`.
+    pub fn load(path: impl AsRef<Path>, info: &ModelInfo) -> Result<State> {
+        let path = path.as_ref();
+        let what = path.display();
+        let ck = Checkpoint::open(path)?;
+        let md = ck.metadata();
+        if let Some(g) = md.get("generation") {
+            if g != info.generation.name() {
+                return Err(Error::bad(format!(
+                    "{what}: state file is for an RWKV {g} model, but the model is {}",
+                    info.generation
+                )));
+            }
+        }
+        let mut st = State::zeros(info);
+        let n = st.tensors.len();
+        for j in 0..n {
+            let name = format!("state.{j}");
+            let m = ck.get(&name).ok_or_else(|| {
+                Error::bad(format!(
+                    "{what}: missing tensor {name}: not a state of this model ({} tensors expected)",
+                    n
+                ))
+            })?;
+            if m.shape != st.shapes[j] {
+                return Err(Error::bad(format!(
+                    "{what}: tensor {name} has shape {:?}, but this model's state needs {:?}",
+                    m.shape, st.shapes[j]
+                )));
+            }
+            st.tensors[j] = ck.f32_vec(&name)?;
+        }
+        if ck.has(&format!("state.{n}")) {
+            return Err(Error::bad(format!(
+                "{what}: has more than the {n} state tensors this model uses (a state of a deeper model?)"
+            )));
+        }
+        Ok(st)
+    }
+}

@@ -1,0 +1,373 @@
+//! RWKV-7 "Goose" (x070).
+//!
+//! Time mixing (per head, state `S[value i, key j]`):
+//! `S = S·diag(w) + (S·(-kk)) (kk·a)ᵀ + v kᵀ`, `y = S r`, then GroupNorm, the `r·k·r_k`
+//! bonus, the gate `g` and the output projection. Channel mixing is `relu(k W_k)² W_v` without
+//! a receptance gate. See `tests/fixtures/README.md` for the full formulas.
+
+use super::{buf, Io, Loader, Logits, Norm, State};
+use crate::checkpoint::ModelInfo;
+use crate::error::Result;
+use crate::kernels::{self, matmul, sigmoid, Layout, Matrix};
+use rayon::prelude::*;
+
+struct Lora {
+    down: Matrix,
+    up: Matrix,
+}
+
+impl Lora {
+    fn load(ld: &mut Loader, p: &str, n: &str, c: usize) -> Result<Lora> {
+        let d = ld
+            .ck
+            .get(&format!("{p}{n}1"))
+            .and_then(|m| m.shape.get(1).copied())
+            .unwrap_or(0);
+        Ok(Lora {
+            down: ld.matrix(&format!("{p}{n}1"), c, d, Layout::InOut)?,
+            up: ld.matrix(&format!("{p}{n}2"), d, c, Layout::InOut)?,
+        })
+    }
+    fn rank(&self) -> usize {
+        self.down.n_out
+    }
+    fn bytes(&self) -> usize {
+        self.down.bytes() + self.up.bytes()
+    }
+}
+
+struct Layer {
+    ln1: Norm,
+    ln2: Norm,
+    x_r: Vec<f32>,
+    x_w: Vec<f32>,
+    x_k: Vec<f32>,
+    x_v: Vec<f32>,
+    x_a: Vec<f32>,
+    x_g: Vec<f32>,
+    w0: Vec<f32>,
+    a0: Vec<f32>,
+    w: Lora,
+    a: Lora,
+    g: Lora,
+    /// Value residual mixing; absent in layer 0, which defines `v_first`.
+    v: Option<(Vec<f32>, Lora)>,
+    k_k: Vec<f32>,
+    k_a: Vec<f32>,
+    r_k: Vec<f32>,
+    wr: Matrix,
+    wk: Matrix,
+    wv: Matrix,
+    wo: Matrix,
+    ln_x: Norm,
+    ffn_x_k: Vec<f32>,
+    ffn_key: Matrix,
+    ffn_value: Matrix,
+}
+
+/// An RWKV-7 model.
+pub struct V7 {
+    pub(crate) info: ModelInfo,
+    io: Io,
+    layers: Vec<Layer>,
+}
+
+impl V7 {
+    pub(crate) fn load(ld: &mut Loader, info: ModelInfo) -> Result<V7> {
+        let c = info.n_embd;
+        let (h, n) = (info.n_head, info.head_size);
+        let f = info.ffn_dim;
+        let io = Io::load(ld, &info)?;
+        let mut layers = Vec::with_capacity(info.n_layer);
+        for i in 0..info.n_layer {
+            let p = format!("blocks.{i}.att.");
+            let q = format!("blocks.{i}.ffn.");
+            let cv = [1, 1, c];
+            let v = if i == 0 {
+                // Some exporters write the unused layer-0 value-residual tensors; they take no
+                // part in the math.
+                for k in ["v0", "v1", "v2"] {
+                    ld.ignore(&format!("{p}{k}"));
+                }
+                None
+            } else {
+                Some((ld.vec(&format!("{p}v0"), &cv)?, Lora::load(ld, &p, "v", c)?))
+            };
+            layers.push(Layer {
+                ln1: Norm::load(ld, &format!("blocks.{i}.ln1"), c)?,
+                ln2: Norm::load(ld, &format!("blocks.{i}.ln2"), c)?,
+                x_r: ld.vec(&format!("{p}x_r"), &cv)?,
+                x_w: ld.vec(&format!("{p}x_w"), &cv)?,
+                x_k: ld.vec(&format!("{p}x_k"), &cv)?,
+                x_v: ld.vec(&format!("{p}x_v"), &cv)?,
+                x_a: ld.vec(&format!("{p}x_a"), &cv)?,
+                x_g: ld.vec(&format!("{p}x_g"), &cv)?,
+                w0: ld.vec(&format!("{p}w0"), &cv)?,
+                a0: ld.vec(&format!("{p}a0"), &cv)?,
+                w: Lora::load(ld, &p, "w", c)?,
+                a: Lora::load(ld, &p, "a", c)?,
+                g: Lora::load(ld, &p, "g", c)?,
+                v,
+                k_k: ld.vec(&format!("{p}k_k"), &cv)?,
+                k_a: ld.vec(&format!("{p}k_a"), &cv)?,
+                r_k: ld.vec(&format!("{p}r_k"), &[h, n])?,
+                wr: ld.matrix(&format!("{p}receptance.weight"), c, c, Layout::OutIn)?,
+                wk: ld.matrix(&format!("{p}key.weight"), c, c, Layout::OutIn)?,
+                wv: ld.matrix(&format!("{p}value.weight"), c, c, Layout::OutIn)?,
+                wo: ld.matrix(&format!("{p}output.weight"), c, c, Layout::OutIn)?,
+                ln_x: Norm::load(ld, &format!("{p}ln_x"), c)?,
+                ffn_x_k: ld.vec(&format!("{q}x_k"), &cv)?,
+                ffn_key: ld.matrix(&format!("{q}key.weight"), c, f, Layout::OutIn)?,
+                ffn_value: ld.matrix(&format!("{q}value.weight"), f, c, Layout::OutIn)?,
+            });
+        }
+        Ok(V7 { info, io, layers })
+    }
+
+    pub(crate) fn bytes_per_token(&self) -> usize {
+        self.io.bytes_per_token()
+            + self
+                .layers
+                .iter()
+                .map(|l| {
+                    l.wr.bytes()
+                        + l.wk.bytes()
+                        + l.wv.bytes()
+                        + l.wo.bytes()
+                        + l.w.bytes()
+                        + l.a.bytes()
+                        + l.g.bytes()
+                        + l.v.as_ref().map_or(0, |(_, lo)| lo.bytes())
+                        + l.ffn_key.bytes()
+                        + l.ffn_value.bytes()
+                })
+                .sum::<usize>()
+    }
+
+    /// Runs `tokens` through the model from `state`, writing the requested logits to `out`.
+    pub(crate) fn chunk(&self, tokens: &[u32], state: &mut State, which: Logits, out: &mut [f32]) {
+        let t = tokens.len();
+        if t == 0 {
+            return;
+        }
+        let c = self.info.n_embd;
+        let (nh, n) = (self.info.n_head, self.info.head_size);
+        let f = self.info.ffn_dim;
+        let dmax = self
+            .layers
+            .iter()
+            .flat_map(|l| {
+                [l.w.rank(), l.a.rank(), l.g.rank(), l.v.as_ref().map_or(0, |v| v.1.rank())]
+            })
+            .max()
+            .unwrap_or(0);
+        let mut sc = std::mem::take(&mut state.scratch);
+        if sc.len() < 19 {
+            sc.resize_with(19, Vec::new);
+        }
+        let [x, xn, xr, xw, xk, xv, xa, xg, r, k, v, w, a, g, kk, y, lo, vf, hid] =
+            <&mut [Vec<f32>; 19]>::try_from(&mut sc[..19]).expect("19 buffers");
+        let x = buf(x, t * c);
+        let xn = buf(xn, t * c.max(1));
+        let (xr, xw, xk, xv) = (buf(xr, t * c), buf(xw, t * c), buf(xk, t * c), buf(xv, t * c));
+        let (xa, xg) = (buf(xa, t * c), buf(xg, t * c));
+        let (r, k, v, w) = (buf(r, t * c), buf(k, t * c), buf(v, t * c), buf(w, t * c));
+        let (a, g, kk, y) = (buf(a, t * c), buf(g, t * c), buf(kk, t * c), buf(y, t * c));
+        let lo = buf(lo, t * dmax.max(1));
+        let vf = buf(vf, t * c);
+        let hid = buf(hid, t * f.max(c));
+
+        self.io.embed(tokens, x, &mut y[..c]);
+        for (li, l) in self.layers.iter().enumerate() {
+            let (att_prev, kv, ffn_prev) = {
+                let s = &mut state.tensors[3 * li..3 * li + 3];
+                let (a0, rest) = s.split_at_mut(1);
+                let (a1, a2) = rest.split_at_mut(1);
+                (&mut a0[0], &mut a1[0], &mut a2[0])
+            };
+            // ---- time mixing ----
+            l.ln1.rows(x, xn);
+            for ti in 0..t {
+                let cur = &xn[ti * c..(ti + 1) * c];
+                let prev: &[f32] = if ti == 0 { att_prev } else { &xn[(ti - 1) * c..ti * c] };
+                for j in 0..c {
+                    let (xc, d) = (cur[j], prev[j] - cur[j]);
+                    let o = ti * c + j;
+                    xr[o] = xc + d * l.x_r[j];
+                    xw[o] = xc + d * l.x_w[j];
+                    xk[o] = xc + d * l.x_k[j];
+                    xv[o] = xc + d * l.x_v[j];
+                    xa[o] = xc + d * l.x_a[j];
+                    xg[o] = xc + d * l.x_g[j];
+                }
+            }
+            att_prev.copy_from_slice(&xn[(t - 1) * c..t * c]);
+            matmul(&l.wr, xr, t, r);
+            matmul(&l.wk, xk, t, k);
+            matmul(&l.wv, xv, t, v);
+            // Decay: w = exp(-e^-0.5 · sigmoid(w0 + tanh(xw W1) W2)).
+            let dw = l.w.rank();
+            matmul(&l.w.down, xw, t, &mut lo[..t * dw]);
+            lo[..t * dw].iter_mut().for_each(|z| *z = z.tanh());
+            matmul(&l.w.up, &lo[..t * dw], t, w);
+            for (i, z) in w.iter_mut().enumerate() {
+                *z = (-0.606531 * sigmoid(l.w0[i % c] + *z)).exp();
+            }
+            // In-context learning rate a = sigmoid(a0 + xa A1 A2).
+            let da = l.a.rank();
+            matmul(&l.a.down, xa, t, &mut lo[..t * da]);
+            matmul(&l.a.up, &lo[..t * da], t, a);
+            for (i, z) in a.iter_mut().enumerate() {
+                *z = sigmoid(l.a0[i % c] + *z);
+            }
+            // Gate g = sigmoid(xg G1) G2.
+            let dg = l.g.rank();
+            matmul(&l.g.down, xg, t, &mut lo[..t * dg]);
+            lo[..t * dg].iter_mut().for_each(|z| *z = sigmoid(*z));
+            matmul(&l.g.up, &lo[..t * dg], t, g);
+            // kk = normalize(k * k_k) per head, from the unmodified k; then k = k(1 + (a-1)k_a).
+            for (ti, (kr, kkr)) in k.chunks_mut(c).zip(kk.chunks_mut(c)).enumerate() {
+                for j in 0..c {
+                    kkr[j] = kr[j] * l.k_k[j];
+                }
+                for hh in kkr.chunks_mut(n) {
+                    let norm = hh.iter().map(|z| z * z).sum::<f32>().sqrt().max(1e-12);
+                    hh.iter_mut().for_each(|z| *z /= norm);
+                }
+                let ar = &a[ti * c..(ti + 1) * c];
+                for j in 0..c {
+                    kr[j] *= 1.0 + (ar[j] - 1.0) * l.k_a[j];
+                }
+            }
+            // Value residual: layer 0 defines v_first, later layers mix towards it.
+            match &l.v {
+                None => vf.copy_from_slice(v),
+                Some((v0, lora)) => {
+                    let dv = lora.rank();
+                    matmul(&lora.down, xv, t, &mut lo[..t * dv]);
+                    matmul(&lora.up, &lo[..t * dv], t, xr);
+                    for i in 0..t * c {
+                        v[i] += (vf[i] - v[i]) * sigmoid(v0[i % c] + xr[i]);
+                    }
+                }
+            }
+            wkv7(kv, r, w, k, v, kk, a, y, t, nh, n);
+            for ti in 0..t {
+                let yr = &mut y[ti * c..(ti + 1) * c];
+                kernels::group_norm(yr, nh, &l.ln_x.w, &l.ln_x.b, 64e-5);
+                for hh in 0..nh {
+                    let s = hh * n;
+                    let o = ti * c + s;
+                    let mut bonus = 0.0;
+                    for j in 0..n {
+                        bonus += r[o + j] * k[o + j] * l.r_k[s + j];
+                    }
+                    for j in 0..n {
+                        yr[s + j] += bonus * v[o + j];
+                    }
+                }
+                for j in 0..c {
+                    yr[j] *= g[ti * c + j];
+                }
+            }
+            matmul(&l.wo, y, t, xr);
+            for i in 0..t * c {
+                x[i] += xr[i];
+            }
+            // ---- channel mixing ----
+            l.ln2.rows(x, xn);
+            for ti in 0..t {
+                let cur = &xn[ti * c..(ti + 1) * c];
+                let prev: &[f32] = if ti == 0 { ffn_prev } else { &xn[(ti - 1) * c..ti * c] };
+                for j in 0..c {
+                    xk[ti * c + j] = cur[j] + (prev[j] - cur[j]) * l.ffn_x_k[j];
+                }
+            }
+            ffn_prev.copy_from_slice(&xn[(t - 1) * c..t * c]);
+            let hid = &mut hid[..t * f];
+            matmul(&l.ffn_key, xk, t, hid);
+            hid.iter_mut().for_each(|z| {
+                let q = z.max(0.0);
+                *z = q * q
+            });
+            matmul(&l.ffn_value, hid, t, xr);
+            for i in 0..t * c {
+                x[i] += xr[i];
+            }
+        }
+        self.io.logits(x, t, which, xn, out);
+        state.scratch = sc;
+    }
+}
+
+/// The RWKV-7 WKV scan over `t` tokens for every head, updating `state` (`[H, N, N]`, value
+/// index major) and writing `y`. Heads are independent, so long chunks run them in parallel.
+#[allow(clippy::too_many_arguments)]
+fn wkv7(
+    state: &mut [f32],
+    r: &[f32],
+    w: &[f32],
+    k: &[f32],
+    v: &[f32],
+    kk: &[f32],
+    a: &[f32],
+    y: &mut [f32],
+    t: usize,
+    nh: usize,
+    n: usize,
+) {
+    let c = nh * n;
+    let head = |(h, s): (usize, &mut [f32]), y: &mut dyn FnMut(usize, usize, f32)| {
+        let mut sa = [0f32; 256];
+        let mut b = [0f32; 256];
+        for ti in 0..t {
+            let o = ti * c + h * n;
+            let (r, w, k, v) = (&r[o..o + n], &w[o..o + n], &k[o..o + n], &v[o..o + n]);
+            let (kk, a) = (&kk[o..o + n], &a[o..o + n]);
+            for j in 0..n {
+                b[j] = kk[j] * a[j];
+            }
+            for i in 0..n {
+                let row = &s[i * n..(i + 1) * n];
+                let mut acc = 0.0;
+                for j in 0..n {
+                    acc -= row[j] * kk[j];
+                }
+                sa[i] = acc;
+            }
+            for i in 0..n {
+                let row = &mut s[i * n..(i + 1) * n];
+                let (sai, vi) = (sa[i], v[i]);
+                let mut out = 0.0;
+                for j in 0..n {
+                    let z = row[j] * w[j] + sai * b[j] + vi * k[j];
+                    row[j] = z;
+                    out += z * r[j];
+                }
+                y(ti, h * n + i, out);
+            }
+        }
+    };
+    assert!(n <= 256, "head size {n} above 256 is not supported");
+    if t > 1 && nh > 1 {
+        let yp = YPtr(y.as_mut_ptr());
+        state
+            .par_chunks_mut(n * n)
+            .enumerate()
+            .for_each(|hs| {
+                let yp = yp;
+                // SAFETY: each head writes only its own columns of y.
+                head(hs, &mut |ti, j, val| unsafe { *yp.0.add(ti * c + j) = val });
+            });
+    } else {
+        for hs in state.chunks_mut(n * n).enumerate() {
+            head(hs, &mut |ti, j, val| y[ti * c + j] = val);
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+struct YPtr(*mut f32);
+// SAFETY: parallel heads write disjoint elements.
+unsafe impl Send for YPtr {}
+unsafe impl Sync for YPtr {}

@@ -1,0 +1,486 @@
+//! Token sampling with the semantics of the rwkv package (`PIPELINE.sample_logits` and the
+//! penalties of `PIPELINE.generate`): softmax, top-p cutoff (ties with the cutoff kept), top-k,
+//! temperature applied to the filtered probabilities, presence/frequency penalties with decay,
+//! and banned tokens.
+
+use crate::error::{Error, Result};
+
+/// Sampling parameters.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SamplerConfig {
+    /// Temperature; 0 means greedy (argmax).
+    pub temperature: f32,
+    /// Nucleus mass in [0, 1]; 0 keeps only the most likely token(s).
+    pub top_p: f32,
+    /// Keep at most this many tokens; 0 disables.
+    pub top_k: usize,
+    /// Subtracted from the logit of every token generated so far (`alpha_presence`).
+    pub presence_penalty: f32,
+    /// Subtracted per (decayed) occurrence of a generated token (`alpha_frequency`).
+    pub frequency_penalty: f32,
+    /// Factor applied to all occurrence counts after each generated token (`alpha_decay`).
+    pub penalty_decay: f32,
+    /// Token ids that are never sampled.
+    pub banned: Vec<u32>,
+    /// Seed of the random generator; `None` seeds from the clock and process entropy.
+    pub seed: Option<u64>,
+}
+
+impl Default for SamplerConfig {
+    fn default() -> Self {
+        Self {
+            temperature: 1.0,
+            top_p: 0.85,
+            top_k: 0,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            penalty_decay: 0.996,
+            banned: Vec::new(),
+            seed: None,
+        }
+    }
+}
+
+/// Reusable buffers for [`distribution`], so repeated calls allocate nothing.
+#[derive(Debug, Default, Clone)]
+pub struct SampleScratch {
+    /// Candidate ids by descending probability; the support is its prefix.
+    order: Vec<u32>,
+    /// Probabilities of the support while `out` is being cleared.
+    vals: Vec<f32>,
+}
+
+/// The reference's filtered, renormalised distribution (the fixtures' `probs`), written into
+/// `out` (resized to `logits.len()`); `scratch` holds reusable index buffers so repeated calls
+/// allocate nothing.
+pub fn distribution(
+    logits: &[f32],
+    temperature: f32,
+    top_p: f32,
+    top_k: usize,
+    out: &mut Vec<f32>,
+    scratch: &mut SampleScratch,
+) {
+    filter(logits, temperature, top_p, top_k, out, scratch);
+}
+
+/// Computes [`distribution`] and returns the support size; the support's ids are
+/// `scratch.order[..n]`, most likely first.
+fn filter(
+    logits: &[f32],
+    temperature: f32,
+    top_p: f32,
+    top_k: usize,
+    out: &mut Vec<f32>,
+    scratch: &mut SampleScratch,
+) -> usize {
+    let (temperature, top_p) = if temperature == 0.0 {
+        (1.0, 0.0)
+    } else {
+        (temperature, top_p)
+    };
+    out.clear();
+    out.resize(logits.len(), 0.0);
+    scratch.order.clear();
+    if logits.is_empty() {
+        return 0;
+    }
+    softmax_into(logits, out);
+    let probs: &[f32] = out;
+
+    let mut n = top_p_support(probs, top_p, &mut scratch.order);
+    if top_k > 0 && top_k < probs.len() && top_k < n {
+        n = top_k;
+    }
+
+    scratch.vals.clear();
+    scratch
+        .vals
+        .extend(scratch.order[..n].iter().map(|&i| probs[i as usize]));
+    if temperature != 1.0 {
+        // numpy raises the float32 array to a float32 power computed from the Python float.
+        let e = (1.0f64 / f64::from(temperature)) as f32;
+        for v in &mut scratch.vals {
+            *v = v.powf(e);
+        }
+    }
+    let mut sum = scratch.vals.iter().map(|&v| f64::from(v)).sum::<f64>() as f32;
+    if !(sum > 0.0 && sum.is_finite()) && n > 0 {
+        // A tiny temperature underflowed (or a huge one overflowed) every power, where the
+        // reference would produce NaN; powers relative to the largest are the same
+        // distribution and stay representable.
+        let e = (1.0f64 / f64::from(temperature)) as f32;
+        let top = probs[scratch.order[0] as usize];
+        for (v, &i) in scratch.vals.iter_mut().zip(&scratch.order[..n]) {
+            *v = (probs[i as usize] / top).powf(e);
+        }
+        sum = scratch.vals.iter().map(|&v| f64::from(v)).sum::<f64>() as f32;
+    }
+    out.fill(0.0);
+    for (&i, &v) in scratch.order[..n].iter().zip(&scratch.vals) {
+        out[i as usize] = v / sum;
+    }
+    n
+}
+
+/// Float32 softmax as torch computes it: `exp(x - max)` scaled by the reciprocal of the sum.
+/// NaN logits count as `-inf`; if no logit is finite the result is uniform over the largest.
+fn softmax_into(logits: &[f32], out: &mut [f32]) {
+    let max = logits
+        .iter()
+        .fold(f32::NEG_INFINITY, |m, &x| if x > m { x } else { m });
+    if max.is_infinite() {
+        // All -inf (everything banned) or some +inf: share the mass among the largest.
+        let mut count = 0usize;
+        for (o, &x) in out.iter_mut().zip(logits) {
+            let top = x == max;
+            *o = if top { 1.0 } else { 0.0 };
+            count += usize::from(top);
+        }
+        if count == 0 {
+            // Every logit is NaN: nothing to prefer.
+            out.fill(1.0);
+            count = out.len();
+        }
+        let inv = 1.0 / count as f32;
+        out.iter_mut().for_each(|o| *o *= inv);
+        return;
+    }
+    let mut sum = 0.0f32;
+    for (o, &x) in out.iter_mut().zip(logits) {
+        // `!(x > -inf)` also catches NaN.
+        let e = if x > f32::NEG_INFINITY {
+            (x - max).exp()
+        } else {
+            0.0
+        };
+        *o = e;
+        sum += e;
+    }
+    let inv = 1.0 / sum;
+    out.iter_mut().for_each(|o| *o *= inv);
+}
+
+/// The top-p support: fills `order` with candidate ids by descending probability (ties by
+/// ascending id) and returns how many of them survive the cutoff.
+///
+/// The reference sorts all probabilities; only the head of that order matters, so candidates
+/// are gathered in bands of decreasing probability and each band sorted, until the cumulative
+/// sum (the same sequential f32 sum over the same descending order) reaches `top_p`.
+fn top_p_support(probs: &[f32], top_p: f32, order: &mut Vec<u32>) -> usize {
+    let pmax = probs.iter().fold(0.0f32, |m, &p| m.max(p));
+    // Band lower bounds, relative to the largest probability; the last band takes the rest.
+    const BANDS: [f32; 5] = [1.0 / 64.0, 1.0 / 4096.0, 1.0 / 262_144.0, 1.0 / 16_777_216.0, 0.0];
+    let mut hi = f32::INFINITY;
+    let mut cum = 0.0f32;
+    let mut hit = None;
+    for frac in BANDS {
+        let lo = pmax * frac;
+        let start = order.len();
+        order.extend(
+            probs
+                .iter()
+                .enumerate()
+                .filter(|&(_, &p)| p >= lo && p < hi)
+                .map(|(i, _)| i as u32),
+        );
+        order[start..].sort_unstable_by(|&a, &b| {
+            probs[b as usize]
+                .total_cmp(&probs[a as usize])
+                .then(a.cmp(&b))
+        });
+        for (k, &i) in order.iter().enumerate().skip(start) {
+            cum += probs[i as usize];
+            if cum >= top_p {
+                hit = Some(k);
+                break;
+            }
+        }
+        if hit.is_some() {
+            break;
+        }
+        hi = lo;
+    }
+    // numpy's argmax over an all-false mask is 0: the cutoff is then the largest probability.
+    let first = hit.unwrap_or(0);
+    let cutoff = probs[order[first] as usize];
+    // Everything tied with the cutoff is kept; ties sit next to each other in the order.
+    let mut n = first + 1;
+    while n < order.len() && probs[order[n] as usize] >= cutoff {
+        n += 1;
+    }
+    n
+}
+
+/// The reference's occurrence weight of a token from its bytes: 0 if its decoded text
+/// (decode_text_strict) is a substring of " \t0123456789", else 1.
+pub fn penalty_weight(token_bytes: &[u8]) -> f32 {
+    // The haystack is ASCII, so a byte-level match implies the token decodes to that text, and
+    // bytes that are not valid UTF-8 (decoded as U+FFFD) can never match.
+    const SPACE_DIGITS: &[u8] = b" \t0123456789";
+    let found = token_bytes.is_empty()
+        || SPACE_DIGITS
+            .windows(token_bytes.len())
+            .any(|w| w == token_bytes);
+    if found {
+        0.0
+    } else {
+        1.0
+    }
+}
+
+/// Draws tokens from logits with penalties and bans; owns its buffers and random generator.
+#[derive(Debug, Clone)]
+pub struct Sampler {
+    cfg: SamplerConfig,
+    seed: u64,
+    rng: Xoshiro256,
+    /// Decayed occurrence count per token id.
+    counts: Vec<f32>,
+    /// Whether a token has occurred (it is penalised even when its count is 0).
+    seen: Vec<bool>,
+    /// The ids with `seen` set, so decay and penalties cost O(touched), not O(vocab).
+    touched: Vec<u32>,
+    probs: Vec<f32>,
+    scratch: SampleScratch,
+}
+
+impl Sampler {
+    /// Validates the configuration for a model with `vocab` tokens and builds the sampler.
+    pub fn new(cfg: SamplerConfig, vocab: usize) -> Result<Self> {
+        if !(cfg.temperature.is_finite() && cfg.temperature >= 0.0) {
+            return Err(Error::bad(format!(
+                "temperature must be a finite number >= 0, got {}",
+                cfg.temperature
+            )));
+        }
+        if !(0.0..=1.0).contains(&cfg.top_p) {
+            return Err(Error::bad(format!(
+                "top_p must be between 0 and 1, got {}",
+                cfg.top_p
+            )));
+        }
+        for (field, v) in [
+            ("presence_penalty", cfg.presence_penalty),
+            ("frequency_penalty", cfg.frequency_penalty),
+            ("penalty_decay", cfg.penalty_decay),
+        ] {
+            if !v.is_finite() {
+                return Err(Error::bad(format!("{field} must be finite, got {v}")));
+            }
+        }
+        if let Some(&id) = cfg.banned.iter().find(|&&id| id as usize >= vocab) {
+            return Err(Error::bad(format!(
+                "banned token id {id} is out of range for vocab size {vocab}"
+            )));
+        }
+        let seed = cfg.seed.unwrap_or_else(entropy_seed);
+        Ok(Self {
+            seed,
+            rng: Xoshiro256::new(seed),
+            counts: vec![0.0; vocab],
+            seen: vec![false; vocab],
+            touched: Vec::new(),
+            probs: Vec::with_capacity(vocab),
+            scratch: SampleScratch::default(),
+            cfg,
+        })
+    }
+
+    /// The configuration this sampler was built with.
+    pub fn config(&self) -> &SamplerConfig {
+        &self.cfg
+    }
+
+    /// The seed in use (the configured one, or the one drawn from entropy), for reproducing a
+    /// run.
+    pub fn seed(&self) -> u64 {
+        self.seed
+    }
+
+    /// Applies bans and penalties to `logits` in place, then draws a token. Allocation-free
+    /// after the first call.
+    pub fn sample(&mut self, logits: &mut [f32]) -> u32 {
+        for &id in &self.cfg.banned {
+            if let Some(l) = logits.get_mut(id as usize) {
+                *l = f32::NEG_INFINITY;
+            }
+        }
+        for &id in &self.touched {
+            if let Some(l) = logits.get_mut(id as usize) {
+                *l -= self.cfg.presence_penalty
+                    + self.counts[id as usize] * self.cfg.frequency_penalty;
+            }
+        }
+        if self.cfg.temperature == 0.0 {
+            return argmax(logits);
+        }
+        let n = filter(
+            logits,
+            self.cfg.temperature,
+            self.cfg.top_p,
+            self.cfg.top_k,
+            &mut self.probs,
+            &mut self.scratch,
+        );
+        let support = &self.scratch.order[..n];
+        let total: f64 = support
+            .iter()
+            .map(|&i| f64::from(self.probs[i as usize]))
+            .sum();
+        let mut target = self.rng.next_f64() * total;
+        for &i in support {
+            target -= f64::from(self.probs[i as usize]);
+            if target < 0.0 {
+                return i;
+            }
+        }
+        // Rounding left a sliver at the end: it belongs to the least likely survivor.
+        support.last().copied().unwrap_or(0)
+    }
+
+    /// Records a generated token for the penalties (decay all counts, then add `weight`).
+    pub fn accept(&mut self, token: u32, weight: f32) {
+        for &id in &self.touched {
+            self.counts[id as usize] *= self.cfg.penalty_decay;
+        }
+        let i = token as usize;
+        if i >= self.counts.len() {
+            // Only for ids beyond the vocab given to `new`; grows once.
+            self.counts.resize(i + 1, 0.0);
+            self.seen.resize(i + 1, false);
+        }
+        if self.seen[i] {
+            self.counts[i] += weight;
+        } else {
+            self.seen[i] = true;
+            self.counts[i] = weight;
+            self.touched.push(token);
+        }
+    }
+
+    /// Clears the penalty counts (new conversation).
+    pub fn reset(&mut self) {
+        for &id in &self.touched {
+            self.counts[id as usize] = 0.0;
+            self.seen[id as usize] = false;
+        }
+        self.touched.clear();
+    }
+}
+
+/// Index of the largest logit, lowest index on ties; NaN never wins.
+fn argmax(logits: &[f32]) -> u32 {
+    let mut best = 0usize;
+    let mut best_v = f32::NEG_INFINITY;
+    for (i, &v) in logits.iter().enumerate() {
+        if v > best_v {
+            best = i;
+            best_v = v;
+        }
+    }
+    best as u32
+}
+
+/// A seed from the clock and the per-process random keys of the standard library's hasher.
+fn entropy_seed() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    h.write_u128(now);
+    h.write_u32(std::process::id());
+    h.finish()
+}
+
+/// xoshiro256** seeded through splitmix64: small, fast, and reproducible across platforms.
+#[derive(Debug, Clone)]
+struct Xoshiro256 {
+    s: [u64; 4],
+}
+
+impl Xoshiro256 {
+    fn new(seed: u64) -> Self {
+        let mut x = seed;
+        let mut next = || {
+            x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+            let mut z = x;
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            z ^ (z >> 31)
+        };
+        Self {
+            s: [next(), next(), next(), next()],
+        }
+    }
+
+    fn next_u64(&mut self) -> u64 {
+        let s = &mut self.s;
+        let result = s[1].wrapping_mul(5).rotate_left(7).wrapping_mul(9);
+        let t = s[1] << 17;
+        s[2] ^= s[0];
+        s[3] ^= s[1];
+        s[1] ^= s[2];
+        s[0] ^= s[3];
+        s[2] ^= t;
+        s[3] = s[3].rotate_left(45);
+        result
+    }
+
+    /// Uniform in [0, 1) with 53 random bits.
+    fn next_f64(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn xoshiro_reference_values() {
+        // splitmix64(0) outputs, the usual seeding check.
+        let mut x = 0u64;
+        let mut sm = || {
+            x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+            let mut z = x;
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            z ^ (z >> 31)
+        };
+        assert_eq!(sm(), 0xe220_a839_7b1d_cdaf);
+        let mut r = Xoshiro256::new(1);
+        let a = r.next_u64();
+        let b = r.next_u64();
+        assert_ne!(a, b);
+        assert!((0.0..1.0).contains(&r.next_f64()));
+    }
+
+    #[test]
+    fn band_search_equals_full_sort() {
+        // A long-tailed distribution where top_p needs several bands.
+        let logits: Vec<f32> = (0..5000).map(|i| -((i % 977) as f32) * 0.01).collect();
+        let mut out = Vec::new();
+        let mut scratch = SampleScratch::default();
+        for &top_p in &[0.0f32, 0.3, 0.85, 0.99, 1.0] {
+            filter(&logits, 1.0, top_p, 0, &mut out, &mut scratch);
+            let mut probs = vec![0.0; logits.len()];
+            softmax_into(&logits, &mut probs);
+            let mut idx: Vec<usize> = (0..probs.len()).collect();
+            idx.sort_by(|&a, &b| probs[b].total_cmp(&probs[a]));
+            let mut cum = 0.0f32;
+            let mut cutoff = probs[idx[0]];
+            for &i in &idx {
+                cum += probs[i];
+                if cum >= top_p {
+                    cutoff = probs[i];
+                    break;
+                }
+            }
+            for (i, &p) in probs.iter().enumerate() {
+                assert_eq!(out[i] > 0.0, p >= cutoff, "top_p {top_p} id {i}");
+            }
+        }
+    }
+}

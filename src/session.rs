@@ -1,0 +1,1 @@
+//! The generation loop shared by the CLI and the server.
