@@ -1,1 +1,456 @@
-fn main(){}
+//! The `rwkv` command-line tool.
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use rwkv::checkpoint::{detect::detect, write_safetensors, Checkpoint, OutTensor};
+use rwkv::model::{Logits, Model, State};
+use rwkv::sample::SamplerConfig;
+use rwkv::session::{chat_turn, parse_ids, Session, StopRules};
+use rwkv::tokenizer::{self, Tokenizer};
+use rwkv::{Error, Result};
+use std::io::{BufRead, IsTerminal, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(
+    name = "rwkv",
+    version,
+    about = "Run RWKV language models (RWKV-4 to RWKV-7) on the CPU"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Show a checkpoint's generation, dimensions, parameter count and dtype.
+    Info {
+        /// Checkpoint file (.pth or .safetensors).
+        model: PathBuf,
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Generate text from a prompt, streaming it to stdout.
+    Generate(GenerateArgs),
+    /// Talk with a model: one message per line on stdin; /reset, /save FILE, /load FILE, /quit.
+    Chat(ChatArgs),
+    /// Write the logits of every input token and the final state to a safetensors file.
+    Logits(LogitsArgs),
+    /// Read text on stdin and print its token ids as a JSON array.
+    Tokenize {
+        /// world, bytes, or a Hugging Face tokenizer.json.
+        #[arg(long, default_value = "world")]
+        tokenizer: String,
+    },
+    /// Read a JSON array of token ids on stdin and write their raw bytes to stdout.
+    Detokenize {
+        /// world, bytes, or a Hugging Face tokenizer.json.
+        #[arg(long, default_value = "world")]
+        tokenizer: String,
+    },
+}
+
+#[derive(Args, Clone)]
+struct ModelArgs {
+    /// Checkpoint file (.pth or .safetensors).
+    #[arg(long, short = 'm')]
+    model: PathBuf,
+    /// Tokenizer: world, bytes, or a Hugging Face tokenizer.json (default: chosen from the
+    /// model's vocabulary size).
+    #[arg(long)]
+    tokenizer: Option<String>,
+    /// Worker threads (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+}
+
+#[derive(Args, Clone)]
+struct SamplingArgs {
+    /// Sampling temperature; 0 is greedy.
+    #[arg(long, default_value_t = 1.0)]
+    temperature: f32,
+    /// Nucleus sampling: keep the most likely tokens up to this cumulative probability.
+    #[arg(long, default_value_t = 0.85)]
+    top_p: f32,
+    /// Keep only the k most likely tokens (0: no limit).
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    /// Subtracted from the logit of every token already generated.
+    #[arg(long, default_value_t = 0.0)]
+    presence_penalty: f32,
+    /// Subtracted from a token's logit once per (decayed) occurrence.
+    #[arg(long, default_value_t = 0.0)]
+    frequency_penalty: f32,
+    /// Per-token decay of the occurrence counts.
+    #[arg(long, default_value_t = 0.996)]
+    penalty_decay: f32,
+    /// Token ids never to generate (comma-separated).
+    #[arg(long, default_value = "")]
+    ban: String,
+    /// Token ids that end generation (comma-separated).
+    #[arg(long, default_value = "")]
+    stop_token: String,
+    /// A string that ends generation (repeatable).
+    #[arg(long)]
+    stop: Vec<String>,
+    /// Random seed for reproducible output.
+    #[arg(long)]
+    seed: Option<u64>,
+}
+
+impl SamplingArgs {
+    fn config(&self) -> Result<SamplerConfig> {
+        Ok(SamplerConfig {
+            temperature: self.temperature,
+            top_p: self.top_p,
+            top_k: self.top_k,
+            presence_penalty: self.presence_penalty,
+            frequency_penalty: self.frequency_penalty,
+            penalty_decay: self.penalty_decay,
+            banned: parse_ids(&self.ban, "--ban")?,
+            seed: self.seed,
+        })
+    }
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    #[command(flatten)]
+    m: ModelArgs,
+    /// The prompt.
+    #[arg(long, short = 'p', conflicts_with = "prompt_file")]
+    prompt: Option<String>,
+    /// Read the prompt from a file.
+    #[arg(long)]
+    prompt_file: Option<PathBuf>,
+    /// Most tokens to generate.
+    #[arg(long, short = 'n', default_value_t = 200)]
+    max_tokens: usize,
+    #[command(flatten)]
+    s: SamplingArgs,
+    /// Start from a state saved earlier (safetensors of `state.{j}`).
+    #[arg(long)]
+    state_in: Option<PathBuf>,
+    /// Save the final state here.
+    #[arg(long)]
+    state_out: Option<PathBuf>,
+    /// Print timing (prompt and generation tokens/s) to stderr.
+    #[arg(long)]
+    stats: bool,
+}
+
+#[derive(Args)]
+struct ChatArgs {
+    #[command(flatten)]
+    m: ModelArgs,
+    /// Most tokens per reply.
+    #[arg(long, default_value_t = 500)]
+    max_tokens: usize,
+    /// Text fed before the conversation (e.g. a system prompt); /reset returns here.
+    #[arg(long)]
+    system: Option<String>,
+    #[command(flatten)]
+    s: SamplingArgs,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Mode {
+    /// One token at a time (time-sequential).
+    Recurrent,
+    /// The whole sequence at once (time-parallel).
+    Parallel,
+}
+
+#[derive(Args)]
+struct LogitsArgs {
+    /// Checkpoint file.
+    #[arg(long, short = 'm')]
+    model: PathBuf,
+    /// Input token ids, comma-separated.
+    #[arg(long)]
+    tokens: String,
+    /// How to run the sequence.
+    #[arg(long, value_enum, default_value = "parallel")]
+    mode: Mode,
+    /// Start from this state instead of the zero state.
+    #[arg(long)]
+    state_in: Option<PathBuf>,
+    /// Output safetensors file.
+    #[arg(long)]
+    out: PathBuf,
+    /// Worker threads (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+}
+
+fn set_threads(n: Option<usize>) -> Result<()> {
+    if let Some(n) = n {
+        if n == 0 {
+            return Err(Error::bad("--threads must be at least 1"));
+        }
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build_global()
+            .map_err(|e| Error::Internal(e.to_string()))?;
+    }
+    Ok(())
+}
+
+fn load_model(m: &ModelArgs) -> Result<(Model, Box<dyn Tokenizer>)> {
+    set_threads(m.threads)?;
+    let model = Model::load(&m.model)?;
+    let tok = match &m.tokenizer {
+        Some(spec) => tokenizer::load(spec)?,
+        None => tokenizer::for_vocab(model.vocab_size())
+            .map_err(|e| Error::bad(format!("{}: {e}", m.model.display())))?,
+    };
+    Ok((model, tok))
+}
+
+fn read_stdin() -> Result<Vec<u8>> {
+    let mut buf = Vec::new();
+    std::io::stdin()
+        .read_to_end(&mut buf)
+        .map_err(|e| Error::io("<stdin>", e))?;
+    Ok(buf)
+}
+
+fn info(path: &Path, json: bool) -> Result<()> {
+    let ck = Checkpoint::open(path)?;
+    let info = detect(&ck)?;
+    if json {
+        let s = serde_json::to_string(&info).map_err(|e| Error::Internal(e.to_string()))?;
+        println!("{s}");
+        return Ok(());
+    }
+    println!(
+        "file        {} ({}, {} bytes)",
+        path.display(),
+        info.format,
+        info.file_bytes
+    );
+    println!("generation  RWKV {}", info.generation);
+    println!("layers      {}", info.n_layer);
+    println!("width       {}", info.n_embd);
+    if info.head_size > 0 {
+        println!("heads       {} x {}", info.n_head, info.head_size);
+    }
+    println!("ffn         {}", info.ffn_dim);
+    println!("vocab       {}", info.vocab_size);
+    if !info.lora.is_empty() {
+        let l: Vec<String> = info.lora.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        println!("lora ranks  {}", l.join(" "));
+    }
+    println!(
+        "parameters  {} ({:.2} M)",
+        info.params,
+        info.params as f64 / 1e6
+    );
+    println!("dtype       {}", info.dtype);
+    Ok(())
+}
+
+fn generate(a: GenerateArgs) -> Result<()> {
+    let (model, tok) = load_model(&a.m)?;
+    let prompt = match (&a.prompt, &a.prompt_file) {
+        (Some(p), _) => p.clone(),
+        (None, Some(f)) => std::fs::read_to_string(f).map_err(|e| Error::io(f, e))?,
+        (None, None) => String::new(),
+    };
+    let mut sess = Session::new(&model, tok.as_ref(), a.s.config()?)?;
+    if let Some(p) = &a.state_in {
+        sess.set_state(State::load(p, model.info())?)?;
+    }
+    let t0 = std::time::Instant::now();
+    let n_prompt = sess.feed_text(&prompt)?;
+    let prompt_s = t0.elapsed().as_secs_f64();
+    let rules = StopRules {
+        max_tokens: a.max_tokens,
+        stop_tokens: parse_ids(&a.s.stop_token, "--stop-token")?,
+        stop_strings: a.s.stop.clone(),
+    };
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    let mut io_err = None;
+    let g = sess.generate(&rules, |text| {
+        match out.write_all(text.as_bytes()).and_then(|_| out.flush()) {
+            Ok(()) => true,
+            Err(e) => {
+                io_err = Some(e);
+                false
+            }
+        }
+    })?;
+    if let Some(e) = io_err {
+        if e.kind() != std::io::ErrorKind::BrokenPipe {
+            return Err(Error::io("<stdout>", e));
+        }
+    }
+    let _ = writeln!(out);
+    if let Some(p) = &a.state_out {
+        sess.state().save(p)?;
+    }
+    if a.stats {
+        eprintln!(
+            "prompt: {n_prompt} tokens in {prompt_s:.3} s ({:.1} tokens/s); generated: {} tokens in {:.3} s ({:.1} tokens/s); finish: {}; seed: {}",
+            n_prompt as f64 / prompt_s.max(1e-9),
+            g.tokens,
+            g.seconds,
+            g.tokens as f64 / g.seconds.max(1e-9),
+            g.finish.as_str(),
+            sess.sampler().seed()
+        );
+    }
+    Ok(())
+}
+
+fn chat(a: ChatArgs) -> Result<()> {
+    let (model, tok) = load_model(&a.m)?;
+    let mut sess = Session::new(&model, tok.as_ref(), a.s.config()?)?;
+    if let Some(sys) = &a.system {
+        sess.feed_text(sys)?;
+    }
+    let base = sess.state().clone();
+    let mut rules = StopRules {
+        max_tokens: a.max_tokens,
+        stop_tokens: parse_ids(&a.s.stop_token, "--stop-token")?,
+        stop_strings: a.s.stop.clone(),
+    };
+    // A reply ends where the model starts a new paragraph or a new turn.
+    for s in ["\n\n", "\nUser:"] {
+        if !rules.stop_strings.iter().any(|x| x == s) {
+            rules.stop_strings.push(s.to_string());
+        }
+    }
+    let interactive = std::io::stdin().is_terminal();
+    let stdout = std::io::stdout();
+    let stdin = std::io::stdin();
+    let mut lines = stdin.lock().lines();
+    loop {
+        if interactive {
+            print!("User: ");
+            let _ = stdout.lock().flush();
+        }
+        let Some(line) = lines.next() else { break };
+        let line = line.map_err(|e| Error::io("<stdin>", e))?;
+        let msg = line.trim();
+        if msg.is_empty() {
+            continue;
+        }
+        if let Some(cmd) = msg.strip_prefix('/') {
+            let (name, arg) = cmd.split_once(' ').unwrap_or((cmd, ""));
+            let arg = arg.trim();
+            let res = match name {
+                "quit" | "exit" => break,
+                "reset" => {
+                    sess.set_state(base.clone())?;
+                    println!("[state reset]");
+                    Ok(())
+                }
+                "save" if !arg.is_empty() => sess
+                    .state()
+                    .save(arg)
+                    .map(|_| println!("[state saved to {arg}]")),
+                "load" if !arg.is_empty() => State::load(arg, model.info())
+                    .and_then(|st| sess.set_state(st))
+                    .map(|_| println!("[state loaded from {arg}]")),
+                _ => Err(Error::bad(format!(
+                    "unknown command /{name}: use /reset, /save FILE, /load FILE or /quit"
+                ))),
+            };
+            if let Err(e) = res {
+                eprintln!("error: {e}");
+            }
+            continue;
+        }
+        sess.feed_text(&chat_turn(msg))?;
+        let mut out = stdout.lock();
+        let _ = write!(out, "Assistant:");
+        let _ = out.flush();
+        sess.generate(&rules, |t| {
+            let _ = out.write_all(t.as_bytes());
+            let _ = out.flush();
+            true
+        })?;
+        // The turn separator is part of the state, so the next "User:" follows naturally.
+        sess.feed_text("\n\n")?;
+        let _ = writeln!(out, "\n");
+    }
+    Ok(())
+}
+
+fn logits(a: LogitsArgs) -> Result<()> {
+    set_threads(a.threads)?;
+    let model = Model::load(&a.model)?;
+    let tokens = parse_ids(&a.tokens, "--tokens")?;
+    if tokens.is_empty() {
+        return Err(Error::bad("--tokens: give at least one token id"));
+    }
+    let mut state = match &a.state_in {
+        Some(p) => State::load(p, model.info())?,
+        None => model.new_state(),
+    };
+    let v = model.vocab_size();
+    let logits = match a.mode {
+        Mode::Parallel => model.forward(&tokens, &mut state, Logits::All)?,
+        Mode::Recurrent => {
+            let mut all = vec![0.0; tokens.len() * v];
+            for (i, &t) in tokens.iter().enumerate() {
+                model.step_into(t, &mut state, &mut all[i * v..(i + 1) * v])?;
+            }
+            all
+        }
+    };
+    let mut tensors = vec![OutTensor::f32("logits", vec![tokens.len(), v], &logits)];
+    tensors.extend(state.out_tensors("state."));
+    write_safetensors(&a.out, &tensors, &state.metadata())
+}
+
+fn tokenize(spec: &str) -> Result<()> {
+    let tok = tokenizer::load(spec)?;
+    let bytes = read_stdin()?;
+    let text = String::from_utf8(bytes).map_err(|e| {
+        Error::bad(format!(
+            "<stdin>: not UTF-8 text (byte {})",
+            e.utf8_error().valid_up_to()
+        ))
+    })?;
+    let ids = tok.encode(&text)?;
+    println!(
+        "{}",
+        serde_json::to_string(&ids).map_err(|e| Error::Internal(e.to_string()))?
+    );
+    Ok(())
+}
+
+fn detokenize(spec: &str) -> Result<()> {
+    let tok = tokenizer::load(spec)?;
+    let bytes = read_stdin()?;
+    let ids: Vec<u32> = serde_json::from_slice(&bytes)
+        .map_err(|e| Error::bad(format!("<stdin>: expected a JSON array of token ids: {e}")))?;
+    let out = tok.decode_bytes(&ids)?;
+    std::io::stdout()
+        .write_all(&out)
+        .map_err(|e| Error::io("<stdout>", e))
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let res = match cli.cmd {
+        Cmd::Info { model, json } => info(&model, json),
+        Cmd::Generate(a) => generate(a),
+        Cmd::Chat(a) => chat(a),
+        Cmd::Logits(a) => logits(a),
+        Cmd::Tokenize { tokenizer } => tokenize(&tokenizer),
+        Cmd::Detokenize { tokenizer } => detokenize(&tokenizer),
+    };
+    match res {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(e.exit_code() as u8)
+        }
+    }
+}

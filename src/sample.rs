@@ -123,7 +123,10 @@ fn filter(
     n
 }
 
-/// Float32 softmax as torch computes it: `exp(x - max)` scaled by the reciprocal of the sum.
+/// Float32 softmax as torch computes it on the CPU: `exp(x - max)`, summed in 8 vector lanes
+/// (AVX2 `reduce_all`, sequentially below 8 elements), then scaled by the reciprocal of the sum.
+/// The summation order matters: with `top_p = 1` the reference keeps everything only if the
+/// cumulative sum reaches exactly 1, which depends on the last bits of the probabilities.
 /// NaN logits count as `-inf`; if no logit is finite the result is uniform over the largest.
 fn softmax_into(logits: &[f32], out: &mut [f32]) {
     let max = logits
@@ -146,19 +149,37 @@ fn softmax_into(logits: &[f32], out: &mut [f32]) {
         out.iter_mut().for_each(|o| *o *= inv);
         return;
     }
-    let mut sum = 0.0f32;
     for (o, &x) in out.iter_mut().zip(logits) {
         // `!(x > -inf)` also catches NaN.
-        let e = if x > f32::NEG_INFINITY {
+        *o = if x > f32::NEG_INFINITY {
             (x - max).exp()
         } else {
             0.0
         };
-        *o = e;
-        sum += e;
     }
-    let inv = 1.0 / sum;
+    let inv = 1.0 / torch_sum(out);
     out.iter_mut().for_each(|o| *o *= inv);
+}
+
+/// Sum in torch's `vec::reduce_all` order for 8-lane float vectors: lane `i` accumulates the
+/// elements `i, i + 8, …`, then the lanes are combined as `(l0+l4 + l2+l6) + (l1+l5 + l3+l7)`.
+fn torch_sum(v: &[f32]) -> f32 {
+    if v.len() < 8 {
+        return v.iter().fold(0.0, |s, &x| s + x);
+    }
+    let mut acc = [0.0f32; 8];
+    let mut chunks = v.chunks_exact(8);
+    for c in &mut chunks {
+        for (a, &x) in acc.iter_mut().zip(c) {
+            *a += x;
+        }
+    }
+    for (a, &x) in acc.iter_mut().zip(chunks.remainder()) {
+        *a += x;
+    }
+    let a: [f32; 4] = std::array::from_fn(|i| acc[i] + acc[i + 4]);
+    let b = [a[0] + a[2], a[1] + a[3]];
+    b[0] + b[1]
 }
 
 /// The top-p support: fills `order` with candidate ids by descending probability (ties by
@@ -170,7 +191,13 @@ fn softmax_into(logits: &[f32], out: &mut [f32]) {
 fn top_p_support(probs: &[f32], top_p: f32, order: &mut Vec<u32>) -> usize {
     let pmax = probs.iter().fold(0.0f32, |m, &p| m.max(p));
     // Band lower bounds, relative to the largest probability; the last band takes the rest.
-    const BANDS: [f32; 5] = [1.0 / 64.0, 1.0 / 4096.0, 1.0 / 262_144.0, 1.0 / 16_777_216.0, 0.0];
+    const BANDS: [f32; 5] = [
+        1.0 / 64.0,
+        1.0 / 4096.0,
+        1.0 / 262_144.0,
+        1.0 / 16_777_216.0,
+        0.0,
+    ];
     let mut hi = f32::INFINITY;
     let mut cum = 0.0f32;
     let mut hit = None;

@@ -77,20 +77,47 @@ fn check_generation(dir: &str, files: &[&str]) {
                 // State after the first token.
                 let mut st1 = model.new_state();
                 run(&model, &tokens[..1], &mut st1, mode);
-                rep.check_state(&format!("{tag} t0"), &st1, &exp, &format!("{seq}.state_step_t0"));
+                rep.check_state(
+                    &format!("{tag} t0"),
+                    &st1,
+                    &exp,
+                    &format!("{seq}.state_step_t0"),
+                );
                 // Split run: the state after part a is carried into part b.
                 let mut sa = model.new_state();
                 let la = run(&model, &tokens[..k], &mut sa, mode);
-                rep.check(format!("{tag} split a"), &la, &exp.f32(&format!("{seq}.split.logits_a")));
-                rep.check_state(&format!("{tag} split a"), &sa, &exp, &format!("{seq}.split.state_a"));
+                rep.check(
+                    format!("{tag} split a"),
+                    &la,
+                    &exp.f32(&format!("{seq}.split.logits_a")),
+                );
+                rep.check_state(
+                    &format!("{tag} split a"),
+                    &sa,
+                    &exp,
+                    &format!("{seq}.split.state_a"),
+                );
                 let lb = run(&model, &tokens[k..], &mut sa, mode);
-                rep.check(format!("{tag} split b"), &lb, &exp.f32(&format!("{seq}.split.logits_b")));
-                rep.check_state(&format!("{tag} split b"), &sa, &exp, &format!("{seq}.split.state_b"));
+                rep.check(
+                    format!("{tag} split b"),
+                    &lb,
+                    &exp.f32(&format!("{seq}.split.logits_b")),
+                );
+                rep.check_state(
+                    &format!("{tag} split b"),
+                    &sa,
+                    &exp,
+                    &format!("{seq}.split.state_b"),
+                );
             }
             // Last-position logits only.
             let mut st = model.new_state();
             let last = model.forward(&tokens, &mut st, Logits::Last).unwrap();
-            rep.check(format!("{dir}/{file} {seq} last"), &last, &exp.f32(&format!("{seq}.logits_last")));
+            rep.check(
+                format!("{dir}/{file} {seq} last"),
+                &last,
+                &exp.f32(&format!("{seq}.logits_last")),
+            );
         }
     }
     println!(
@@ -103,7 +130,12 @@ fn check_generation(dir: &str, files: &[&str]) {
 fn v4_matches_reference() {
     check_generation(
         "v4",
-        &["model.pth", "model.safetensors", "model_fp32.pth", "model_fp32.safetensors"],
+        &[
+            "model.pth",
+            "model.safetensors",
+            "model_fp32.pth",
+            "model_fp32.safetensors",
+        ],
     );
 }
 

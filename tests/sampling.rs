@@ -90,7 +90,14 @@ fn fixture_distributions() {
 fn naive_support(logits: &[f32], top_p: f32, top_k: usize) -> Vec<usize> {
     let max = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
     let e: Vec<f32> = logits.iter().map(|&x| (x - max).exp()).collect();
-    let inv = 1.0 / e.iter().sum::<f32>();
+    // torch's 8-lane summation order (see sample.rs), which decides the top_p = 1 edge.
+    let mut lanes = [0.0f32; 8];
+    for (i, &x) in e.iter().enumerate() {
+        lanes[i % 8] += x;
+    }
+    let sum = ((lanes[0] + lanes[4]) + (lanes[2] + lanes[6]))
+        + ((lanes[1] + lanes[5]) + (lanes[3] + lanes[7]));
+    let inv = 1.0 / sum;
     let probs: Vec<f32> = e.iter().map(|&x| x * inv).collect();
     let mut idx: Vec<usize> = (0..probs.len()).collect();
     idx.sort_by(|&a, &b| probs[b].total_cmp(&probs[a]).then(a.cmp(&b)));
@@ -103,7 +110,11 @@ fn naive_support(logits: &[f32], top_p: f32, top_k: usize) -> Vec<usize> {
             break;
         }
     }
-    let mut keep: Vec<usize> = idx.iter().copied().filter(|&i| probs[i] >= cutoff).collect();
+    let mut keep: Vec<usize> = idx
+        .iter()
+        .copied()
+        .filter(|&i| probs[i] >= cutoff)
+        .collect();
     if top_k > 0 && top_k < keep.len() {
         keep.truncate(top_k);
     }
@@ -182,8 +193,7 @@ fn seeded_sampling_is_reproducible() {
 #[test]
 fn draws_follow_the_distribution() {
     let logits = vec![1.0f32, 0.5, 0.0, -0.5, 2.0, -3.0, 0.2, 1.5];
-    for &(temperature, top_p, top_k) in &[(1.0f32, 1.0f32, 0usize), (0.7, 0.9, 0), (1.3, 1.0, 4)]
-    {
+    for &(temperature, top_p, top_k) in &[(1.0f32, 1.0f32, 0usize), (0.7, 0.9, 0), (1.3, 1.0, 4)] {
         let mut want = Vec::new();
         distribution(
             &logits,
@@ -253,7 +263,15 @@ fn penalty_weights() {
     for t in [&b" "[..], b"\t", b"0", b"9", b"12", b" \t0", b""] {
         assert_eq!(penalty_weight(t), 0.0, "{t:?}");
     }
-    for t in [&b"a"[..], b" a", b"0 ", b"  ", b"\n", b"\xff", "é".as_bytes()] {
+    for t in [
+        &b"a"[..],
+        b" a",
+        b"0 ",
+        b"  ",
+        b"\n",
+        b"\xff",
+        "é".as_bytes(),
+    ] {
         assert_eq!(penalty_weight(t), 1.0, "{t:?}");
     }
 }

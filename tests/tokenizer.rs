@@ -311,7 +311,10 @@ fn load_errors_do_not_panic() {
 
 /// GPT-2's byte-to-unicode table, written independently of the library.
 fn byte_level_char(b: u8) -> char {
-    let printable: Vec<u8> = (b'!'..=b'~').chain(0xA1..=0xAC).chain(0xAE..=0xFF).collect();
+    let printable: Vec<u8> = (b'!'..=b'~')
+        .chain(0xA1..=0xAC)
+        .chain(0xAE..=0xFF)
+        .collect();
     if printable.contains(&b) {
         return b as char;
     }

@@ -105,9 +105,11 @@ fn layer_generation(ck: &Checkpoint, i: usize) -> Option<Generation> {
 /// Detects the generation and every dimension of a checkpoint.
 pub fn detect(ck: &Checkpoint) -> Result<ModelInfo> {
     let what = ck.path().display().to_string();
-    let emb = ck
-        .get("emb.weight")
-        .ok_or_else(|| Error::bad(format!("{what}: missing tensor emb.weight: not an RWKV checkpoint")))?;
+    let emb = ck.get("emb.weight").ok_or_else(|| {
+        Error::bad(format!(
+            "{what}: missing tensor emb.weight: not an RWKV checkpoint"
+        ))
+    })?;
     if emb.shape.len() != 2 {
         return Err(Error::bad(format!(
             "{what}: tensor emb.weight has shape {:?}, expected [vocab, n_embd]",
@@ -128,7 +130,9 @@ pub fn detect(ck: &Checkpoint) -> Result<ModelInfo> {
     }
     let n_layer = idx.len();
     if n_layer == 0 {
-        return Err(Error::bad(format!("{what}: no blocks.* tensors: not an RWKV checkpoint")));
+        return Err(Error::bad(format!(
+            "{what}: no blocks.* tensors: not an RWKV checkpoint"
+        )));
     }
     for (want, got) in idx.iter().enumerate() {
         if want != *got {
@@ -162,15 +166,19 @@ pub fn detect(ck: &Checkpoint) -> Result<ModelInfo> {
         let m = ck
             .get(name)
             .ok_or_else(|| Error::bad(format!("{what}: missing tensor {name}")))?;
-        m.shape.get(d).copied().ok_or_else(|| {
-            Error::bad(format!("{what}: tensor {name} has shape {:?}", m.shape))
-        })
+        m.shape
+            .get(d)
+            .copied()
+            .ok_or_else(|| Error::bad(format!("{what}: tensor {name} has shape {:?}", m.shape)))
     };
     let ffn_dim = dim("blocks.0.ffn.key.weight", 0)?;
     let mut lora = BTreeMap::new();
     let (n_head, head_size) = match generation {
         Generation::V4 => (1, 0),
-        Generation::V5_2 => (dim("blocks.0.att.time_faaaa", 0)?, dim("blocks.0.att.time_faaaa", 1)?),
+        Generation::V5_2 => (
+            dim("blocks.0.att.time_faaaa", 0)?,
+            dim("blocks.0.att.time_faaaa", 1)?,
+        ),
         Generation::V6_0 => {
             let w1 = dim("blocks.0.att.time_maa_w1", 1)?;
             if w1 % 5 != 0 {
@@ -180,7 +188,10 @@ pub fn detect(ck: &Checkpoint) -> Result<ModelInfo> {
             }
             lora.insert("maa".into(), w1 / 5);
             lora.insert("decay".into(), dim("blocks.0.att.time_decay_w1", 1)?);
-            (dim("blocks.0.att.time_faaaa", 0)?, dim("blocks.0.att.time_faaaa", 1)?)
+            (
+                dim("blocks.0.att.time_faaaa", 0)?,
+                dim("blocks.0.att.time_faaaa", 1)?,
+            )
         }
         Generation::V7 => {
             lora.insert("w".into(), dim("blocks.0.att.w1", 1)?);

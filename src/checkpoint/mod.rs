@@ -236,8 +236,10 @@ impl Checkpoint {
 
     fn index_safetensors(&mut self, what: &str) -> Result<()> {
         let map = self.map.clone();
-        let (header_len, meta) = safetensors::SafeTensors::read_metadata(&map[..])
-            .map_err(|e| Error::bad(format!("{what}: not a valid safetensors or .pth file: {e}")))?;
+        let (header_len, meta) =
+            safetensors::SafeTensors::read_metadata(&map[..]).map_err(|e| {
+                Error::bad(format!("{what}: not a valid safetensors or .pth file: {e}"))
+            })?;
         let data_start = 8 + header_len;
         if let Some(md) = meta.metadata() {
             self.metadata = md.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
@@ -378,12 +380,9 @@ impl Checkpoint {
     }
 
     fn meta(&self, name: &str) -> Result<&TensorMeta> {
-        self.tensors.get(name).ok_or_else(|| {
-            Error::bad(format!(
-                "{}: missing tensor {name}",
-                self.path.display()
-            ))
-        })
+        self.tensors
+            .get(name)
+            .ok_or_else(|| Error::bad(format!("{}: missing tensor {name}", self.path.display())))
     }
 
     /// The stored bytes of a tensor.
@@ -621,7 +620,10 @@ pub fn write_safetensors(
 ) -> Result<()> {
     let mut header = serde_json::Map::new();
     if !metadata.is_empty() {
-        header.insert("__metadata__".into(), serde_json::to_value(metadata).unwrap_or_default());
+        header.insert(
+            "__metadata__".into(),
+            serde_json::to_value(metadata).unwrap_or_default(),
+        );
     }
     let mut off = 0usize;
     for t in tensors {

@@ -261,7 +261,9 @@ pub fn read_state_dict(b: &[u8], what: &str) -> Result<Vec<(String, PickledTenso
                 match (module, name) {
                     (V::Str(m), V::Str(n)) => {
                         let g = resolve_global(&m, &n).ok_or_else(|| {
-                            r.err(format!("refusing global {m}.{n}: only tensors may be loaded"))
+                            r.err(format!(
+                                "refusing global {m}.{n}: only tensors may be loaded"
+                            ))
                         })?;
                         stack.push(V::Global(g))
                     }
@@ -270,17 +272,26 @@ pub fn read_state_dict(b: &[u8], what: &str) -> Result<Vec<(String, PickledTenso
             }
             b'q' => {
                 let i = r.u8()? as u32;
-                let v = stack.last().ok_or_else(|| r.err("stack underflow"))?.clone();
+                let v = stack
+                    .last()
+                    .ok_or_else(|| r.err("stack underflow"))?
+                    .clone();
                 memo.insert(i, v);
             }
             b'r' => {
                 let i = r.u32()?;
-                let v = stack.last().ok_or_else(|| r.err("stack underflow"))?.clone();
+                let v = stack
+                    .last()
+                    .ok_or_else(|| r.err("stack underflow"))?
+                    .clone();
                 memo.insert(i, v);
             }
             0x94 => {
                 let i = memo.len() as u32;
-                let v = stack.last().ok_or_else(|| r.err("stack underflow"))?.clone();
+                let v = stack
+                    .last()
+                    .ok_or_else(|| r.err("stack underflow"))?
+                    .clone();
                 memo.insert(i, v);
             }
             b'h' | b'j' => {

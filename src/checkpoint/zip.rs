@@ -121,7 +121,9 @@ pub fn entries(buf: &[u8], what: &str) -> Result<Vec<Entry>> {
         }
         let l = local as usize;
         if u32_at(buf, l) != Some(0x0403_4b50) {
-            return Err(bad(&format!("entry {name}: bad local header (truncated file?)")));
+            return Err(bad(&format!(
+                "entry {name}: bad local header (truncated file?)"
+            )));
         }
         let lname = u16_at(buf, l + 26).unwrap_or(0) as usize;
         let lextra = u16_at(buf, l + 28).unwrap_or(0) as usize;

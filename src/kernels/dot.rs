@@ -147,7 +147,11 @@ mod avx2 {
         while i + 16 <= n {
             let h0 = _mm_loadu_si128(a.as_ptr().add(i) as *const __m128i);
             let h1 = _mm_loadu_si128(a.as_ptr().add(i + 8) as *const __m128i);
-            acc0 = _mm256_fmadd_ps(_mm256_cvtph_ps(h0), _mm256_loadu_ps(b.as_ptr().add(i)), acc0);
+            acc0 = _mm256_fmadd_ps(
+                _mm256_cvtph_ps(h0),
+                _mm256_loadu_ps(b.as_ptr().add(i)),
+                acc0,
+            );
             acc1 = _mm256_fmadd_ps(
                 _mm256_cvtph_ps(h1),
                 _mm256_loadu_ps(b.as_ptr().add(i + 8)),
@@ -171,7 +175,10 @@ mod avx2 {
         while i + 8 <= n {
             let h = _mm_loadu_si128(x.as_ptr().add(i) as *const __m128i);
             let yp = y.as_mut_ptr().add(i);
-            _mm256_storeu_ps(yp, _mm256_fmadd_ps(av, _mm256_cvtph_ps(h), _mm256_loadu_ps(yp)));
+            _mm256_storeu_ps(
+                yp,
+                _mm256_fmadd_ps(av, _mm256_cvtph_ps(h), _mm256_loadu_ps(yp)),
+            );
             i += 8;
         }
         while i < n {

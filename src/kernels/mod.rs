@@ -194,7 +194,14 @@ mod tests {
     use super::*;
     use crate::checkpoint::Shared;
 
-    fn naive(w: &[f32], n_in: usize, n_out: usize, layout: Layout, x: &[f32], t: usize) -> Vec<f32> {
+    fn naive(
+        w: &[f32],
+        n_in: usize,
+        n_out: usize,
+        layout: Layout,
+        x: &[f32],
+        t: usize,
+    ) -> Vec<f32> {
         let mut y = vec![0.0; t * n_out];
         for ti in 0..t {
             for o in 0..n_out {
@@ -216,7 +223,9 @@ mod tests {
         let mut s = seed;
         (0..n)
             .map(|_| {
-                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
                 ((s >> 40) as f32 / (1u64 << 24) as f32) - 0.5
             })
             .collect()
@@ -224,12 +233,21 @@ mod tests {
 
     #[test]
     fn matmul_matches_naive_for_every_format_layout_and_size() {
-        for &(n_in, n_out, t) in &[(7, 5, 1), (33, 17, 3), (1030, 40, 2), (512, 600, 1), (600, 512, 5)] {
+        for &(n_in, n_out, t) in &[
+            (7, 5, 1),
+            (33, 17, 3),
+            (1030, 40, 2),
+            (512, 600, 1),
+            (600, 512, 5),
+        ] {
             let wf = rnd(n_in * n_out, 1);
             let x = rnd(n_in * t, 2);
             for layout in [Layout::OutIn, Layout::InOut] {
                 let bf: Vec<u16> = wf.iter().map(|v| (v.to_bits() >> 16) as u16).collect();
-                let hf: Vec<u16> = wf.iter().map(|v| half::f16::from_f32(*v).to_bits()).collect();
+                let hf: Vec<u16> = wf
+                    .iter()
+                    .map(|v| half::f16::from_f32(*v).to_bits())
+                    .collect();
                 let datas = [
                     FloatData::F32(Shared::from_vec(wf.clone())),
                     FloatData::BF16(Shared::from_vec(bf)),
@@ -238,7 +256,12 @@ mod tests {
                 for data in datas {
                     let exact = data.to_f32();
                     let want = naive(&exact, n_in, n_out, layout, &x, t);
-                    let m = Matrix { n_in, n_out, layout, data };
+                    let m = Matrix {
+                        n_in,
+                        n_out,
+                        layout,
+                        data,
+                    };
                     let mut y = vec![f32::NAN; t * n_out];
                     matmul(&m, &x, t, &mut y);
                     for (a, b) in y.iter().zip(&want) {
@@ -257,8 +280,14 @@ mod tests {
         let s2 = dot::dot_f32(&a, &b);
         assert!((s1 - s2).abs() < 1e-4);
         let bf: Vec<u16> = a.iter().map(|v| (v.to_bits() >> 16) as u16).collect();
-        let hf: Vec<u16> = a.iter().map(|v| half::f16::from_f32(*v).to_bits()).collect();
-        for d in [FloatData::BF16(Shared::from_vec(bf)), FloatData::F16(Shared::from_vec(hf))] {
+        let hf: Vec<u16> = a
+            .iter()
+            .map(|v| half::f16::from_f32(*v).to_bits())
+            .collect();
+        for d in [
+            FloatData::BF16(Shared::from_vec(bf)),
+            FloatData::F16(Shared::from_vec(hf)),
+        ] {
             let p = dot::dot_row_portable(&d, 0, &b);
             let f = dot_row(&d, 0, &b);
             assert!((p - f).abs() < 1e-4, "{p} vs {f}");

@@ -216,7 +216,13 @@ impl<'a> Loader<'a> {
 
     /// A weight matrix in its stored format. For [`Layout::OutIn`] the stored shape is
     /// `[n_out, n_in]`, for [`Layout::InOut`] `[n_in, n_out]`.
-    pub fn matrix(&mut self, name: &str, n_in: usize, n_out: usize, layout: Layout) -> Result<Matrix> {
+    pub fn matrix(
+        &mut self,
+        name: &str,
+        n_in: usize,
+        n_out: usize,
+        layout: Layout,
+    ) -> Result<Matrix> {
         let shape = match layout {
             Layout::OutIn => [n_out, n_in],
             Layout::InOut => [n_in, n_out],
@@ -302,7 +308,13 @@ impl Io {
         let c = self.ln0.w.len();
         for (t, &tok) in tokens.iter().enumerate() {
             kernels::embedding_row(&self.emb, tok as usize, tmp);
-            kernels::layer_norm(tmp, &self.ln0.w, &self.ln0.b, 1e-5, &mut x[t * c..(t + 1) * c]);
+            kernels::layer_norm(
+                tmp,
+                &self.ln0.w,
+                &self.ln0.b,
+                1e-5,
+                &mut x[t * c..(t + 1) * c],
+            );
         }
     }
 

@@ -76,10 +76,18 @@ impl V4 {
                 .layers
                 .iter()
                 .map(|l| {
-                    [&l.wk, &l.wv, &l.wr, &l.wo, &l.ffn_key, &l.ffn_recept, &l.ffn_value]
-                        .iter()
-                        .map(|m| m.bytes())
-                        .sum::<usize>()
+                    [
+                        &l.wk,
+                        &l.wv,
+                        &l.wr,
+                        &l.wo,
+                        &l.ffn_key,
+                        &l.ffn_recept,
+                        &l.ffn_value,
+                    ]
+                    .iter()
+                    .map(|m| m.bytes())
+                    .sum::<usize>()
                 })
                 .sum::<usize>()
     }
@@ -114,7 +122,11 @@ impl V4 {
             l.ln1.rows(x, xn);
             for ti in 0..t {
                 let cur = &xn[ti * c..(ti + 1) * c];
-                let prev: &[f32] = if ti == 0 { att_prev } else { &xn[(ti - 1) * c..ti * c] };
+                let prev: &[f32] = if ti == 0 {
+                    att_prev
+                } else {
+                    &xn[(ti - 1) * c..ti * c]
+                };
                 for j in 0..c {
                     let (xc, p) = (cur[j], prev[j]);
                     xk[ti * c + j] = xc * l.mix_k[j] + p * (1.0 - l.mix_k[j]);
@@ -155,7 +167,11 @@ impl V4 {
             l.ln2.rows(x, xn);
             for ti in 0..t {
                 let cur = &xn[ti * c..(ti + 1) * c];
-                let prev: &[f32] = if ti == 0 { ffn_prev } else { &xn[(ti - 1) * c..ti * c] };
+                let prev: &[f32] = if ti == 0 {
+                    ffn_prev
+                } else {
+                    &xn[(ti - 1) * c..ti * c]
+                };
                 for j in 0..c {
                     let (xc, p) = (cur[j], prev[j]);
                     xk[ti * c + j] = xc * l.ffn_mix_k[j] + p * (1.0 - l.ffn_mix_k[j]);

@@ -157,7 +157,12 @@ impl V7 {
             .layers
             .iter()
             .flat_map(|l| {
-                [l.w.rank(), l.a.rank(), l.g.rank(), l.v.as_ref().map_or(0, |v| v.1.rank())]
+                [
+                    l.w.rank(),
+                    l.a.rank(),
+                    l.g.rank(),
+                    l.v.as_ref().map_or(0, |v| v.1.rank()),
+                ]
             })
             .max()
             .unwrap_or(0);
@@ -169,7 +174,12 @@ impl V7 {
             <&mut [Vec<f32>; 19]>::try_from(&mut sc[..19]).expect("19 buffers");
         let x = buf(x, t * c);
         let xn = buf(xn, t * c.max(1));
-        let (xr, xw, xk, xv) = (buf(xr, t * c), buf(xw, t * c), buf(xk, t * c), buf(xv, t * c));
+        let (xr, xw, xk, xv) = (
+            buf(xr, t * c),
+            buf(xw, t * c),
+            buf(xk, t * c),
+            buf(xv, t * c),
+        );
         let (xa, xg) = (buf(xa, t * c), buf(xg, t * c));
         let (r, k, v, w) = (buf(r, t * c), buf(k, t * c), buf(v, t * c), buf(w, t * c));
         let (a, g, kk, y) = (buf(a, t * c), buf(g, t * c), buf(kk, t * c), buf(y, t * c));
@@ -189,7 +199,11 @@ impl V7 {
             l.ln1.rows(x, xn);
             for ti in 0..t {
                 let cur = &xn[ti * c..(ti + 1) * c];
-                let prev: &[f32] = if ti == 0 { att_prev } else { &xn[(ti - 1) * c..ti * c] };
+                let prev: &[f32] = if ti == 0 {
+                    att_prev
+                } else {
+                    &xn[(ti - 1) * c..ti * c]
+                };
                 for j in 0..c {
                     let (xc, d) = (cur[j], prev[j] - cur[j]);
                     let o = ti * c + j;
@@ -278,7 +292,11 @@ impl V7 {
             l.ln2.rows(x, xn);
             for ti in 0..t {
                 let cur = &xn[ti * c..(ti + 1) * c];
-                let prev: &[f32] = if ti == 0 { ffn_prev } else { &xn[(ti - 1) * c..ti * c] };
+                let prev: &[f32] = if ti == 0 {
+                    ffn_prev
+                } else {
+                    &xn[(ti - 1) * c..ti * c]
+                };
                 for j in 0..c {
                     xk[ti * c + j] = cur[j] + (prev[j] - cur[j]) * l.ffn_x_k[j];
                 }
@@ -351,14 +369,11 @@ fn wkv7(
     assert!(n <= 256, "head size {n} above 256 is not supported");
     if t > 1 && nh > 1 {
         let yp = YPtr(y.as_mut_ptr());
-        state
-            .par_chunks_mut(n * n)
-            .enumerate()
-            .for_each(|hs| {
-                let yp = yp;
-                // SAFETY: each head writes only its own columns of y.
-                head(hs, &mut |ti, j, val| unsafe { *yp.0.add(ti * c + j) = val });
-            });
+        state.par_chunks_mut(n * n).enumerate().for_each(|hs| {
+            let yp = yp;
+            // SAFETY: each head writes only its own columns of y.
+            head(hs, &mut |ti, j, val| unsafe { *yp.0.add(ti * c + j) = val });
+        });
     } else {
         for hs in state.chunks_mut(n * n).enumerate() {
             head(hs, &mut |ti, j, val| y[ti * c + j] = val);

@@ -52,7 +52,10 @@ impl HfTokenizer {
             .values()
             .max()
             .map_or(0, |&m| m as usize + 1);
-        let decoders = inner.get_decoder().map(flatten_decoders).unwrap_or_default();
+        let decoders = inner
+            .get_decoder()
+            .map(flatten_decoders)
+            .unwrap_or_default();
         let byte_level = decoders
             .iter()
             .any(|d| matches!(d, DecoderWrapper::ByteLevel(_)));

@@ -152,7 +152,10 @@ impl Vocab {
         }
         entries.sort_by_key(|e| e.0);
         if let Some(w) = entries.windows(2).find(|w| w[0].0 == w[1].0) {
-            return Err(Error::bad(format!("{name}: token id {} appears twice", w[0].0)));
+            return Err(Error::bad(format!(
+                "{name}: token id {} appears twice",
+                w[0].0
+            )));
         }
         let max_id = entries.last().map_or(0, |e| e.0) as usize;
         let total: usize = entries.iter().map(|e| e.1.len()).sum();
@@ -402,8 +405,8 @@ mod tests {
 
     #[test]
     fn small_vocab() {
-        let t = WorldTokenizer::from_vocab_str("1 'a' 1\n2 'ab' 2\n3 'abc' 3\n5 'b' 1\n", "t")
-            .unwrap();
+        let t =
+            WorldTokenizer::from_vocab_str("1 'a' 1\n2 'ab' 2\n3 'abc' 3\n5 'b' 1\n", "t").unwrap();
         assert_eq!(t.encode("abab").unwrap(), vec![2, 2]);
         assert_eq!(t.encode("abcb").unwrap(), vec![3, 5]);
         assert_eq!(t.vocab_size(), 6);

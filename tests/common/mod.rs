@@ -21,7 +21,9 @@ impl Expected {
         }
     }
     pub fn f32(&self, name: &str) -> Vec<f32> {
-        self.ck.f32_vec(name).unwrap_or_else(|e| panic!("{name}: {e}"))
+        self.ck
+            .f32_vec(name)
+            .unwrap_or_else(|e| panic!("{name}: {e}"))
     }
     pub fn tokens(&self, seq: &str) -> Vec<u32> {
         self.ck
