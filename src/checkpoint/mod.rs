@@ -584,6 +584,7 @@ pub fn bf16_to_f32(b: u16) -> f32 {
 }
 
 /// One tensor to write with [`write_safetensors`].
+#[derive(Clone)]
 pub struct OutTensor<'a> {
     /// Tensor name.
     pub name: String,

@@ -62,3 +62,72 @@ pub fn max_abs(got: &[f32], want: &[f32]) -> f32 {
         .map(|(g, w)| (g - w).abs())
         .fold(0.0, f32::max)
 }
+
+/// Builds an uncompressed zip archive (the layout `torch.save` writes) from `(name, bytes)`.
+pub fn make_zip(entries: &[(&str, &[u8])]) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut central = Vec::new();
+    for (name, data) in entries {
+        let off = out.len() as u32;
+        out.extend_from_slice(&0x0403_4b50u32.to_le_bytes());
+        out.extend_from_slice(&[20, 0, 0, 0, 0, 0, 0, 0, 0, 0]); // version, flags, method, time, date
+        out.extend_from_slice(&0u32.to_le_bytes()); // crc (not checked)
+        out.extend_from_slice(&(data.len() as u32).to_le_bytes());
+        out.extend_from_slice(&(data.len() as u32).to_le_bytes());
+        out.extend_from_slice(&(name.len() as u16).to_le_bytes());
+        out.extend_from_slice(&0u16.to_le_bytes());
+        out.extend_from_slice(name.as_bytes());
+        out.extend_from_slice(data);
+        central.extend_from_slice(&0x0201_4b50u32.to_le_bytes());
+        central.extend_from_slice(&[20, 0, 20, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+        central.extend_from_slice(&0u32.to_le_bytes());
+        central.extend_from_slice(&(data.len() as u32).to_le_bytes());
+        central.extend_from_slice(&(data.len() as u32).to_le_bytes());
+        central.extend_from_slice(&(name.len() as u16).to_le_bytes());
+        central.extend_from_slice(&[0; 12]); // extra, comment, disk, attrs
+        central.extend_from_slice(&off.to_le_bytes());
+        central.extend_from_slice(name.as_bytes());
+    }
+    let cd_off = out.len() as u32;
+    out.extend_from_slice(&central);
+    out.extend_from_slice(&0x0605_4b50u32.to_le_bytes());
+    out.extend_from_slice(&[0, 0, 0, 0]);
+    out.extend_from_slice(&(entries.len() as u16).to_le_bytes());
+    out.extend_from_slice(&(entries.len() as u16).to_le_bytes());
+    out.extend_from_slice(&(central.len() as u32).to_le_bytes());
+    out.extend_from_slice(&cd_off.to_le_bytes());
+    out.extend_from_slice(&[0, 0]);
+    out
+}
+
+/// A fresh temporary directory for one test.
+pub fn tmpdir(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("rwkv-test-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// Rewrites a checkpoint as safetensors after `edit` changed its tensor list.
+pub fn rewrite(
+    src: &std::path::Path,
+    dst: &std::path::Path,
+    edit: impl FnOnce(&mut Vec<rwkv::checkpoint::OutTensor<'static>>),
+) {
+    let ck = Checkpoint::open(src).unwrap();
+    let mut ts: Vec<rwkv::checkpoint::OutTensor<'static>> = ck
+        .names()
+        .iter()
+        .map(|n| {
+            let m = ck.get(n).unwrap();
+            rwkv::checkpoint::OutTensor {
+                name: n.clone(),
+                dtype: m.dtype,
+                shape: m.shape.clone(),
+                data: ck.bytes(n).unwrap().to_vec().into(),
+            }
+        })
+        .collect();
+    edit(&mut ts);
+    rwkv::checkpoint::write_safetensors(dst, &ts, &Default::default()).unwrap();
+}

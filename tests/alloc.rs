@@ -1,0 +1,62 @@
+//! The per-token path (model step and sampling) allocates nothing once warmed up.
+//! A counting global allocator sees every allocation in this test binary.
+
+mod common;
+use rwkv::model::Model;
+use rwkv::sample::{Sampler, SamplerConfig};
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+struct Counting;
+static ALLOCS: AtomicUsize = AtomicUsize::new(0);
+
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
+        ALLOCS.fetch_add(1, Ordering::Relaxed);
+        System.alloc(l)
+    }
+    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
+        System.dealloc(p, l)
+    }
+    unsafe fn realloc(&self, p: *mut u8, l: Layout, n: usize) -> *mut u8 {
+        ALLOCS.fetch_add(1, Ordering::Relaxed);
+        System.realloc(p, l, n)
+    }
+}
+
+#[global_allocator]
+static A: Counting = Counting;
+
+#[test]
+fn step_and_sample_allocate_nothing() {
+    for gen in ["v4", "v7"] {
+        let model = Model::load(common::fixture(&format!("{gen}/model.safetensors"))).unwrap();
+        let mut state = model.new_state();
+        let mut logits = vec![0.0; model.vocab_size()];
+        let mut work = logits.clone();
+        let cfg = SamplerConfig {
+            presence_penalty: 0.3,
+            frequency_penalty: 0.3,
+            seed: Some(1),
+            ..Default::default()
+        };
+        let mut sampler = Sampler::new(cfg, model.vocab_size()).unwrap();
+        let mut tok = 1;
+        // Warm-up: buffers are sized on first use.
+        for _ in 0..3 {
+            model.step_into(tok, &mut state, &mut logits).unwrap();
+            work.copy_from_slice(&logits);
+            tok = sampler.sample(&mut work);
+            sampler.accept(tok, 1.0);
+        }
+        let before = ALLOCS.load(Ordering::Relaxed);
+        for _ in 0..200 {
+            model.step_into(tok, &mut state, &mut logits).unwrap();
+            work.copy_from_slice(&logits);
+            tok = sampler.sample(&mut work);
+            sampler.accept(tok, 1.0);
+        }
+        let n = ALLOCS.load(Ordering::Relaxed) - before;
+        assert_eq!(n, 0, "{gen}: {n} allocations in 200 generated tokens");
+    }
+}
