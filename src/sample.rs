@@ -44,10 +44,36 @@ impl Default for SamplerConfig {
 /// Reusable buffers for [`distribution`], so repeated calls allocate nothing.
 #[derive(Debug, Default, Clone)]
 pub struct SampleScratch {
-    /// Candidate ids by descending probability; the support is its prefix.
-    order: Vec<u32>,
-    /// Probabilities of the support while `out` is being cleared.
+    /// Sort keys ([`sort_key`]) of all ids, grouped by probability bucket, most likely bucket
+    /// first; the buckets the top-p walk reached are sorted, so the support is a prefix.
+    keys: Vec<u64>,
+    /// Per-bucket counts, then the end offset of each bucket in `keys`.
+    buckets: Vec<u32>,
+    /// Probabilities of the support while `out` is being rewritten.
     vals: Vec<f32>,
+}
+
+/// Buckets group probabilities by their top bits (exponent and 4 mantissa bits, a relative
+/// width of 1/16): for non-negative floats the bit pattern orders like the value.
+const BUCKET_SHIFT: u32 = 19;
+/// Probabilities are at most 1.0, so no bucket lies above that of 1.0.
+const N_BUCKETS: usize = (0x3F80_0000 >> BUCKET_SHIFT) + 1;
+
+fn bucket(p: f32) -> usize {
+    ((p.to_bits() >> BUCKET_SHIFT) as usize).min(N_BUCKETS - 1)
+}
+
+/// Orders by probability, then by id ascending, when sorted in descending order.
+fn sort_key(p: f32, id: usize) -> u64 {
+    (u64::from(p.to_bits()) << 32) | u64::from(u32::MAX - id as u32)
+}
+
+fn key_prob(k: u64) -> f32 {
+    f32::from_bits((k >> 32) as u32)
+}
+
+fn key_id(k: u64) -> u32 {
+    u32::MAX - k as u32
 }
 
 /// The reference's filtered, renormalised distribution (the fixtures' `probs`), written into
@@ -64,8 +90,8 @@ pub fn distribution(
     filter(logits, temperature, top_p, top_k, out, scratch);
 }
 
-/// Computes [`distribution`] and returns the support size; the support's ids are
-/// `scratch.order[..n]`, most likely first.
+/// Computes [`distribution`] and returns the support size; the support's sort keys are
+/// `scratch.keys[..n]`, most likely first.
 fn filter(
     logits: &[f32],
     temperature: f32,
@@ -81,22 +107,19 @@ fn filter(
     };
     out.clear();
     out.resize(logits.len(), 0.0);
-    scratch.order.clear();
     if logits.is_empty() {
         return 0;
     }
     softmax_into(logits, out);
-    let probs: &[f32] = out;
 
-    let mut n = top_p_support(probs, top_p, &mut scratch.order);
-    if top_k > 0 && top_k < probs.len() && top_k < n {
+    let mut n = top_p_support(out, top_p, scratch);
+    if top_k > 0 && top_k < out.len() && top_k < n {
         n = top_k;
     }
+    let support = &scratch.keys[..n];
 
     scratch.vals.clear();
-    scratch
-        .vals
-        .extend(scratch.order[..n].iter().map(|&i| probs[i as usize]));
+    scratch.vals.extend(support.iter().map(|&k| key_prob(k)));
     if temperature != 1.0 {
         // numpy raises the float32 array to a float32 power computed from the Python float.
         let e = (1.0f64 / f64::from(temperature)) as f32;
@@ -105,20 +128,20 @@ fn filter(
         }
     }
     let mut sum = scratch.vals.iter().map(|&v| f64::from(v)).sum::<f64>() as f32;
-    if !(sum > 0.0 && sum.is_finite()) && n > 0 {
+    if !(sum > 0.0 && sum.is_finite()) {
         // A tiny temperature underflowed (or a huge one overflowed) every power, where the
         // reference would produce NaN; powers relative to the largest are the same
         // distribution and stay representable.
         let e = (1.0f64 / f64::from(temperature)) as f32;
-        let top = probs[scratch.order[0] as usize];
-        for (v, &i) in scratch.vals.iter_mut().zip(&scratch.order[..n]) {
-            *v = (probs[i as usize] / top).powf(e);
+        let top = key_prob(support[0]);
+        for (v, &k) in scratch.vals.iter_mut().zip(support) {
+            *v = (key_prob(k) / top).powf(e);
         }
         sum = scratch.vals.iter().map(|&v| f64::from(v)).sum::<f64>() as f32;
     }
     out.fill(0.0);
-    for (&i, &v) in scratch.order[..n].iter().zip(&scratch.vals) {
-        out[i as usize] = v / sum;
+    for (&k, &v) in support.iter().zip(&scratch.vals) {
+        out[key_id(k) as usize] = v / sum;
     }
     n
 }
@@ -182,58 +205,64 @@ fn torch_sum(v: &[f32]) -> f32 {
     b[0] + b[1]
 }
 
-/// The top-p support: fills `order` with candidate ids by descending probability (ties by
-/// ascending id) and returns how many of them survive the cutoff.
+/// The top-p support of `probs` (not empty): leaves the support's sort keys, most likely first
+/// (ties by ascending id), at the front of `scratch.keys` and returns its size.
 ///
-/// The reference sorts all probabilities; only the head of that order matters, so candidates
-/// are gathered in bands of decreasing probability and each band sorted, until the cumulative
-/// sum (the same sequential f32 sum over the same descending order) reaches `top_p`.
-fn top_p_support(probs: &[f32], top_p: f32, order: &mut Vec<u32>) -> usize {
-    let pmax = probs.iter().fold(0.0f32, |m, &p| m.max(p));
-    // Band lower bounds, relative to the largest probability; the last band takes the rest.
-    const BANDS: [f32; 5] = [
-        1.0 / 64.0,
-        1.0 / 4096.0,
-        1.0 / 262_144.0,
-        1.0 / 16_777_216.0,
-        0.0,
-    ];
-    let mut hi = f32::INFINITY;
+/// The reference sorts all probabilities, but only the head of that order matters: the ids are
+/// distributed into buckets by probability (a counting sort), and buckets are sorted one at a
+/// time, most likely first, only until the cumulative sum (the same sequential f32 sum over the
+/// same descending order) reaches `top_p`.
+fn top_p_support(probs: &[f32], top_p: f32, scratch: &mut SampleScratch) -> usize {
+    let SampleScratch { keys, buckets, .. } = scratch;
+    buckets.clear();
+    buckets.resize(N_BUCKETS, 0);
+    for &p in probs {
+        buckets[bucket(p)] += 1;
+    }
+    // Turn counts into start offsets, the most likely bucket first; after the scatter each
+    // entry is its bucket's end offset.
+    let mut acc = 0u32;
+    for b in buckets.iter_mut().rev() {
+        let count = *b;
+        *b = acc;
+        acc += count;
+    }
+    keys.clear();
+    keys.resize(probs.len(), 0);
+    for (i, &p) in probs.iter().enumerate() {
+        let slot = &mut buckets[bucket(p)];
+        keys[*slot as usize] = sort_key(p, i);
+        *slot += 1;
+    }
+
     let mut cum = 0.0f32;
     let mut hit = None;
-    for frac in BANDS {
-        let lo = pmax * frac;
-        let start = order.len();
-        order.extend(
-            probs
-                .iter()
-                .enumerate()
-                .filter(|&(_, &p)| p >= lo && p < hi)
-                .map(|(i, _)| i as u32),
-        );
-        order[start..].sort_unstable_by(|&a, &b| {
-            probs[b as usize]
-                .total_cmp(&probs[a as usize])
-                .then(a.cmp(&b))
-        });
-        for (k, &i) in order.iter().enumerate().skip(start) {
-            cum += probs[i as usize];
+    let mut start = 0usize;
+    for b in (0..N_BUCKETS).rev() {
+        let end = buckets[b] as usize;
+        if end == start {
+            continue;
+        }
+        let run = &mut keys[start..end];
+        run.sort_unstable_by(|x, y| y.cmp(x));
+        for (j, &k) in run.iter().enumerate() {
+            cum += key_prob(k);
             if cum >= top_p {
-                hit = Some(k);
+                hit = Some(start + j);
                 break;
             }
         }
         if hit.is_some() {
             break;
         }
-        hi = lo;
+        start = end;
     }
     // numpy's argmax over an all-false mask is 0: the cutoff is then the largest probability.
     let first = hit.unwrap_or(0);
-    let cutoff = probs[order[first] as usize];
-    // Everything tied with the cutoff is kept; ties sit next to each other in the order.
+    let cutoff = key_prob(keys[first]);
+    // Everything tied with the cutoff is kept; ties share a bucket, so they follow in order.
     let mut n = first + 1;
-    while n < order.len() && probs[order[n] as usize] >= cutoff {
+    while n < keys.len() && key_prob(keys[n]) >= cutoff {
         n += 1;
     }
     n
@@ -350,20 +379,18 @@ impl Sampler {
             &mut self.probs,
             &mut self.scratch,
         );
-        let support = &self.scratch.order[..n];
-        let total: f64 = support
-            .iter()
-            .map(|&i| f64::from(self.probs[i as usize]))
-            .sum();
+        let support = &self.scratch.keys[..n];
+        let prob = |k: u64| f64::from(self.probs[key_id(k) as usize]);
+        let total: f64 = support.iter().map(|&k| prob(k)).sum();
         let mut target = self.rng.next_f64() * total;
-        for &i in support {
-            target -= f64::from(self.probs[i as usize]);
+        for &k in support {
+            target -= prob(k);
             if target < 0.0 {
-                return i;
+                return key_id(k);
             }
         }
         // Rounding left a sliver at the end: it belongs to the least likely survivor.
-        support.last().copied().unwrap_or(0)
+        support.last().map_or(0, |&k| key_id(k))
     }
 
     /// Records a generated token for the penalties (decay all counts, then add `weight`).
@@ -485,8 +512,8 @@ mod tests {
     }
 
     #[test]
-    fn band_search_equals_full_sort() {
-        // A long-tailed distribution where top_p needs several bands.
+    fn bucket_search_equals_full_sort() {
+        // A long-tailed distribution where top_p needs many buckets.
         let logits: Vec<f32> = (0..5000).map(|i| -((i % 977) as f32) * 0.01).collect();
         let mut out = Vec::new();
         let mut scratch = SampleScratch::default();

@@ -26,7 +26,12 @@ fn missing_file() {
 #[test]
 fn truncated_files_at_many_lengths() {
     let dir = tmpdir("trunc");
-    for src in ["v7/model.pth", "v7/model.safetensors", "v4/model.pth", "v4/model_fp32.safetensors"] {
+    for src in [
+        "v7/model.pth",
+        "v7/model.safetensors",
+        "v4/model.pth",
+        "v4/model_fp32.safetensors",
+    ] {
         let bytes = std::fs::read(fixture(src)).unwrap();
         for frac in [0.0, 0.001, 0.1, 0.5, 0.9, 0.999] {
             let n = (bytes.len() as f64 * frac) as usize;
@@ -43,7 +48,10 @@ fn corrupt_bytes_in_header_and_pickle() {
     let dir = tmpdir("corrupt");
     for src in ["v7/model.pth", "v7/model.safetensors"] {
         let bytes = std::fs::read(fixture(src)).unwrap();
-        for (i, pos) in [4usize, 9, 20, 40, 100, 200, 300, 1000].into_iter().enumerate() {
+        for (i, pos) in [4usize, 9, 20, 40, 100, 200, 300, 1000]
+            .into_iter()
+            .enumerate()
+        {
             let mut b = bytes.clone();
             b[pos] ^= 0x5a;
             let p = dir.join(format!("c{i}"));
@@ -87,21 +95,32 @@ fn missing_misshaped_nonfinite_unknown_and_missing_layer() {
     let src = fixture("v7/model.safetensors");
 
     let p = dir.join("missing.safetensors");
-    rewrite(&src, &p, |ts| ts.retain(|t| t.name != "blocks.1.att.key.weight"));
+    rewrite(&src, &p, |ts| {
+        ts.retain(|t| t.name != "blocks.1.att.key.weight")
+    });
     let e = load_err(&p);
     assert!(e.contains("missing tensor blocks.1.att.key.weight"), "{e}");
 
     let p = dir.join("shape.safetensors");
     rewrite(&src, &p, |ts| {
-        let t = ts.iter_mut().find(|t| t.name == "blocks.0.ffn.key.weight").unwrap();
+        let t = ts
+            .iter_mut()
+            .find(|t| t.name == "blocks.0.ffn.key.weight")
+            .unwrap();
         t.shape = vec![256, 256]; // same byte count, wrong shape
     });
     let e = load_err(&p);
-    assert!(e.contains("blocks.0.ffn.key.weight") && e.contains("shape"), "{e}");
+    assert!(
+        e.contains("blocks.0.ffn.key.weight") && e.contains("shape"),
+        "{e}"
+    );
 
     let p = dir.join("nan.safetensors");
     rewrite(&src, &p, |ts| {
-        let t = ts.iter_mut().find(|t| t.name == "blocks.1.att.output.weight").unwrap();
+        let t = ts
+            .iter_mut()
+            .find(|t| t.name == "blocks.1.att.output.weight")
+            .unwrap();
         let mut d = t.data.to_vec();
         assert_eq!(t.dtype, DType::BF16);
         d[10] = 0xc0; // 0x7fc0: bf16 NaN
@@ -109,7 +128,10 @@ fn missing_misshaped_nonfinite_unknown_and_missing_layer() {
         t.data = d.into();
     });
     let e = load_err(&p);
-    assert!(e.contains("blocks.1.att.output.weight") && e.contains("non-finite"), "{e}");
+    assert!(
+        e.contains("blocks.1.att.output.weight") && e.contains("non-finite"),
+        "{e}"
+    );
 
     let p = dir.join("unknown.safetensors");
     rewrite(&src, &p, |ts| {
@@ -160,7 +182,9 @@ fn token_out_of_range_and_foreign_state() {
     let e = m7.step(300, &mut st).unwrap_err();
     assert!(e.to_string().contains("token id 300"), "{e}");
     assert_eq!(e.exit_code(), 2);
-    let e = m7.forward(&[1, 2, 99999], &mut st, rwkv::model::Logits::All).unwrap_err();
+    let e = m7
+        .forward(&[1, 2, 99999], &mut st, rwkv::model::Logits::All)
+        .unwrap_err();
     assert!(e.to_string().contains("99999"), "{e}");
     // A v4 state given to the v7 model, in memory and from a file.
     let mut s4 = m4.new_state();
@@ -169,5 +193,8 @@ fn token_out_of_range_and_foreign_state() {
     let p = dir.join("v4.state");
     m4.new_state().save(&p).unwrap();
     let e = State::load(&p, m7.info()).unwrap_err();
-    assert!(e.to_string().contains("v4") && e.to_string().contains(&p.display().to_string()), "{e}");
+    assert!(
+        e.to_string().contains("v4") && e.to_string().contains(&p.display().to_string()),
+        "{e}"
+    );
 }

@@ -45,30 +45,76 @@ fn logits_contract_both_modes_and_state_in() {
         let exp = Expected::open(gen);
         let toks = exp.tokens("seq0");
         let k = 10;
-        let s = |v: &[u32]| v.iter().map(|t| t.to_string()).collect::<Vec<_>>().join(",");
+        let s = |v: &[u32]| {
+            v.iter()
+                .map(|t| t.to_string())
+                .collect::<Vec<_>>()
+                .join(",")
+        };
         let model = fixture(&format!("{gen}/model.pth"));
         let model = model.to_str().unwrap();
         for mode in ["recurrent", "parallel"] {
             let a = dir.join(format!("{gen}-{mode}-a.safetensors"));
             let b = dir.join(format!("{gen}-{mode}-b.safetensors"));
             let (a_s, b_s) = (a.to_str().unwrap(), b.to_str().unwrap());
-            ok(&["logits", "--model", model, "--tokens", &s(&toks[..k]), "--mode", mode, "--out", a_s], b"");
             ok(
-                &["logits", "-m", model, "--tokens", &s(&toks[k..]), "--mode", mode, "--state-in", a_s, "--out", b_s],
+                &[
+                    "logits",
+                    "--model",
+                    model,
+                    "--tokens",
+                    &s(&toks[..k]),
+                    "--mode",
+                    mode,
+                    "--out",
+                    a_s,
+                ],
+                b"",
+            );
+            ok(
+                &[
+                    "logits",
+                    "-m",
+                    model,
+                    "--tokens",
+                    &s(&toks[k..]),
+                    "--mode",
+                    mode,
+                    "--state-in",
+                    a_s,
+                    "--out",
+                    b_s,
+                ],
                 b"",
             );
             let ca = Checkpoint::open(&a).unwrap();
             assert_eq!(ca.get("logits").unwrap().shape, vec![k, 300]);
-            assert!(tol_ratio(&ca.f32_vec("logits").unwrap(), &exp.f32("seq0.split.logits_a")) <= 1.0);
+            assert!(
+                tol_ratio(
+                    &ca.f32_vec("logits").unwrap(),
+                    &exp.f32("seq0.split.logits_a")
+                ) <= 1.0
+            );
             let cb = Checkpoint::open(&b).unwrap();
-            assert!(tol_ratio(&cb.f32_vec("logits").unwrap(), &exp.f32("seq0.split.logits_b")) <= 1.0);
+            assert!(
+                tol_ratio(
+                    &cb.f32_vec("logits").unwrap(),
+                    &exp.f32("seq0.split.logits_b")
+                ) <= 1.0
+            );
             let p = if gen == "v4" { 5 } else { 3 };
             for j in 0..2 * p {
                 let name = format!("state.{j}");
                 let got = cb.f32_vec(&name).unwrap();
                 let want = exp.f32(&format!("seq0.split.state_b.{j}"));
                 assert!(tol_ratio(&got, &want) <= 1.0, "{gen} {mode} {name}");
-                assert_eq!(cb.get(&name).unwrap().shape, exp.ck.get(&format!("seq0.split.state_b.{j}")).unwrap().shape);
+                assert_eq!(
+                    cb.get(&name).unwrap().shape,
+                    exp.ck
+                        .get(&format!("seq0.split.state_b.{j}"))
+                        .unwrap()
+                        .shape
+                );
             }
         }
     }
@@ -92,13 +138,57 @@ fn tokenize_and_detokenize_round_trip() {
 fn generate_is_reproducible_with_a_seed_and_streams_text() {
     let m = fixture("v7/model.safetensors");
     let m = m.to_str().unwrap();
-    let args = ["generate", "-m", m, "--tokenizer", "bytes", "--prompt", "To be", "-n", "30", "--seed", "7"];
+    let args = [
+        "generate",
+        "-m",
+        m,
+        "--tokenizer",
+        "bytes",
+        "--prompt",
+        "To be",
+        "-n",
+        "30",
+        "--seed",
+        "7",
+    ];
     let a = ok(&args, b"");
     let b = ok(&args, b"");
     assert_eq!(a, b);
     assert!(!a.is_empty());
-    let g1 = ok(&["generate", "-m", m, "--tokenizer", "bytes", "--prompt", "x", "-n", "20", "--temperature", "0"], b"");
-    let g2 = ok(&["generate", "-m", m, "--tokenizer", "bytes", "--prompt", "x", "-n", "20", "--temperature", "0", "--seed", "99"], b"");
+    let g1 = ok(
+        &[
+            "generate",
+            "-m",
+            m,
+            "--tokenizer",
+            "bytes",
+            "--prompt",
+            "x",
+            "-n",
+            "20",
+            "--temperature",
+            "0",
+        ],
+        b"",
+    );
+    let g2 = ok(
+        &[
+            "generate",
+            "-m",
+            m,
+            "--tokenizer",
+            "bytes",
+            "--prompt",
+            "x",
+            "-n",
+            "20",
+            "--temperature",
+            "0",
+            "--seed",
+            "99",
+        ],
+        b"",
+    );
     assert_eq!(g1, g2, "greedy output must not depend on the seed");
 }
 
@@ -109,9 +199,56 @@ fn generate_continues_from_a_saved_state() {
     let m = m.to_str().unwrap();
     let st = dir.join("s.safetensors");
     let st = st.to_str().unwrap();
-    ok(&["generate", "-m", m, "--tokenizer", "bytes", "--prompt", "abc", "-n", "0", "--state-out", st], b"");
-    let a = ok(&["generate", "-m", m, "--tokenizer", "bytes", "--state-in", st, "--prompt", "d", "-n", "10", "--temperature", "0"], b"");
-    let b = ok(&["generate", "-m", m, "--tokenizer", "bytes", "--prompt", "abcd", "-n", "10", "--temperature", "0"], b"");
+    ok(
+        &[
+            "generate",
+            "-m",
+            m,
+            "--tokenizer",
+            "bytes",
+            "--prompt",
+            "abc",
+            "-n",
+            "0",
+            "--state-out",
+            st,
+        ],
+        b"",
+    );
+    let a = ok(
+        &[
+            "generate",
+            "-m",
+            m,
+            "--tokenizer",
+            "bytes",
+            "--state-in",
+            st,
+            "--prompt",
+            "d",
+            "-n",
+            "10",
+            "--temperature",
+            "0",
+        ],
+        b"",
+    );
+    let b = ok(
+        &[
+            "generate",
+            "-m",
+            m,
+            "--tokenizer",
+            "bytes",
+            "--prompt",
+            "abcd",
+            "-n",
+            "10",
+            "--temperature",
+            "0",
+        ],
+        b"",
+    );
     assert_eq!(a, b);
 }
 
@@ -126,24 +263,51 @@ fn chat_carries_state_and_handles_commands() {
         st.display()
     );
     let out = rwkv(
-        &["chat", "-m", m, "--tokenizer", "bytes", "--temperature", "0", "--max-tokens", "12"],
+        &[
+            "chat",
+            "-m",
+            m,
+            "--tokenizer",
+            "bytes",
+            "--temperature",
+            "0",
+            "--max-tokens",
+            "12",
+        ],
         input.as_bytes(),
     );
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let text = String::from_utf8_lossy(&out.stdout).to_string();
     let replies: Vec<&str> = text.split("Assistant:").skip(1).collect();
     assert_eq!(replies.len(), 4, "{text}");
     // Greedy: the same history gives the same reply; a reset gives the first reply again,
     // and a loaded state reproduces the reply that followed the save.
-    assert_eq!(replies[0].split('[').next(), replies[2].split('[').next(), "{text}");
-    assert_eq!(replies[1].split('[').next(), replies[3].split('[').next(), "{text}");
+    assert_eq!(
+        replies[0].split('[').next(),
+        replies[2].split('[').next(),
+        "{text}"
+    );
+    assert_eq!(
+        replies[1].split('[').next(),
+        replies[3].split('[').next(),
+        "{text}"
+    );
     assert!(text.contains("[state reset]") && text.contains("[state loaded from"));
     assert!(String::from_utf8_lossy(&out.stderr).contains("unknown command /bogus"));
 }
 
 #[test]
 fn info_reports_all_generations() {
-    for (dir, gen) in [("v4", "v4"), ("v5_2", "v5.2"), ("v6_0", "v6.0"), ("v7", "v7")] {
+    for (dir, gen) in [
+        ("v4", "v4"),
+        ("v5_2", "v5.2"),
+        ("v6_0", "v6.0"),
+        ("v7", "v7"),
+    ] {
         let p = fixture(&format!("{dir}/model.pth"));
         let out = ok(&["info", p.to_str().unwrap(), "--json"], b"");
         let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
@@ -160,20 +324,69 @@ fn bad_input_exits_2_with_one_line() {
     let m = fixture("v7/model.safetensors");
     let m = m.to_str().unwrap();
     bad(&["info", "/no/such/file.pth"], b"");
-    let e = bad(&["logits", "-m", m, "--tokens", "1,2,300", "--out", "/tmp/x.safetensors"], b"");
+    let e = bad(
+        &[
+            "logits",
+            "-m",
+            m,
+            "--tokens",
+            "1,2,300",
+            "--out",
+            "/tmp/x.safetensors",
+        ],
+        b"",
+    );
     assert!(e.contains("token id 300"), "{e}");
     let e = bad(&["generate", "-m", m, "--prompt", "hi"], b"");
     assert!(e.contains("--tokenizer"), "{e}");
-    let e = bad(&["generate", "-m", m, "--tokenizer", "bytes", "--top-p", "2"], b"");
+    let e = bad(
+        &["generate", "-m", m, "--tokenizer", "bytes", "--top-p", "2"],
+        b"",
+    );
     assert!(e.contains("top_p") || e.contains("top-p"), "{e}");
     bad(&["detokenize"], b"[1, \"x\"]");
     bad(&["detokenize"], b"[70000]");
-    let e = bad(&["generate", "-m", m, "--tokenizer", "bytes", "--threads", "0"], b"");
+    let e = bad(
+        &[
+            "generate",
+            "-m",
+            m,
+            "--tokenizer",
+            "bytes",
+            "--threads",
+            "0",
+        ],
+        b"",
+    );
     assert!(e.contains("--threads"), "{e}");
     let v4 = fixture("v4/model.pth");
     let dir = tmpdir("cli-bad");
     let st = dir.join("v4.safetensors");
-    ok(&["logits", "-m", v4.to_str().unwrap(), "--tokens", "1", "--out", st.to_str().unwrap()], b"");
-    let e = bad(&["logits", "-m", m, "--tokens", "1", "--state-in", st.to_str().unwrap(), "--out", "/tmp/y.safetensors"], b"");
+    ok(
+        &[
+            "logits",
+            "-m",
+            v4.to_str().unwrap(),
+            "--tokens",
+            "1",
+            "--out",
+            st.to_str().unwrap(),
+        ],
+        b"",
+    );
+    let e = bad(
+        &[
+            "logits",
+            "-m",
+            m,
+            "--tokens",
+            "1",
+            "--state-in",
+            st.to_str().unwrap(),
+            "--out",
+            "/tmp/y.safetensors",
+        ],
+        b"",
+    );
     assert!(e.contains("v4"), "{e}");
 }

@@ -410,7 +410,7 @@ impl Checkpoint {
     fn view<T: Copy + Send + Sync + 'static>(&self, m: &TensorMeta) -> Shared<T> {
         let bytes = &self.map[m.offset..m.offset + m.nbytes];
         let n = m.nbytes / std::mem::size_of::<T>();
-        if (bytes.as_ptr() as usize) % std::mem::align_of::<T>() == 0 {
+        if (bytes.as_ptr() as usize).is_multiple_of(std::mem::align_of::<T>()) {
             Shared {
                 _owner: self.map.clone(),
                 ptr: bytes.as_ptr() as *const T,
@@ -650,7 +650,7 @@ pub fn write_safetensors(
     let mut h = serde_json::to_vec(&serde_json::Value::Object(header))
         .map_err(|e| Error::Internal(e.to_string()))?;
     // Pad the header so the data section starts 8-byte aligned (zero-copy f32/f64 views).
-    while (8 + h.len()) % 8 != 0 {
+    while !(8 + h.len()).is_multiple_of(8) {
         h.push(b' ');
     }
     write_atomic(path, |w| {

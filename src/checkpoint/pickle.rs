@@ -45,9 +45,9 @@ pub struct PickledTensor {
 enum V {
     Mark,
     None,
-    Bool(bool),
+    Bool,
     Int(i64),
-    Float(f64),
+    Float,
     Str(String),
     Tuple(Vec<V>),
     List(Vec<V>),
@@ -195,8 +195,8 @@ pub fn read_state_dict(b: &[u8], what: &str) -> Result<Vec<(String, PickledTenso
             b'.' => break,
             b'(' => stack.push(V::Mark),
             b'N' => stack.push(V::None),
-            0x88 => stack.push(V::Bool(true)),
-            0x89 => stack.push(V::Bool(false)),
+            0x88 => stack.push(V::Bool),
+            0x89 => stack.push(V::Bool),
             b'}' => stack.push(V::Dict(Vec::new())),
             b']' => stack.push(V::List(Vec::new())),
             b')' => stack.push(V::Tuple(Vec::new())),
@@ -229,10 +229,8 @@ pub fn read_state_dict(b: &[u8], what: &str) -> Result<Vec<(String, PickledTenso
                 stack.push(V::Int(v))
             }
             b'G' => {
-                let s = r.take(8)?;
-                let mut a = [0u8; 8];
-                a.copy_from_slice(s);
-                stack.push(V::Float(f64::from_be_bytes(a)))
+                r.take(8)?;
+                stack.push(V::Float)
             }
             b'X' | 0x8c => {
                 let n = if op == b'X' {
@@ -410,7 +408,7 @@ pub fn read_state_dict(b: &[u8], what: &str) -> Result<Vec<(String, PickledTenso
         match v {
             V::Tensor(t) => out.push((name, t)),
             // Non-tensor entries (e.g. a step counter) carry no weights; skip them.
-            V::Int(_) | V::Float(_) | V::Bool(_) | V::None | V::Str(_) => {}
+            V::Int(_) | V::Float | V::Bool | V::None | V::Str(_) => {}
             _ => return Err(r.err(format!("entry {name} is not a tensor"))),
         }
     }

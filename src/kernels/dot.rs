@@ -215,6 +215,7 @@ pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
 }
 
 /// The portable twin of [`dot_f32`].
+#[cfg(test)]
 pub fn dot_f32_portable(a: &[f32], b: &[f32]) -> f32 {
     dot_f32_body(a, b)
 }

@@ -58,6 +58,15 @@ struct SendPtr(*mut f32);
 unsafe impl Send for SendPtr {}
 unsafe impl Sync for SendPtr {}
 
+impl SendPtr {
+    /// Going through a method makes closures capture the whole (Send) wrapper rather than the
+    /// raw pointer field.
+    #[inline(always)]
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
 /// `y[t] = x[t] @ W` for `t` rows: `x` is `[t, n_in]`, `y` is `[t, n_out]` (overwritten).
 ///
 /// With `t == 1` this is the matrix-vector product of the time-sequential mode; with `t > 1`
@@ -108,7 +117,6 @@ fn matmul_out_in(w: &Matrix, x: &[f32], t: usize, y: &mut [f32]) {
     let yp = SendPtr(y.as_mut_ptr());
     const RB: usize = 8;
     let block = |b: usize| {
-        let yp = yp;
         let o0 = b * RB;
         let o1 = (o0 + RB).min(n_out);
         let mut buf = [0f32; 1024];
@@ -124,7 +132,7 @@ fn matmul_out_in(w: &Matrix, x: &[f32], t: usize, y: &mut [f32]) {
                     let s = dot::dot_f32(wb, xs);
                     // SAFETY: element (ti, o) is written only by the task owning row o.
                     unsafe {
-                        let p = yp.0.add(ti * n_out + o);
+                        let p = yp.get().add(ti * n_out + o);
                         if sums_done {
                             *p += s;
                         } else {

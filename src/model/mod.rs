@@ -197,11 +197,6 @@ impl<'a> Loader<'a> {
         Ok(())
     }
 
-    /// Whether a tensor exists (without using it).
-    pub fn has(&self, name: &str) -> bool {
-        self.ck.has(name)
-    }
-
     /// Marks a tensor as known but unused by the math.
     pub fn ignore(&mut self, name: &str) {
         self.used.insert(name.to_string());

@@ -51,14 +51,6 @@ impl std::fmt::Debug for State {
     }
 }
 
-/// Tensors per layer for a generation.
-pub fn tensors_per_layer(g: Generation) -> usize {
-    match g {
-        Generation::V4 => 5,
-        _ => 3,
-    }
-}
-
 impl State {
     /// The zero state for a model (v4's `pp` starts at -1e30, everything else at 0).
     pub fn zeros(info: &ModelInfo) -> State {

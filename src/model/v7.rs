@@ -370,9 +370,10 @@ fn wkv7(
     if t > 1 && nh > 1 {
         let yp = YPtr(y.as_mut_ptr());
         state.par_chunks_mut(n * n).enumerate().for_each(|hs| {
-            let yp = yp;
             // SAFETY: each head writes only its own columns of y.
-            head(hs, &mut |ti, j, val| unsafe { *yp.0.add(ti * c + j) = val });
+            head(hs, &mut |ti, j, val| unsafe {
+                *yp.get().add(ti * c + j) = val
+            });
         });
     } else {
         for hs in state.chunks_mut(n * n).enumerate() {
@@ -386,3 +387,11 @@ struct YPtr(*mut f32);
 // SAFETY: parallel heads write disjoint elements.
 unsafe impl Send for YPtr {}
 unsafe impl Sync for YPtr {}
+
+impl YPtr {
+    /// Makes closures capture the whole (Send) wrapper, not the raw pointer field.
+    #[inline(always)]
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
