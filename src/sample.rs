@@ -152,9 +152,7 @@ fn filter(
 /// cumulative sum reaches exactly 1, which depends on the last bits of the probabilities.
 /// NaN logits count as `-inf`; if no logit is finite the result is uniform over the largest.
 fn softmax_into(logits: &[f32], out: &mut [f32]) {
-    let max = logits
-        .iter()
-        .fold(f32::NEG_INFINITY, |m, &x| if x > m { x } else { m });
+    let max = max_ignoring_nan(logits);
     if max.is_infinite() {
         // All -inf (everything banned) or some +inf: share the mass among the largest.
         let mut count = 0usize;
@@ -184,6 +182,23 @@ fn softmax_into(logits: &[f32], out: &mut [f32]) {
     out.iter_mut().for_each(|o| *o *= inv);
 }
 
+/// The largest value, NaN ignored (`-inf` if none); eight independent lanes so that the loop
+/// vectorizes.
+fn max_ignoring_nan(v: &[f32]) -> f32 {
+    let mut lanes = [f32::NEG_INFINITY; 8];
+    let mut chunks = v.chunks_exact(8);
+    for c in &mut chunks {
+        for (m, &x) in lanes.iter_mut().zip(c) {
+            *m = if x > *m { x } else { *m };
+        }
+    }
+    chunks
+        .remainder()
+        .iter()
+        .chain(&lanes)
+        .fold(f32::NEG_INFINITY, |m, &x| if x > m { x } else { m })
+}
+
 /// Sum in torch's `vec::reduce_all` order for 8-lane float vectors: lane `i` accumulates the
 /// elements `i, i + 8, …`, then the lanes are combined as `(l0+l4 + l2+l6) + (l1+l5 + l3+l7)`.
 fn torch_sum(v: &[f32]) -> f32 {
@@ -211,59 +226,117 @@ fn torch_sum(v: &[f32]) -> f32 {
 /// The reference sorts all probabilities, but only the head of that order matters: the ids are
 /// distributed into buckets by probability (a counting sort), and buckets are sorted one at a
 /// time, most likely first, only until the cumulative sum (the same sequential f32 sum over the
-/// same descending order) reaches `top_p`.
+/// same descending order) reaches `top_p`. Buckets that the sum provably never reaches are not
+/// even distributed.
 fn top_p_support(probs: &[f32], top_p: f32, scratch: &mut SampleScratch) -> usize {
     let SampleScratch { keys, buckets, .. } = scratch;
-    buckets.clear();
-    buckets.resize(N_BUCKETS, 0);
-    for &p in probs {
-        buckets[bucket(p)] += 1;
-    }
-    // Turn counts into start offsets, the most likely bucket first; after the scatter each
-    // entry is its bucket's end offset.
-    let mut acc = 0u32;
-    for b in buckets.iter_mut().rev() {
-        let count = *b;
-        *b = acc;
-        acc += count;
-    }
-    keys.clear();
-    keys.resize(probs.len(), 0);
-    for (i, &p) in probs.iter().enumerate() {
-        let slot = &mut buckets[bucket(p)];
-        keys[*slot as usize] = sort_key(p, i);
-        *slot += 1;
-    }
+    let nb = N_BUCKETS;
+    histogram(probs, buckets);
 
-    let mut cum = 0.0f32;
-    let mut hit = None;
-    let mut start = 0usize;
-    for b in (0..N_BUCKETS).rev() {
-        let end = buckets[b] as usize;
-        if end == start {
+    // The lowest bucket the walk can reach: below it, the mass already guaranteed above (each
+    // bucket counted at its lower bound, less the worst-case rounding of a sequential f32 sum
+    // of that many terms) is at least `top_p`.
+    let mut floor = 0;
+    let mut mass = 0.0f64;
+    let mut count = 0.0f64;
+    for b in (0..nb).rev() {
+        let c = f64::from(buckets[b]);
+        if c == 0.0 {
             continue;
         }
-        let run = &mut keys[start..end];
-        run.sort_unstable_by(|x, y| y.cmp(x));
-        for (j, &k) in run.iter().enumerate() {
-            cum += key_prob(k);
-            if cum >= top_p {
-                hit = Some(start + j);
-                break;
-            }
-        }
-        if hit.is_some() {
+        count += c;
+        mass += c * f64::from(f32::from_bits((b as u32) << BUCKET_SHIFT));
+        if mass * (1.0 - count * f64::from(f32::EPSILON)) >= f64::from(top_p) {
+            floor = b;
             break;
         }
-        start = end;
     }
-    // numpy's argmax over an all-false mask is 0: the cutoff is then the largest probability.
-    let first = hit.unwrap_or(0);
-    let cutoff = key_prob(keys[first]);
-    // Everything tied with the cutoff is kept; ties share a bucket, so they follow in order.
-    let mut n = first + 1;
-    while n < keys.len() && key_prob(keys[n]) >= cutoff {
-        n += 1;
+
+    loop {
+        let n = distribute(probs, floor, buckets, keys);
+        let mut cum = 0.0f32;
+        let mut hit = None;
+        let mut start = 0usize;
+        for b in (floor..nb).rev() {
+            let end = buckets[b] as usize;
+            if end == start {
+                continue;
+            }
+            let run = &mut keys[start..end];
+            run.sort_unstable_by(|x, y| y.cmp(x));
+            for (j, &k) in run.iter().enumerate() {
+                cum += key_prob(k);
+                if cum >= top_p {
+                    hit = Some(start + j);
+                    break;
+                }
+            }
+            if hit.is_some() {
+                break;
+            }
+            start = end;
+        }
+        if hit.is_none() && floor > 0 {
+            // Cannot happen given the bound above; stay exact regardless.
+            floor = 0;
+            histogram(probs, buckets);
+            continue;
+        }
+        // numpy's argmax over an all-false mask is 0: the cutoff is then the largest
+        // probability.
+        let first = hit.unwrap_or(0);
+        let cutoff = key_prob(keys[first]);
+        // Everything tied with the cutoff is kept; ties share a bucket, so they follow in order.
+        let mut end = first + 1;
+        while end < n && key_prob(keys[end]) >= cutoff {
+            end += 1;
+        }
+        return end;
+    }
+}
+
+/// Counts the probabilities per bucket into `buckets` (resized to [`N_BUCKETS`]).
+fn histogram(probs: &[f32], buckets: &mut Vec<u32>) {
+    let nb = N_BUCKETS;
+    // Four interleaved histograms: when many probabilities share a bucket, a single counter
+    // would chain every increment through a store-to-load dependency.
+    buckets.clear();
+    buckets.resize(4 * nb, 0);
+    let mut quads = probs.chunks_exact(4);
+    for q in &mut quads {
+        for (j, &p) in q.iter().enumerate() {
+            buckets[j * nb + bucket(p)] += 1;
+        }
+    }
+    for &p in quads.remainder() {
+        buckets[bucket(p)] += 1;
+    }
+    for b in 0..nb {
+        buckets[b] += buckets[nb + b] + buckets[2 * nb + b] + buckets[3 * nb + b];
+    }
+    buckets.truncate(nb);
+}
+
+/// Counting-sort scatter of the ids whose bucket is at least `floor` into `keys`, the most
+/// likely bucket first. `buckets` holds the counts on entry and each bucket's end offset on
+/// return. Returns the number of keys written.
+fn distribute(probs: &[f32], floor: usize, buckets: &mut [u32], keys: &mut Vec<u64>) -> usize {
+    let mut total = 0u32;
+    for b in buckets[floor..].iter_mut().rev() {
+        let count = *b;
+        *b = total;
+        total += count;
+    }
+    let n = total as usize;
+    keys.clear();
+    keys.resize(n, 0);
+    for (i, &p) in probs.iter().enumerate() {
+        let b = bucket(p);
+        if b >= floor {
+            let slot = &mut buckets[b];
+            keys[*slot as usize] = sort_key(p, i);
+            *slot += 1;
+        }
     }
     n
 }

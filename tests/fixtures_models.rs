@@ -163,3 +163,13 @@ fn recurrent_and_parallel_agree_over_many_chunks() {
         assert!(tol_ratio(a.tensor(j), b.tensor(j)) <= 1.0);
     }
 }
+
+#[test]
+fn v5_2_matches_reference() {
+    check_generation("v5_2", &["model.pth", "model.safetensors"]);
+}
+
+#[test]
+fn v6_0_matches_reference() {
+    check_generation("v6_0", &["model.pth", "model.safetensors"]);
+}

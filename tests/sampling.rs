@@ -319,7 +319,7 @@ fn bad_configs_are_rejected() {
         ),
     ];
     for (c, needle) in bad {
-        let err = Sampler::new(c, 100).err().expect(needle);
+        let err = Sampler::new(c, 100).expect_err(needle);
         assert_eq!(err.exit_code(), 2);
         assert!(err.to_string().contains(needle), "{err}");
     }

@@ -117,6 +117,19 @@ impl<T> fmt::Debug for Shared<T> {
     }
 }
 
+impl<T> Shared<T> {
+    /// A sub-range sharing the same backing memory.
+    pub fn slice(&self, start: usize, len: usize) -> Shared<T> {
+        assert!(start + len <= self.len, "slice out of range");
+        Shared {
+            _owner: self._owner.clone(),
+            // SAFETY: in bounds (checked above).
+            ptr: unsafe { self.ptr.add(start) },
+            len,
+        }
+    }
+}
+
 impl<T: Send + Sync + 'static> Shared<T> {
     /// Wraps an owned vector.
     pub fn from_vec(v: Vec<T>) -> Self {
@@ -545,6 +558,14 @@ impl FloatData {
             FloatData::F32(_) => DType::F32,
             FloatData::BF16(_) => DType::BF16,
             FloatData::F16(_) => DType::F16,
+        }
+    }
+    /// Elements `start .. start + len`, sharing the same memory.
+    pub fn slice(&self, start: usize, len: usize) -> FloatData {
+        match self {
+            FloatData::F32(v) => FloatData::F32(v.slice(start, len)),
+            FloatData::BF16(v) => FloatData::BF16(v.slice(start, len)),
+            FloatData::F16(v) => FloatData::F16(v.slice(start, len)),
         }
     }
     /// Element `i` as f32.

@@ -5,8 +5,11 @@
 //! Time-sequential mode ([`Model::step`]) is the same routine with `T = 1` on buffers that live
 //! in the [`State`], so generating a token allocates nothing.
 
+mod common;
 mod state;
 pub mod v4;
+pub mod v5;
+pub mod v6;
 pub mod v7;
 
 pub use state::State;
@@ -32,10 +35,54 @@ pub enum Logits {
 /// Tokens processed per chunk in time-parallel mode; bounds the activation memory.
 pub const CHUNK: usize = 256;
 
+/// Reusable work buffers of the forward pass. A [`State`] carries one for single-sequence
+/// calls; batched calls take one from the caller.
+#[derive(Default)]
+pub struct Scratch {
+    bufs: Vec<Vec<f32>>,
+}
+
+impl Scratch {
+    /// `N` buffers (their sizes are set by [`buf`] on use, and kept).
+    pub(crate) fn bufs<const N: usize>(&mut self) -> &mut [Vec<f32>; N] {
+        if self.bufs.len() < N {
+            self.bufs.resize_with(N, Vec::new);
+        }
+        <&mut [Vec<f32>; N]>::try_from(&mut self.bufs[..N]).expect("N buffers")
+    }
+}
+
+/// One sequence of a (possibly ragged) batch, as the generations see it: its rows are
+/// consecutive in the activations, in batch order.
+pub(crate) struct Seq<'s> {
+    /// Number of tokens (rows).
+    pub n: usize,
+    /// Its recurrent state.
+    pub state: &'s mut State,
+    /// Which logits it wants.
+    pub which: Logits,
+    /// Where they go (`[n, vocab]`, `[vocab]` or empty).
+    pub out: &'s mut [f32],
+}
+
+/// One sequence of a batched call: its new tokens, its state and the logits it wants.
+pub struct BatchItem<'a> {
+    /// Tokens to process (prompt tokens or the one token just generated).
+    pub tokens: &'a [u32],
+    /// The sequence's state, advanced in place.
+    pub state: &'a mut State,
+    /// Which logits to return.
+    pub logits: Logits,
+}
+
 /// A loaded model of any supported generation.
 pub enum Model {
     /// RWKV-4.
     V4(v4::V4),
+    /// RWKV-5.2.
+    V5(v5::V5),
+    /// RWKV-6.0.
+    V6(v6::V6),
     /// RWKV-7.
     V7(v7::V7),
 }
@@ -53,13 +100,9 @@ impl Model {
         let mut ld = Loader::new(ck);
         let m = match info.generation {
             Generation::V4 => Model::V4(v4::V4::load(&mut ld, info)?),
+            Generation::V5_2 => Model::V5(v5::V5::load(&mut ld, info)?),
+            Generation::V6_0 => Model::V6(v6::V6::load(&mut ld, info)?),
             Generation::V7 => Model::V7(v7::V7::load(&mut ld, info)?),
-            g => {
-                return Err(Error::bad(format!(
-                    "{}: RWKV {g} checkpoints are recognised (see `rwkv info`) but cannot be run yet; v4 and v7 are supported",
-                    ck.path().display()
-                )))
-            }
         };
         ld.finish()?;
         Ok(m)
@@ -69,6 +112,8 @@ impl Model {
     pub fn info(&self) -> &ModelInfo {
         match self {
             Model::V4(m) => &m.info,
+            Model::V5(m) => &m.info,
+            Model::V6(m) => &m.info,
             Model::V7(m) => &m.info,
         }
     }
@@ -87,6 +132,8 @@ impl Model {
     pub fn bytes_per_token(&self) -> usize {
         match self {
             Model::V4(m) => m.bytes_per_token(),
+            Model::V5(m) => m.bytes_per_token(),
+            Model::V6(m) => m.bytes_per_token(),
             Model::V7(m) => m.bytes_per_token(),
         }
     }
@@ -150,11 +197,127 @@ impl Model {
         Ok(out)
     }
 
-    fn chunk(&self, tokens: &[u32], state: &mut State, which: Logits, out: &mut [f32]) {
-        match self {
-            Model::V4(m) => m.chunk(tokens, state, which, out),
-            Model::V7(m) => m.chunk(tokens, state, which, out),
+    /// Advances many independent sequences in one pass: every linear layer runs as one
+    /// matrix-matrix product over the rows of all sequences (a ragged batch: some may be
+    /// prompts, some single generated tokens); only the WKV scans run per sequence.
+    ///
+    /// Returns one result per item, in order: the logits it asked for (as [`Model::forward`]),
+    /// or the error that excluded it (a bad token id, a state of another model). One failing
+    /// item does not affect the others. Each item's results equal a separate
+    /// [`Model::forward`] of that item.
+    pub fn forward_batch(
+        &self,
+        items: &mut [BatchItem<'_>],
+        scratch: &mut Scratch,
+    ) -> Vec<Result<Vec<f32>>> {
+        let v = self.vocab_size();
+        let mut results: Vec<Result<Vec<f32>>> = items
+            .iter()
+            .map(|it| {
+                self.check(it.tokens, it.state)?;
+                Ok(match it.logits {
+                    Logits::All => vec![0.0; it.tokens.len() * v],
+                    Logits::Last if !it.tokens.is_empty() => vec![0.0; v],
+                    _ => Vec::new(),
+                })
+            })
+            .collect();
+        // Rounds: each live item contributes its next tokens, at most CHUNK rows in all (and
+        // at least one row per item), until every item is done.
+        let mut done = vec![0usize; items.len()];
+        let mut tokens = Vec::new();
+        loop {
+            let live: Vec<usize> = (0..items.len())
+                .filter(|&i| results[i].is_ok() && done[i] < items[i].tokens.len())
+                .collect();
+            if live.is_empty() {
+                break;
+            }
+            let per = (CHUNK / live.len()).max(1);
+            tokens.clear();
+            let mut seqs = Vec::with_capacity(live.len());
+            let mut live_iter = live.iter().peekable();
+            // Split the borrows: each live item lends its state and its output rows.
+            for (i, (it, res)) in items.iter_mut().zip(results.iter_mut()).enumerate() {
+                if live_iter.peek() != Some(&&i) {
+                    continue;
+                }
+                live_iter.next();
+                let out = match res {
+                    Ok(o) => o,
+                    Err(_) => continue,
+                };
+                let start = done[i];
+                let end = (start + per).min(it.tokens.len());
+                tokens.extend_from_slice(&it.tokens[start..end]);
+                let (which, out): (Logits, &mut [f32]) = match it.logits {
+                    Logits::All => (Logits::All, &mut out[start * v..end * v]),
+                    Logits::Last if end == it.tokens.len() => (Logits::Last, &mut out[..]),
+                    _ => (Logits::None, &mut []),
+                };
+                done[i] = end;
+                seqs.push(Seq {
+                    n: end - start,
+                    state: &mut *it.state,
+                    which,
+                    out,
+                });
+            }
+            self.run(&tokens, &mut seqs, scratch);
         }
+        results
+    }
+
+    fn chunk(&self, tokens: &[u32], state: &mut State, which: Logits, out: &mut [f32]) {
+        let mut scratch = std::mem::take(&mut state.scratch);
+        let mut seqs = [Seq {
+            n: tokens.len(),
+            state,
+            which,
+            out,
+        }];
+        self.run(tokens, &mut seqs, &mut scratch);
+        seqs[0].state.scratch = scratch;
+    }
+
+    fn run(&self, tokens: &[u32], seqs: &mut [Seq<'_>], scratch: &mut Scratch) {
+        if tokens.is_empty() {
+            return;
+        }
+        match self {
+            Model::V4(m) => m.run(tokens, seqs, scratch),
+            Model::V5(m) => m.run(tokens, seqs, scratch),
+            Model::V6(m) => m.run(tokens, seqs, scratch),
+            Model::V7(m) => m.run(tokens, seqs, scratch),
+        }
+    }
+}
+
+/// Calls `f(row, current, previous)` for every row of every sequence, where `previous` is the
+/// row before it in the same sequence or, for a sequence's first row, the state tensor
+/// `slot`; then stores each sequence's last row in that slot (the token shift).
+pub(crate) fn token_shift(
+    xn: &[f32],
+    c: usize,
+    seqs: &mut [Seq<'_>],
+    slot: usize,
+    mut f: impl FnMut(usize, &[f32], &[f32]),
+) {
+    let mut o = 0;
+    for s in seqs.iter_mut() {
+        let prev_state = &mut s.state.tensors[slot];
+        for ti in 0..s.n {
+            let r = o + ti;
+            let cur = &xn[r * c..(r + 1) * c];
+            let prev: &[f32] = if ti == 0 {
+                prev_state
+            } else {
+                &xn[(r - 1) * c..r * c]
+            };
+            f(r, cur, prev);
+        }
+        prev_state.copy_from_slice(&xn[(o + s.n - 1) * c..(o + s.n) * c]);
+        o += s.n;
     }
 }
 
@@ -232,6 +395,13 @@ impl<'a> Loader<'a> {
             layout,
             data,
         })
+    }
+
+    /// A tensor of exactly `shape` in its stored format (e.g. stacked LoRA blocks).
+    pub fn stacked(&mut self, name: &str, shape: &[usize]) -> Result<FloatData> {
+        self.ck.expect_shape(name, shape)?;
+        self.used.insert(name.to_string());
+        self.ck.float_tensor(name)
     }
 
     /// The embedding table `[vocab, n_embd]` in its stored format.
@@ -313,20 +483,63 @@ impl Io {
         }
     }
 
-    /// Final norm and head for the requested rows of `x`.
-    pub fn logits(&self, x: &[f32], t: usize, which: Logits, xn: &mut [f32], out: &mut [f32]) {
+    /// Final norm and head for the rows each sequence asked for. `xn` and `tmp` are work
+    /// buffers.
+    pub fn logits(&self, x: &[f32], seqs: &mut [Seq<'_>], xn: &mut Vec<f32>, tmp: &mut Vec<f32>) {
         let c = self.ln0.w.len();
-        match which {
-            Logits::None => {}
-            Logits::Last => {
-                let last = &x[(t - 1) * c..t * c];
-                self.ln_out.rows(last, &mut xn[..c]);
-                kernels::matmul(&self.head, &xn[..c], 1, out);
-            }
-            Logits::All => {
-                self.ln_out.rows(&x[..t * c], &mut xn[..t * c]);
-                kernels::matmul(&self.head, &xn[..t * c], t, out);
-            }
+        let v = self.head.n_out;
+        // A lone sequence gets its logits written straight into its output.
+        if let [s] = seqs {
+            let rows = match s.which {
+                Logits::None => return,
+                Logits::Last => (s.n - 1)..s.n,
+                Logits::All => 0..s.n,
+            };
+            let r = rows.len();
+            let xn = buf(xn, r * c);
+            self.ln_out.rows(&x[rows.start * c..rows.end * c], xn);
+            kernels::matmul(&self.head, xn, r, &mut s.out[..r * v]);
+            return;
+        }
+        let mut o = 0;
+        let mut r = 0;
+        let total: usize = seqs
+            .iter()
+            .map(|s| match s.which {
+                Logits::None => 0,
+                Logits::Last => 1,
+                Logits::All => s.n,
+            })
+            .sum();
+        if total == 0 {
+            return;
+        }
+        let xn = buf(xn, total * c);
+        for s in seqs.iter() {
+            let rows = match s.which {
+                Logits::None => o..o,
+                Logits::Last => (o + s.n - 1)..(o + s.n),
+                Logits::All => o..(o + s.n),
+            };
+            let k = rows.len();
+            self.ln_out.rows(
+                &x[rows.start * c..rows.end * c],
+                &mut xn[r * c..(r + k) * c],
+            );
+            r += k;
+            o += s.n;
+        }
+        let tmp = buf(tmp, total * v);
+        kernels::matmul(&self.head, xn, total, tmp);
+        let mut r = 0;
+        for s in seqs.iter_mut() {
+            let k = match s.which {
+                Logits::None => 0,
+                Logits::Last => 1,
+                Logits::All => s.n,
+            };
+            s.out[..k * v].copy_from_slice(&tmp[r * v..(r + k) * v]);
+            r += k;
         }
     }
 

@@ -20,7 +20,7 @@ pub struct State {
     head_size: usize,
     pub(crate) tensors: Vec<Vec<f32>>,
     shapes: Vec<Vec<usize>>,
-    pub(crate) scratch: Vec<Vec<f32>>,
+    pub(crate) scratch: super::Scratch,
 }
 
 impl Clone for State {
@@ -33,7 +33,7 @@ impl Clone for State {
             head_size: self.head_size,
             tensors: self.tensors.clone(),
             shapes: self.shapes.clone(),
-            scratch: Vec::new(),
+            scratch: Default::default(),
         }
     }
 }
@@ -84,7 +84,7 @@ impl State {
             head_size: n,
             tensors,
             shapes,
-            scratch: Vec::new(),
+            scratch: Default::default(),
         }
     }
 

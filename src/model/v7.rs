@@ -5,7 +5,7 @@
 //! bonus, the gate `g` and the output projection. Channel mixing is `relu(k W_k)² W_v` without
 //! a receptance gate. See `tests/fixtures/README.md` for the full formulas.
 
-use super::{buf, Io, Loader, Logits, Norm, State};
+use super::{buf, token_shift, Io, Loader, Norm, Scratch, Seq};
 use crate::checkpoint::ModelInfo;
 use crate::error::Result;
 use crate::kernels::{self, matmul, sigmoid, Layout, Matrix};
@@ -144,12 +144,9 @@ impl V7 {
                 .sum::<usize>()
     }
 
-    /// Runs `tokens` through the model from `state`, writing the requested logits to `out`.
-    pub(crate) fn chunk(&self, tokens: &[u32], state: &mut State, which: Logits, out: &mut [f32]) {
+    /// Runs the concatenated `tokens` of `seqs` through the model.
+    pub(crate) fn run(&self, tokens: &[u32], seqs: &mut [Seq<'_>], sc: &mut Scratch) {
         let t = tokens.len();
-        if t == 0 {
-            return;
-        }
         let c = self.info.n_embd;
         let (nh, n) = (self.info.n_head, self.info.head_size);
         let f = self.info.ffn_dim;
@@ -166,14 +163,10 @@ impl V7 {
             })
             .max()
             .unwrap_or(0);
-        let mut sc = std::mem::take(&mut state.scratch);
-        if sc.len() < 19 {
-            sc.resize_with(19, Vec::new);
-        }
-        let [x, xn, xr, xw, xk, xv, xa, xg, r, k, v, w, a, g, kk, y, lo, vf, hid] =
-            <&mut [Vec<f32>; 19]>::try_from(&mut sc[..19]).expect("19 buffers");
+        let [x, bxn, xr, xw, xk, xv, xa, xg, r, k, v, w, a, g, kk, y, lo, vf, hid, btmp] =
+            sc.bufs::<20>();
         let x = buf(x, t * c);
-        let xn = buf(xn, t * c.max(1));
+        let xn = buf(bxn, t * c);
         let (xr, xw, xk, xv) = (
             buf(xr, t * c),
             buf(xw, t * c),
@@ -189,24 +182,12 @@ impl V7 {
 
         self.io.embed(tokens, x, &mut y[..c]);
         for (li, l) in self.layers.iter().enumerate() {
-            let (att_prev, kv, ffn_prev) = {
-                let s = &mut state.tensors[3 * li..3 * li + 3];
-                let (a0, rest) = s.split_at_mut(1);
-                let (a1, a2) = rest.split_at_mut(1);
-                (&mut a0[0], &mut a1[0], &mut a2[0])
-            };
             // ---- time mixing ----
             l.ln1.rows(x, xn);
-            for ti in 0..t {
-                let cur = &xn[ti * c..(ti + 1) * c];
-                let prev: &[f32] = if ti == 0 {
-                    att_prev
-                } else {
-                    &xn[(ti - 1) * c..ti * c]
-                };
+            token_shift(xn, c, seqs, 3 * li, |row, cur, prev| {
                 for j in 0..c {
                     let (xc, d) = (cur[j], prev[j] - cur[j]);
-                    let o = ti * c + j;
+                    let o = row * c + j;
                     xr[o] = xc + d * l.x_r[j];
                     xw[o] = xc + d * l.x_w[j];
                     xk[o] = xc + d * l.x_k[j];
@@ -214,8 +195,7 @@ impl V7 {
                     xa[o] = xc + d * l.x_a[j];
                     xg[o] = xc + d * l.x_g[j];
                 }
-            }
-            att_prev.copy_from_slice(&xn[(t - 1) * c..t * c]);
+            });
             matmul(&l.wr, xr, t, r);
             matmul(&l.wk, xk, t, k);
             matmul(&l.wv, xv, t, v);
@@ -265,7 +245,27 @@ impl V7 {
                     }
                 }
             }
-            wkv7(kv, r, w, k, v, kk, a, y, t, nh, n);
+            let mut row0 = 0;
+            for s in seqs.iter_mut() {
+                let rows = row0 * c..(row0 + s.n) * c;
+                let kv = &mut s.state.tensors[3 * li + 1];
+                let ins = [
+                    &r[rows.clone()],
+                    &w[rows.clone()],
+                    &k[rows.clone()],
+                    &v[rows.clone()],
+                ];
+                wkv7(
+                    kv,
+                    ins,
+                    &kk[rows.clone()],
+                    &a[rows.clone()],
+                    &mut y[rows],
+                    nh,
+                    n,
+                );
+                row0 += s.n;
+            }
             for ti in 0..t {
                 let yr = &mut y[ti * c..(ti + 1) * c];
                 kernels::group_norm(yr, nh, &l.ln_x.w, &l.ln_x.b, 64e-5);
@@ -290,18 +290,11 @@ impl V7 {
             }
             // ---- channel mixing ----
             l.ln2.rows(x, xn);
-            for ti in 0..t {
-                let cur = &xn[ti * c..(ti + 1) * c];
-                let prev: &[f32] = if ti == 0 {
-                    ffn_prev
-                } else {
-                    &xn[(ti - 1) * c..ti * c]
-                };
+            token_shift(xn, c, seqs, 3 * li + 2, |row, cur, prev| {
                 for j in 0..c {
-                    xk[ti * c + j] = cur[j] + (prev[j] - cur[j]) * l.ffn_x_k[j];
+                    xk[row * c + j] = cur[j] + (prev[j] - cur[j]) * l.ffn_x_k[j];
                 }
-            }
-            ffn_prev.copy_from_slice(&xn[(t - 1) * c..t * c]);
+            });
             let hid = &mut hid[..t * f];
             matmul(&l.ffn_key, xk, t, hid);
             hid.iter_mut().for_each(|z| {
@@ -313,28 +306,23 @@ impl V7 {
                 x[i] += xr[i];
             }
         }
-        self.io.logits(x, t, which, xn, out);
-        state.scratch = sc;
+        self.io.logits(x, seqs, bxn, btmp);
     }
 }
 
 /// The RWKV-7 WKV scan over `t` tokens for every head, updating `state` (`[H, N, N]`, value
 /// index major) and writing `y`. Heads are independent, so long chunks run them in parallel.
-#[allow(clippy::too_many_arguments)]
 fn wkv7(
     state: &mut [f32],
-    r: &[f32],
-    w: &[f32],
-    k: &[f32],
-    v: &[f32],
+    [r, w, k, v]: [&[f32]; 4],
     kk: &[f32],
     a: &[f32],
     y: &mut [f32],
-    t: usize,
     nh: usize,
     n: usize,
 ) {
     let c = nh * n;
+    let t = r.len() / c;
     let head = |(h, s): (usize, &mut [f32]), y: &mut dyn FnMut(usize, usize, f32)| {
         let mut sa = [0f32; 256];
         let mut b = [0f32; 256];

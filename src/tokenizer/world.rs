@@ -168,11 +168,11 @@ impl Vocab {
         // Id 0 is the end-of-text token: known, and decodes to nothing.
         defined[0] = true;
         let mut next = entries.iter().peekable();
-        for id in 0..=max_id {
+        for (id, def) in defined.iter_mut().enumerate() {
             starts.push(bytes.len() as u32);
             if let Some((_, b)) = next.next_if(|e| e.0 as usize == id) {
                 bytes.extend_from_slice(b);
-                defined[id] = true;
+                *def = true;
             }
         }
         starts.push(bytes.len() as u32);

@@ -1,0 +1,161 @@
+//! Pieces shared by several generations: the receptance-gated channel mixing of v4/v5/v6 and
+//! the v5/v6 WKV scan.
+
+use super::{token_shift, Loader, Norm, Seq};
+use crate::error::Result;
+use crate::kernels::{matmul, sigmoid, Layout, Matrix};
+use rayon::prelude::*;
+
+/// How a token-shift mix coefficient is applied.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum MixKind {
+    /// v4/v5 `time_mix`: `x·m + prev·(1 - m)`.
+    Mix,
+    /// v6 `time_maa`: `x + (prev - x)·m`.
+    Maa,
+}
+
+impl MixKind {
+    #[inline(always)]
+    pub fn apply(self, cur: f32, prev: f32, m: f32) -> f32 {
+        match self {
+            MixKind::Mix => cur * m + prev * (1.0 - m),
+            MixKind::Maa => cur + (prev - cur) * m,
+        }
+    }
+}
+
+/// Channel mixing of v4, v5 and v6: `sigmoid(r W_r) · (relu(k W_k)² W_v)`.
+pub(crate) struct GatedFfn {
+    kind: MixKind,
+    mix_k: Vec<f32>,
+    mix_r: Vec<f32>,
+    key: Matrix,
+    recept: Matrix,
+    value: Matrix,
+}
+
+impl GatedFfn {
+    pub fn load(ld: &mut Loader, i: usize, c: usize, f: usize, kind: MixKind) -> Result<Self> {
+        let q = format!("blocks.{i}.ffn.");
+        let (mk, mr) = match kind {
+            MixKind::Mix => ("time_mix_k", "time_mix_r"),
+            MixKind::Maa => ("time_maa_k", "time_maa_r"),
+        };
+        Ok(GatedFfn {
+            kind,
+            mix_k: ld.vec(&format!("{q}{mk}"), &[1, 1, c])?,
+            mix_r: ld.vec(&format!("{q}{mr}"), &[1, 1, c])?,
+            key: ld.matrix(&format!("{q}key.weight"), c, f, Layout::OutIn)?,
+            recept: ld.matrix(&format!("{q}receptance.weight"), c, c, Layout::OutIn)?,
+            value: ld.matrix(&format!("{q}value.weight"), f, c, Layout::OutIn)?,
+        })
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.key.bytes() + self.recept.bytes() + self.value.bytes()
+    }
+
+    /// `x += ffn(LN(x; ln2))` over all rows; `slot` is the state index of `ffn_x_prev`.
+    /// `xn`, `xk`, `xr`, `r`, `o` are `[T, C]` work buffers and `hid` is `[T, F]`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn run(
+        &self,
+        ln2: &Norm,
+        x: &mut [f32],
+        seqs: &mut [Seq<'_>],
+        slot: usize,
+        xn: &mut [f32],
+        xk: &mut [f32],
+        xr: &mut [f32],
+        r: &mut [f32],
+        o: &mut [f32],
+        hid: &mut [f32],
+    ) {
+        let c = self.mix_k.len();
+        let t = x.len() / c;
+        ln2.rows(x, xn);
+        let kind = self.kind;
+        token_shift(xn, c, seqs, slot, |row, cur, prev| {
+            for j in 0..c {
+                xk[row * c + j] = kind.apply(cur[j], prev[j], self.mix_k[j]);
+                xr[row * c + j] = kind.apply(cur[j], prev[j], self.mix_r[j]);
+            }
+        });
+        matmul(&self.recept, xr, t, r);
+        matmul(&self.key, xk, t, hid);
+        hid.iter_mut().for_each(|z| {
+            let q = z.max(0.0);
+            *z = q * q
+        });
+        matmul(&self.value, hid, t, o);
+        for i in 0..t * c {
+            x[i] += sigmoid(r[i]) * o[i];
+        }
+    }
+}
+
+/// The v5/v6 WKV scan over one sequence's rows, per head, with the state `S[h, key i, value j]`:
+/// `y[j] = Σ_i r[i]·(u[i]·k[i]·v[j] + S[i,j])`, then `S[i,j] = k[i]·v[j] + w[i]·S[i,j]`.
+/// `w` holds one row of decays per token (v6) or a single row for all tokens (v5).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn wkv5(
+    kv: &mut [f32],
+    r: &[f32],
+    k: &[f32],
+    v: &[f32],
+    w: &[f32],
+    u: &[f32],
+    y: &mut [f32],
+    nh: usize,
+    n: usize,
+) {
+    let c = nh * n;
+    let t = r.len() / c;
+    let w_at = |ti: usize| if w.len() == c { 0 } else { ti * c };
+    let head = |h: usize, s: &mut [f32], yh: &mut dyn FnMut(usize, &[f32])| {
+        let mut out = [0f32; 256];
+        for ti in 0..t {
+            let o = ti * c + h * n;
+            let wo = w_at(ti) + h * n;
+            let (vr, out) = (&v[o..o + n], &mut out[..n]);
+            out.fill(0.0);
+            for i in 0..n {
+                let (ri, ki, wi, ui) = (r[o + i], k[o + i], w[wo + i], u[h * n + i]);
+                let row = &mut s[i * n..(i + 1) * n];
+                for j in 0..n {
+                    let a = ki * vr[j];
+                    out[j] += ri * (ui * a + row[j]);
+                    row[j] = a + wi * row[j];
+                }
+            }
+            yh(ti, out);
+        }
+    };
+    assert!(n <= 256, "head size {n} above 256 is not supported");
+    if t > 1 && nh > 1 {
+        let rows: Vec<usize> = (0..nh).collect();
+        let outs: Vec<Vec<f32>> = kv
+            .par_chunks_mut(n * n)
+            .zip(rows.par_iter())
+            .map(|(s, &h)| {
+                let mut yh = vec![0f32; t * n];
+                head(h, s, &mut |ti, out| {
+                    yh[ti * n..(ti + 1) * n].copy_from_slice(out)
+                });
+                yh
+            })
+            .collect();
+        for (h, yh) in outs.iter().enumerate() {
+            for ti in 0..t {
+                y[ti * c + h * n..ti * c + (h + 1) * n].copy_from_slice(&yh[ti * n..(ti + 1) * n]);
+            }
+        }
+    } else {
+        for (h, s) in kv.chunks_mut(n * n).enumerate() {
+            head(h, s, &mut |ti, out| {
+                y[ti * c + h * n..ti * c + (h + 1) * n].copy_from_slice(out)
+            });
+        }
+    }
+}
