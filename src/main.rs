@@ -1,7 +1,8 @@
 //! The `rwkv` command-line tool.
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use rwkv::checkpoint::{detect::detect, write_safetensors, Checkpoint, OutTensor};
+use rwkv::checkpoint::write::convert;
+use rwkv::checkpoint::{detect::detect, write_safetensors, Checkpoint, DType, OutTensor};
 use rwkv::model::{Logits, Model, State};
 use rwkv::sample::SamplerConfig;
 use rwkv::session::{chat_turn, parse_ids, Session, StopRules};
@@ -38,6 +39,16 @@ enum Cmd {
     Chat(ChatArgs),
     /// Write the logits of every input token and the final state to a safetensors file.
     Logits(LogitsArgs),
+    /// Convert a checkpoint between .pth and .safetensors (keeping the official key names).
+    Convert {
+        /// Input checkpoint.
+        input: PathBuf,
+        /// Output file: .safetensors or .pth.
+        output: PathBuf,
+        /// Store float tensors in this dtype (default: as in the input).
+        #[arg(long, value_enum)]
+        dtype: Option<OutDType>,
+    },
     /// Read text on stdin and print its token ids as a JSON array.
     Tokenize {
         /// world, bytes, or a Hugging Face tokenizer.json.
@@ -153,6 +164,13 @@ struct ChatArgs {
     system: Option<String>,
     #[command(flatten)]
     s: SamplingArgs,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum OutDType {
+    Bf16,
+    F16,
+    F32,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -443,6 +461,18 @@ fn main() -> ExitCode {
         Cmd::Generate(a) => generate(a),
         Cmd::Chat(a) => chat(a),
         Cmd::Logits(a) => logits(a),
+        Cmd::Convert {
+            input,
+            output,
+            dtype,
+        } => {
+            let d = dtype.map(|d| match d {
+                OutDType::Bf16 => DType::BF16,
+                OutDType::F16 => DType::F16,
+                OutDType::F32 => DType::F32,
+            });
+            convert(&input, &output, d)
+        }
         Cmd::Tokenize { tokenizer } => tokenize(&tokenizer),
         Cmd::Detokenize { tokenizer } => detokenize(&tokenizer),
     };

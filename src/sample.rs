@@ -53,6 +53,18 @@ pub struct SampleScratch {
     vals: Vec<f32>,
 }
 
+impl SampleScratch {
+    /// Buffers sized for a vocabulary of `vocab` tokens up front, so that not even the first
+    /// calls with a growing support allocate.
+    pub fn with_capacity(vocab: usize) -> Self {
+        SampleScratch {
+            keys: Vec::with_capacity(vocab),
+            buckets: Vec::new(),
+            vals: Vec::with_capacity(vocab),
+        }
+    }
+}
+
 /// Buckets group probabilities by their top bits (exponent and 4 mantissa bits, a relative
 /// width of 1/16): for non-negative floats the bit pattern orders like the value.
 const BUCKET_SHIFT: u32 = 19;
@@ -409,9 +421,9 @@ impl Sampler {
             rng: Xoshiro256::new(seed),
             counts: vec![0.0; vocab],
             seen: vec![false; vocab],
-            touched: Vec::new(),
+            touched: Vec::with_capacity(vocab),
             probs: Vec::with_capacity(vocab),
-            scratch: SampleScratch::default(),
+            scratch: SampleScratch::with_capacity(vocab),
             cfg,
         })
     }

@@ -29,7 +29,7 @@ static A: Counting = Counting;
 
 #[test]
 fn step_and_sample_allocate_nothing() {
-    for gen in ["v4", "v7"] {
+    for gen in ["v4", "v5_2", "v6_0", "v7"] {
         let model = Model::load(common::fixture(&format!("{gen}/model.safetensors"))).unwrap();
         let mut state = model.new_state();
         let mut logits = vec![0.0; model.vocab_size()];
@@ -58,5 +58,15 @@ fn step_and_sample_allocate_nothing() {
         }
         let n = ALLOCS.load(Ordering::Relaxed) - before;
         assert_eq!(n, 0, "{gen}: {n} allocations in 200 generated tokens");
+        // The step alone, too (the sampler's counts are warm by now).
+        let before = ALLOCS.load(Ordering::Relaxed);
+        for _ in 0..50 {
+            model.step_into(tok, &mut state, &mut logits).unwrap();
+        }
+        assert_eq!(
+            ALLOCS.load(Ordering::Relaxed) - before,
+            0,
+            "{gen}: step allocated"
+        );
     }
 }

@@ -390,3 +390,99 @@ fn bad_input_exits_2_with_one_line() {
     );
     assert!(e.contains("v4"), "{e}");
 }
+
+#[test]
+fn convert_round_trips_between_formats_and_dtypes() {
+    let dir = tmpdir("cli-convert");
+    for gen in ["v4", "v5_2", "v6_0", "v7"] {
+        let exp = Expected::open(gen);
+        let toks = exp.tokens("seq1");
+        let toks_s = toks
+            .iter()
+            .map(|t| t.to_string())
+            .collect::<Vec<_>>()
+            .join(",");
+        let src = fixture(&format!("{gen}/model.pth"));
+        let st = dir.join(format!("{gen}.safetensors"));
+        let back = dir.join(format!("{gen}-back.pth"));
+        let f32p = dir.join(format!("{gen}-f32.pth"));
+        ok(
+            &["convert", src.to_str().unwrap(), st.to_str().unwrap()],
+            b"",
+        );
+        ok(
+            &["convert", st.to_str().unwrap(), back.to_str().unwrap()],
+            b"",
+        );
+        ok(
+            &[
+                "convert",
+                back.to_str().unwrap(),
+                f32p.to_str().unwrap(),
+                "--dtype",
+                "f32",
+            ],
+            b"",
+        );
+        let orig = Checkpoint::open(&src).unwrap();
+        for p in [&st, &back] {
+            let ck = Checkpoint::open(p).unwrap();
+            assert_eq!(ck.names(), orig.names(), "{gen}: key order kept");
+            for n in orig.names() {
+                assert_eq!(ck.bytes(n).unwrap(), orig.bytes(n).unwrap(), "{gen} {n}");
+            }
+        }
+        let ck = Checkpoint::open(&f32p).unwrap();
+        assert_eq!(
+            ck.get("emb.weight").unwrap().dtype,
+            rwkv::checkpoint::DType::F32
+        );
+        // Every converted file still computes the reference logits.
+        for p in [&st, &back, &f32p] {
+            let out = dir.join("l.safetensors");
+            ok(
+                &[
+                    "logits",
+                    "-m",
+                    p.to_str().unwrap(),
+                    "--tokens",
+                    &toks_s,
+                    "--out",
+                    out.to_str().unwrap(),
+                ],
+                b"",
+            );
+            let got = Checkpoint::open(&out).unwrap().f32_vec("logits").unwrap();
+            assert!(
+                tol_ratio(&got, &exp.f32("seq1.logits_full")) <= 1.0,
+                "{gen} {}",
+                p.display()
+            );
+        }
+        // Where Python is at hand, its zip reader checks the CRCs and pickletools the stream.
+        let check = "import zipfile,pickletools,io,sys\nz=zipfile.ZipFile(sys.argv[1])\nassert z.testzip() is None\nn=[x for x in z.namelist() if x.endswith('data.pkl')][0]\npickletools.dis(z.read(n), out=io.StringIO())\n";
+        if let Ok(o) = Command::new("python3")
+            .arg("-c")
+            .arg(&check)
+            .arg(&back)
+            .output()
+        {
+            assert!(
+                o.status.success(),
+                "python rejects {}: {}",
+                back.display(),
+                String::from_utf8_lossy(&o.stderr)
+            );
+        }
+    }
+    bad(
+        &[
+            "convert",
+            fixture("v7/model.pth").to_str().unwrap(),
+            "/tmp/out.bin.txt",
+        ],
+        b"",
+    );
+    let e = bad(&["convert", "/no/such.pth", "/tmp/x.safetensors"], b"");
+    assert!(e.contains("/no/such.pth"), "{e}");
+}

@@ -7,6 +7,7 @@
 
 pub mod detect;
 pub mod pickle;
+pub mod write;
 pub mod zip;
 
 use crate::error::{Error, Result};

@@ -164,8 +164,8 @@ impl V6 {
             matmul(&l.decay_w1, xw, t, lod);
             lod.iter_mut().for_each(|z| *z = z.tanh());
             matmul(&l.decay_w2, lod, t, w);
-            for i in 0..t * c {
-                w[i] = (-(l.decay[i % c] + w[i]).exp()).exp();
+            for (i, z) in w.iter_mut().enumerate() {
+                *z = (-(l.decay[i % c] + *z).exp()).exp();
             }
             matmul(&l.wr, xr, t, r);
             matmul(&l.wk, xk, t, k);
