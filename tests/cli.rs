@@ -463,7 +463,7 @@ fn convert_round_trips_between_formats_and_dtypes() {
         let check = "import zipfile,pickletools,io,sys\nz=zipfile.ZipFile(sys.argv[1])\nassert z.testzip() is None\nn=[x for x in z.namelist() if x.endswith('data.pkl')][0]\npickletools.dis(z.read(n), out=io.StringIO())\n";
         if let Ok(o) = Command::new("python3")
             .arg("-c")
-            .arg(&check)
+            .arg(check)
             .arg(&back)
             .output()
         {
