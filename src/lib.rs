@@ -7,11 +7,14 @@
 
 #![warn(missing_docs)]
 
+pub mod bench;
 pub mod checkpoint;
 pub mod error;
+pub mod init;
 pub mod kernels;
 pub mod model;
 pub mod sample;
+pub mod server;
 pub mod session;
 pub mod tokenizer;
 

@@ -49,6 +49,12 @@ enum Cmd {
         #[arg(long, value_enum)]
         dtype: Option<OutDType>,
     },
+    /// Create a random-weight checkpoint of any shape, initialised as the official trainer does.
+    Init(InitArgs),
+    /// Measure prompt and generation speed, bandwidth use and memory.
+    Bench(BenchArgs),
+    /// Serve the model over an OpenAI-compatible HTTP API (completions and chat, streaming).
+    Serve(rwkv::server::ServeArgs),
     /// Read text on stdin and print its token ids as a JSON array.
     Tokenize {
         /// world, bytes, or a Hugging Face tokenizer.json.
@@ -164,6 +170,62 @@ struct ChatArgs {
     system: Option<String>,
     #[command(flatten)]
     s: SamplingArgs,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Arch {
+    V4,
+    V7,
+}
+
+#[derive(Args)]
+struct InitArgs {
+    /// Architecture.
+    #[arg(long, value_enum)]
+    arch: Arch,
+    /// Number of layers.
+    #[arg(long)]
+    layers: usize,
+    /// Width (n_embd).
+    #[arg(long)]
+    dim: usize,
+    /// Vocabulary size.
+    #[arg(long)]
+    vocab: usize,
+    /// Head size (v7).
+    #[arg(long, default_value_t = 64)]
+    head_size: usize,
+    /// Random seed.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Stored dtype.
+    #[arg(long, value_enum, default_value = "bf16")]
+    dtype: OutDType,
+    /// Output file (.safetensors or .pth).
+    #[arg(long)]
+    out: PathBuf,
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    /// Checkpoint file.
+    #[arg(long, short = 'm')]
+    model: PathBuf,
+    /// Worker threads (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Prompt length in tokens.
+    #[arg(long, default_value_t = 512)]
+    prompt: usize,
+    /// Tokens to generate.
+    #[arg(long, default_value_t = 256)]
+    gen: usize,
+    /// Repetitions (the median is reported).
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    /// Print one JSON object.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -426,6 +488,97 @@ fn logits(a: LogitsArgs) -> Result<()> {
     write_safetensors(&a.out, &tensors, &state.metadata())
 }
 
+fn out_dtype(d: OutDType) -> DType {
+    match d {
+        OutDType::Bf16 => DType::BF16,
+        OutDType::F16 => DType::F16,
+        OutDType::F32 => DType::F32,
+    }
+}
+
+fn init(a: InitArgs) -> Result<()> {
+    let spec = rwkv::init::InitSpec {
+        arch: match a.arch {
+            Arch::V4 => rwkv::checkpoint::Generation::V4,
+            Arch::V7 => rwkv::checkpoint::Generation::V7,
+        },
+        n_layer: a.layers,
+        n_embd: a.dim,
+        vocab: a.vocab,
+        head_size: a.head_size,
+        seed: a.seed,
+    };
+    rwkv::init::write_init(&spec, &a.out, out_dtype(a.dtype))?;
+    let ck = Checkpoint::open(&a.out)?;
+    let info = detect(&ck)?;
+    eprintln!(
+        "wrote {} (RWKV {}, {} layers, width {}, vocab {}, {:.2} M parameters)",
+        a.out.display(),
+        info.generation,
+        info.n_layer,
+        info.n_embd,
+        info.vocab_size,
+        info.params as f64 / 1e6
+    );
+    Ok(())
+}
+
+fn bench(a: BenchArgs) -> Result<()> {
+    set_threads(a.threads)?;
+    let model = Model::load(&a.model)?;
+    let r = rwkv::bench::run(&model, a.prompt, a.gen, a.runs)?;
+    if a.json {
+        println!(
+            "{}",
+            serde_json::to_string(&r).map_err(|e| Error::Internal(e.to_string()))?
+        );
+        return Ok(());
+    }
+    let info = model.info();
+    println!(
+        "model       {} (RWKV {}, {} layers, width {}, vocab {})",
+        a.model.display(),
+        info.generation,
+        info.n_layer,
+        info.n_embd,
+        info.vocab_size
+    );
+    println!(
+        "format      {}   threads {}   simd {}",
+        r.format,
+        r.threads,
+        rwkv::kernels::simd_level()
+    );
+    println!(
+        "prompt      {} tokens: {:.1} tokens/s",
+        r.prompt_tokens, r.prompt_tokens_per_s
+    );
+    println!(
+        "generation  {} tokens: {:.1} tokens/s",
+        r.gen_tokens, r.gen_tokens_per_s
+    );
+    println!(
+        "bandwidth   {:.1} MB/token, {:.2} GB/s achieved of {:.2} GB/s measured ({:.0}%)",
+        r.bytes_per_token as f64 / 1e6,
+        r.achieved_gbps,
+        r.bandwidth_gbps,
+        r.bandwidth_fraction * 100.0
+    );
+    println!("peak RSS    {:.1} MiB", r.peak_rss_mb);
+    if !r.ms_per_token_windows.is_empty() {
+        println!("per {} tokens: ms/token, RSS MiB", r.window);
+        for (i, (ms, rss)) in r
+            .ms_per_token_windows
+            .iter()
+            .zip(&r.rss_mb_windows)
+            .enumerate()
+        {
+            println!("  {:>6}  {:.3}  {:.1}", (i + 1) * r.window, ms, rss);
+        }
+    }
+    Ok(())
+}
+
 fn tokenize(spec: &str) -> Result<()> {
     let tok = tokenizer::load(spec)?;
     let bytes = read_stdin()?;
@@ -465,14 +618,10 @@ fn main() -> ExitCode {
             input,
             output,
             dtype,
-        } => {
-            let d = dtype.map(|d| match d {
-                OutDType::Bf16 => DType::BF16,
-                OutDType::F16 => DType::F16,
-                OutDType::F32 => DType::F32,
-            });
-            convert(&input, &output, d)
-        }
+        } => convert(&input, &output, dtype.map(out_dtype)),
+        Cmd::Init(a) => init(a),
+        Cmd::Bench(a) => bench(a),
+        Cmd::Serve(a) => rwkv::server::serve(a),
         Cmd::Tokenize { tokenizer } => tokenize(&tokenizer),
         Cmd::Detokenize { tokenizer } => detokenize(&tokenizer),
     };

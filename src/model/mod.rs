@@ -123,6 +123,17 @@ impl Model {
         self.info().vocab_size
     }
 
+    /// The storage format of the head (the weight matrices share it in official files).
+    pub fn weight_format(&self) -> String {
+        let head = match self {
+            Model::V4(m) => &m.io.head,
+            Model::V5(m) => &m.io.head,
+            Model::V6(m) => &m.io.head,
+            Model::V7(m) => &m.io.head,
+        };
+        head.data.dtype().to_string()
+    }
+
     /// A fresh zero state.
     pub fn new_state(&self) -> State {
         State::zeros(self.info())

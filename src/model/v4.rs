@@ -30,7 +30,7 @@ struct Layer {
 /// An RWKV-4 model.
 pub struct V4 {
     pub(crate) info: ModelInfo,
-    io: Io,
+    pub(crate) io: Io,
     layers: Vec<Layer>,
 }
 

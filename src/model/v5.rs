@@ -32,7 +32,7 @@ struct Layer {
 /// An RWKV-5.2 model.
 pub struct V5 {
     pub(crate) info: ModelInfo,
-    io: Io,
+    pub(crate) io: Io,
     layers: Vec<Layer>,
 }
 

@@ -36,7 +36,7 @@ struct Layer {
 /// An RWKV-6.0 model.
 pub struct V6 {
     pub(crate) info: ModelInfo,
-    io: Io,
+    pub(crate) io: Io,
     layers: Vec<Layer>,
 }
 

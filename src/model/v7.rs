@@ -68,7 +68,7 @@ struct Layer {
 /// An RWKV-7 model.
 pub struct V7 {
     pub(crate) info: ModelInfo,
-    io: Io,
+    pub(crate) io: Io,
     layers: Vec<Layer>,
 }
 

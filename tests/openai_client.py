@@ -1,0 +1,83 @@
+"""The official `openai` Python client against a running `rwkv serve` (run by tests/server.rs).
+
+Usage: python3 tests/openai_client.py PORT
+
+Covers chat and completions, streaming and not, usage, stop strings and the error mapping.
+Exits non-zero (with a traceback) on any mismatch.
+"""
+
+import sys
+
+import openai
+
+port = int(sys.argv[1])
+client = openai.OpenAI(
+    base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0, timeout=30
+)
+
+models = client.models.list()
+model = models.data[0].id
+assert model == "model", models
+
+# Chat, whole and streamed, greedy: the same text.
+messages = [
+    {"role": "system", "content": "You are terse."},
+    {"role": "user", "content": "Say something."},
+]
+chat = client.chat.completions.create(
+    model=model, messages=messages, max_tokens=16, temperature=0
+)
+choice = chat.choices[0]
+assert chat.object == "chat.completion" and chat.id.startswith("chatcmpl-"), chat
+assert choice.message.role == "assistant", chat
+assert choice.finish_reason in ("stop", "length"), chat
+assert chat.usage.total_tokens == chat.usage.prompt_tokens + chat.usage.completion_tokens
+assert 1 <= chat.usage.completion_tokens <= 16, chat.usage
+
+stream = client.chat.completions.create(
+    model=model,
+    messages=messages,
+    max_tokens=16,
+    temperature=0,
+    stream=True,
+    stream_options={"include_usage": True},
+)
+parts, finish, usage, roles = [], None, None, []
+for chunk in stream:
+    assert chunk.object == "chat.completion.chunk", chunk
+    if chunk.usage is not None:
+        usage = chunk.usage
+    for c in chunk.choices:
+        if c.delta.role:
+            roles.append(c.delta.role)
+        if c.delta.content:
+            parts.append(c.delta.content)
+        if c.finish_reason:
+            finish = c.finish_reason
+assert roles == ["assistant"], roles
+assert "".join(parts) == choice.message.content, (parts, choice.message.content)
+assert finish == choice.finish_reason, finish
+assert usage is not None and usage.completion_tokens == chat.usage.completion_tokens, usage
+
+# Completions, whole and streamed, seeded sampling: the same text.
+kw = dict(model=model, prompt="Once upon a time", max_tokens=20, temperature=0.8, seed=3)
+comp = client.completions.create(**kw)
+assert comp.object == "text_completion" and comp.id.startswith("cmpl-"), comp
+assert comp.choices[0].finish_reason in ("stop", "length"), comp
+text = "".join(c.choices[0].text for c in client.completions.create(stream=True, **kw) if c.choices)
+assert text == comp.choices[0].text, (text, comp.choices[0].text)
+
+# A stop string is honoured (never in the output).
+stop = comp.choices[0].text[3:5] if len(comp.choices[0].text) >= 5 else None
+if stop:
+    cut = client.completions.create(stop=[stop], **kw)
+    assert stop not in cut.choices[0].text and cut.choices[0].finish_reason == "stop", cut
+
+# Errors surface as the client's typed exceptions.
+try:
+    client.completions.create(model=model, prompt="x", n=2)
+    raise AssertionError("n=2 was accepted")
+except openai.BadRequestError as e:
+    assert e.status_code == 400 and "n" in str(e), e
+
+print("openai client: all checks passed")
