@@ -9,6 +9,7 @@ use crate::checkpoint::{bf16_to_f32, FloatData};
 use rayon::prelude::*;
 
 mod dot;
+pub mod wkv;
 pub use dot::{axpy_row, dot_row, f16_to_f32, has_avx2};
 
 /// Which instruction set the kernels use on this machine.
@@ -74,6 +75,9 @@ impl SendPtr {
 pub fn matmul(w: &Matrix, x: &[f32], t: usize, y: &mut [f32]) {
     debug_assert_eq!(x.len(), t * w.n_in);
     debug_assert_eq!(y.len(), t * w.n_out);
+    if t >= GEMM_MIN_ROWS {
+        return matmul_gemm(w, x, t, y);
+    }
     match w.layout {
         Layout::OutIn => matmul_out_in(w, x, t, y),
         Layout::InOut => {
@@ -87,6 +91,62 @@ pub fn matmul(w: &Matrix, x: &[f32], t: usize, y: &mut [f32]) {
                 }
             }
         }
+    }
+}
+
+/// From this many rows on, products go through a register-blocked GEMM: the weights are
+/// reused across rows often enough that arithmetic, not memory, is the limit.
+const GEMM_MIN_ROWS: usize = 4;
+
+/// `y = x @ W` through the `gemm` crate. Half-precision weights are widened to f32 first:
+/// one pass over the matrix per chunk of tokens, small next to the chunk's arithmetic.
+fn matmul_gemm(w: &Matrix, x: &[f32], t: usize, y: &mut [f32]) {
+    let (k, n) = (w.n_in, w.n_out);
+    let widened;
+    let wf: &[f32] = match &w.data {
+        FloatData::F32(v) => v,
+        other => {
+            let mut buf = vec![0f32; k * n];
+            other.read_into(0, &mut buf);
+            widened = buf;
+            &widened
+        }
+    };
+    // rhs is W^T ([k, n]) for [out, in] storage, W itself for [in, out] storage.
+    let (rhs_rs, rhs_cs) = match w.layout {
+        Layout::OutIn => (1isize, k as isize),
+        Layout::InOut => (n as isize, 1isize),
+    };
+    let threads = rayon::current_num_threads();
+    let par = if threads > 1 && t * k * n >= PAR_MIN_WORK {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
+    // SAFETY: the pointers and strides describe the slices' bounds exactly:
+    // dst [t, n] row-major, lhs [t, k] row-major, rhs as above.
+    unsafe {
+        gemm::gemm(
+            t,
+            n,
+            k,
+            y.as_mut_ptr(),
+            1,
+            n as isize,
+            false,
+            x.as_ptr(),
+            1,
+            k as isize,
+            wf.as_ptr(),
+            rhs_cs,
+            rhs_rs,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            par,
+        );
     }
 }
 

@@ -3,7 +3,7 @@
 
 use super::{token_shift, Loader, Norm, Seq};
 use crate::error::Result;
-use crate::kernels::{matmul, sigmoid, Layout, Matrix};
+use crate::kernels::{self, matmul, sigmoid, Layout, Matrix};
 use rayon::prelude::*;
 
 /// How a token-shift mix coefficient is applied.
@@ -113,49 +113,41 @@ pub(crate) fn wkv5(
     let c = nh * n;
     let t = r.len() / c;
     let w_at = |ti: usize| if w.len() == c { 0 } else { ti * c };
-    let head = |h: usize, s: &mut [f32], yh: &mut dyn FnMut(usize, &[f32])| {
-        let mut out = [0f32; 256];
+    let yp = SendPtr(y.as_mut_ptr());
+    let head = |(h, s): (usize, &mut [f32])| {
         for ti in 0..t {
             let o = ti * c + h * n;
             let wo = w_at(ti) + h * n;
-            let (vr, out) = (&v[o..o + n], &mut out[..n]);
-            out.fill(0.0);
-            for i in 0..n {
-                let (ri, ki, wi, ui) = (r[o + i], k[o + i], w[wo + i], u[h * n + i]);
-                let row = &mut s[i * n..(i + 1) * n];
-                for j in 0..n {
-                    let a = ki * vr[j];
-                    out[j] += ri * (ui * a + row[j]);
-                    row[j] = a + wi * row[j];
-                }
-            }
-            yh(ti, out);
+            // SAFETY: head h of token ti owns y[o..o+n]; no other task touches it.
+            let yh = unsafe { std::slice::from_raw_parts_mut(yp.get().add(o), n) };
+            kernels::wkv::wkv5_head(
+                s,
+                &r[o..o + n],
+                &k[o..o + n],
+                &v[o..o + n],
+                &w[wo..wo + n],
+                &u[h * n..(h + 1) * n],
+                yh,
+            );
         }
     };
-    assert!(n <= 256, "head size {n} above 256 is not supported");
     if t > 1 && nh > 1 {
-        let rows: Vec<usize> = (0..nh).collect();
-        let outs: Vec<Vec<f32>> = kv
-            .par_chunks_mut(n * n)
-            .zip(rows.par_iter())
-            .map(|(s, &h)| {
-                let mut yh = vec![0f32; t * n];
-                head(h, s, &mut |ti, out| {
-                    yh[ti * n..(ti + 1) * n].copy_from_slice(out)
-                });
-                yh
-            })
-            .collect();
-        for (h, yh) in outs.iter().enumerate() {
-            for ti in 0..t {
-                y[ti * c + h * n..ti * c + (h + 1) * n].copy_from_slice(&yh[ti * n..(ti + 1) * n]);
-            }
-        }
+        kv.par_chunks_mut(n * n).enumerate().for_each(head);
     } else {
-        for (h, s) in kv.chunks_mut(n * n).enumerate() {
-            head(h, s, &mut |ti, out| {
-                y[ti * c + h * n..ti * c + (h + 1) * n].copy_from_slice(out)
-            });
-        }
+        kv.chunks_mut(n * n).enumerate().for_each(head);
+    }
+}
+
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+// SAFETY: parallel heads write disjoint elements.
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+
+impl SendPtr {
+    /// Makes closures capture the whole (Send) wrapper, not the raw pointer field.
+    #[inline(always)]
+    fn get(self) -> *mut f32 {
+        self.0
     }
 }

@@ -310,8 +310,9 @@ impl V7 {
     }
 }
 
-/// The RWKV-7 WKV scan over `t` tokens for every head, updating `state` (`[H, N, N]`, value
-/// index major) and writing `y`. Heads are independent, so long chunks run them in parallel.
+/// The RWKV-7 WKV scan over one sequence's rows for every head, updating `state` (`[H, N, N]`,
+/// value index major) and writing `y`. Heads are independent, so long chunks run them in
+/// parallel.
 fn wkv7(
     state: &mut [f32],
     [r, w, k, v]: [&[f32]; 4],
@@ -323,50 +324,34 @@ fn wkv7(
 ) {
     let c = nh * n;
     let t = r.len() / c;
-    let head = |(h, s): (usize, &mut [f32]), y: &mut dyn FnMut(usize, usize, f32)| {
-        let mut sa = [0f32; 256];
+    assert!(n <= 256, "head size {n} above 256 is not supported");
+    let yp = YPtr(y.as_mut_ptr());
+    let head = |(h, s): (usize, &mut [f32])| {
         let mut b = [0f32; 256];
         for ti in 0..t {
             let o = ti * c + h * n;
-            let (r, w, k, v) = (&r[o..o + n], &w[o..o + n], &k[o..o + n], &v[o..o + n]);
-            let (kk, a) = (&kk[o..o + n], &a[o..o + n]);
+            let seg = o..o + n;
             for j in 0..n {
-                b[j] = kk[j] * a[j];
+                b[j] = kk[o + j] * a[o + j];
             }
-            for i in 0..n {
-                let row = &s[i * n..(i + 1) * n];
-                let mut acc = 0.0;
-                for j in 0..n {
-                    acc -= row[j] * kk[j];
-                }
-                sa[i] = acc;
-            }
-            for i in 0..n {
-                let row = &mut s[i * n..(i + 1) * n];
-                let (sai, vi) = (sa[i], v[i]);
-                let mut out = 0.0;
-                for j in 0..n {
-                    let z = row[j] * w[j] + sai * b[j] + vi * k[j];
-                    row[j] = z;
-                    out += z * r[j];
-                }
-                y(ti, h * n + i, out);
-            }
+            // SAFETY: head h of token ti owns y[o..o+n]; no other task touches it.
+            let yh = unsafe { std::slice::from_raw_parts_mut(yp.get().add(o), n) };
+            kernels::wkv::wkv7_head(
+                s,
+                &r[seg.clone()],
+                &w[seg.clone()],
+                &k[seg.clone()],
+                &v[seg.clone()],
+                &kk[seg],
+                &b[..n],
+                yh,
+            );
         }
     };
-    assert!(n <= 256, "head size {n} above 256 is not supported");
     if t > 1 && nh > 1 {
-        let yp = YPtr(y.as_mut_ptr());
-        state.par_chunks_mut(n * n).enumerate().for_each(|hs| {
-            // SAFETY: each head writes only its own columns of y.
-            head(hs, &mut |ti, j, val| unsafe {
-                *yp.get().add(ti * c + j) = val
-            });
-        });
+        state.par_chunks_mut(n * n).enumerate().for_each(head);
     } else {
-        for hs in state.chunks_mut(n * n).enumerate() {
-            head(hs, &mut |ti, j, val| y[ti * c + j] = val);
-        }
+        state.chunks_mut(n * n).enumerate().for_each(head);
     }
 }
 

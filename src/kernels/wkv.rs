@@ -1,0 +1,211 @@
+//! The per-head WKV state updates of v5/v6 and v7, for one token. Each is written once as
+//! portable code whose loops LLVM vectorises (independent accumulators for the reductions) and
+//! compiled twice, as is and with AVX2/FMA enabled, like the matrix kernels.
+
+use super::dot::has_avx2;
+
+const L: usize = 8;
+
+#[inline(always)]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let n = a.len().min(b.len());
+    let (a, b) = (&a[..n], &b[..n]);
+    let mut acc = [0f32; L];
+    let ca = a.chunks_exact(L);
+    let cb = b.chunks_exact(L);
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for k in 0..L {
+            acc[k] += x[k] * y[k];
+        }
+    }
+    let mut s = 0.0;
+    for (x, y) in ra.iter().zip(rb) {
+        s += x * y;
+    }
+    acc.iter().sum::<f32>() + s
+}
+
+/// One RWKV-7 token for one head. `s` is `[N value i, N key j]`; `b[j] = kk[j]·a[j]`:
+/// `S[i,:] = S[i,:]·w + (S[i,:]·(-kk))·b + v[i]·k`, then `y[i] = S[i,:]·r`.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn wkv7_body(
+    s: &mut [f32],
+    r: &[f32],
+    w: &[f32],
+    k: &[f32],
+    v: &[f32],
+    kk: &[f32],
+    b: &[f32],
+    y: &mut [f32],
+) {
+    let n = r.len();
+    for i in 0..n {
+        let row = &mut s[i * n..(i + 1) * n];
+        let sa = -dot(row, kk);
+        let vi = v[i];
+        for j in 0..n {
+            row[j] = row[j] * w[j] + sa * b[j] + vi * k[j];
+        }
+        y[i] = dot(row, r);
+    }
+}
+
+/// One RWKV-5/6 token for one head. `s` is `[N key i, N value j]`:
+/// `y[j] = Σ_i r[i]·(u[i]·k[i]·v[j] + S[i,j])`, then `S[i,j] = k[i]·v[j] + w[i]·S[i,j]`.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn wkv5_body(s: &mut [f32], r: &[f32], k: &[f32], v: &[f32], w: &[f32], u: &[f32], y: &mut [f32]) {
+    let n = r.len();
+    y[..n].fill(0.0);
+    for i in 0..n {
+        let row = &mut s[i * n..(i + 1) * n];
+        let (ri, ki, wi, ui) = (r[i], k[i], w[i], u[i]);
+        for j in 0..n {
+            let a = ki * v[j];
+            y[j] += ri * (ui * a + row[j]);
+            row[j] = a + wi * row[j];
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn wkv7_avx2(
+    s: &mut [f32],
+    r: &[f32],
+    w: &[f32],
+    k: &[f32],
+    v: &[f32],
+    kk: &[f32],
+    b: &[f32],
+    y: &mut [f32],
+) {
+    wkv7_body(s, r, w, k, v, kk, b, y)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn wkv5_avx2(
+    s: &mut [f32],
+    r: &[f32],
+    k: &[f32],
+    v: &[f32],
+    w: &[f32],
+    u: &[f32],
+    y: &mut [f32],
+) {
+    wkv5_body(s, r, k, v, w, u, y)
+}
+
+/// See [`wkv7_body`]; dispatches to the AVX2 build where available.
+#[allow(clippy::too_many_arguments)]
+pub fn wkv7_head(
+    s: &mut [f32],
+    r: &[f32],
+    w: &[f32],
+    k: &[f32],
+    v: &[f32],
+    kk: &[f32],
+    b: &[f32],
+    y: &mut [f32],
+) {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        // SAFETY: the CPU supports the enabled features.
+        return unsafe { wkv7_avx2(s, r, w, k, v, kk, b, y) };
+    }
+    wkv7_body(s, r, w, k, v, kk, b, y)
+}
+
+/// The portable twin of [`wkv7_head`].
+#[allow(clippy::too_many_arguments)]
+pub fn wkv7_head_portable(
+    s: &mut [f32],
+    r: &[f32],
+    w: &[f32],
+    k: &[f32],
+    v: &[f32],
+    kk: &[f32],
+    b: &[f32],
+    y: &mut [f32],
+) {
+    wkv7_body(s, r, w, k, v, kk, b, y)
+}
+
+/// One RWKV-5/6 token for one head; dispatches to the AVX2 build where available.
+pub fn wkv5_head(
+    s: &mut [f32],
+    r: &[f32],
+    k: &[f32],
+    v: &[f32],
+    w: &[f32],
+    u: &[f32],
+    y: &mut [f32],
+) {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        // SAFETY: the CPU supports the enabled features.
+        return unsafe { wkv5_avx2(s, r, k, v, w, u, y) };
+    }
+    wkv5_body(s, r, k, v, w, u, y)
+}
+
+/// The portable twin of [`wkv5_head`].
+pub fn wkv5_head_portable(
+    s: &mut [f32],
+    r: &[f32],
+    k: &[f32],
+    v: &[f32],
+    w: &[f32],
+    u: &[f32],
+    y: &mut [f32],
+) {
+    wkv5_body(s, r, k, v, w, u, y)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rnd(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed;
+        (0..n)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((s >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+            })
+            .collect()
+    }
+
+    #[test]
+    fn simd_and_portable_wkv_agree() {
+        let n = 64;
+        let (r, w, k, v, kk, b) = (
+            rnd(n, 1),
+            rnd(n, 2),
+            rnd(n, 3),
+            rnd(n, 4),
+            rnd(n, 5),
+            rnd(n, 6),
+        );
+        let s0 = rnd(n * n, 7);
+        let (mut s1, mut s2) = (s0.clone(), s0.clone());
+        let (mut y1, mut y2) = (vec![0.0; n], vec![0.0; n]);
+        wkv7_head(&mut s1, &r, &w, &k, &v, &kk, &b, &mut y1);
+        wkv7_head_portable(&mut s2, &r, &w, &k, &v, &kk, &b, &mut y2);
+        for (a, c) in s1.iter().zip(&s2).chain(y1.iter().zip(&y2)) {
+            assert!((a - c).abs() < 1e-5);
+        }
+        let (mut s1, mut s2) = (s0.clone(), s0);
+        wkv5_head(&mut s1, &r, &k, &v, &w, &kk, &mut y1);
+        wkv5_head_portable(&mut s2, &r, &k, &v, &w, &kk, &mut y2);
+        for (a, c) in s1.iter().zip(&s2).chain(y1.iter().zip(&y2)) {
+            assert!((a - c).abs() < 1e-5);
+        }
+    }
+}
