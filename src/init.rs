@@ -117,7 +117,10 @@ fn lora_rank(k: f64, c: usize) -> usize {
     ((r as usize) * 32).max(32)
 }
 
-struct Out(Vec<(String, Vec<usize>, Vec<f32>)>);
+/// A named tensor: name, shape and f32 values.
+pub type NamedTensor = (String, Vec<usize>, Vec<f32>);
+
+struct Out(Vec<NamedTensor>);
 
 impl Out {
     fn push(&mut self, name: impl Into<String>, shape: &[usize], data: Vec<f32>) {
@@ -154,7 +157,7 @@ fn head(v: usize, c: usize, rng: &mut Rng) -> Vec<f32> {
 }
 
 /// The tensors of a freshly initialised model, in the official key order.
-pub fn init_tensors(spec: &InitSpec) -> Result<Vec<(String, Vec<usize>, Vec<f32>)>> {
+pub fn init_tensors(spec: &InitSpec) -> Result<Vec<NamedTensor>> {
     let (l, c, v) = (spec.n_layer, spec.n_embd, spec.vocab);
     if l == 0 || c == 0 || v == 0 {
         return Err(Error::bad("--layers, --dim and --vocab must be at least 1"));

@@ -2,7 +2,9 @@
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use rwkv::checkpoint::write::convert;
-use rwkv::checkpoint::{detect::detect, write_safetensors, Checkpoint, DType, OutTensor};
+use rwkv::checkpoint::{
+    detect::detect, write_safetensors, Checkpoint, DType, OutTensor, WeightFormat,
+};
 use rwkv::model::{Logits, Model, State};
 use rwkv::sample::SamplerConfig;
 use rwkv::session::{chat_turn, parse_ids, Session, StopRules};
@@ -48,6 +50,9 @@ enum Cmd {
         /// Store float tensors in this dtype (default: as in the input).
         #[arg(long, value_enum)]
         dtype: Option<OutDType>,
+        /// Store the weight matrices quantized: int8 or q4 (.safetensors output only).
+        #[arg(long)]
+        quant: Option<String>,
     },
     /// Create a random-weight checkpoint of any shape, initialised as the official trainer does.
     Init(InitArgs),
@@ -81,6 +86,9 @@ struct ModelArgs {
     /// Worker threads (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
+    /// Weight format at load: f32, f16, bf16, int8 or q4 (default: as stored).
+    #[arg(long)]
+    quant: Option<String>,
 }
 
 #[derive(Args, Clone)]
@@ -226,6 +234,9 @@ struct BenchArgs {
     /// Print one JSON object.
     #[arg(long)]
     json: bool,
+    /// Weight format at load: f32, f16, bf16, int8 or q4 (default: as stored).
+    #[arg(long)]
+    quant: Option<String>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -263,6 +274,9 @@ struct LogitsArgs {
     /// Worker threads (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
+    /// Weight format at load: f32, f16, bf16, int8 or q4 (default: as stored).
+    #[arg(long)]
+    quant: Option<String>,
 }
 
 fn set_threads(n: Option<usize>) -> Result<()> {
@@ -278,9 +292,13 @@ fn set_threads(n: Option<usize>) -> Result<()> {
     Ok(())
 }
 
+fn parse_quant(q: &Option<String>) -> Result<Option<WeightFormat>> {
+    q.as_deref().map(str::parse).transpose()
+}
+
 fn load_model(m: &ModelArgs) -> Result<(Model, Box<dyn Tokenizer>)> {
     set_threads(m.threads)?;
-    let model = Model::load(&m.model)?;
+    let model = Model::load_as(&m.model, parse_quant(&m.quant)?)?;
     let tok = match &m.tokenizer {
         Some(spec) => tokenizer::load(spec)?,
         None => tokenizer::for_vocab(model.vocab_size())
@@ -463,7 +481,7 @@ fn chat(a: ChatArgs) -> Result<()> {
 
 fn logits(a: LogitsArgs) -> Result<()> {
     set_threads(a.threads)?;
-    let model = Model::load(&a.model)?;
+    let model = Model::load_as(&a.model, parse_quant(&a.quant)?)?;
     let tokens = parse_ids(&a.tokens, "--tokens")?;
     if tokens.is_empty() {
         return Err(Error::bad("--tokens: give at least one token id"));
@@ -525,7 +543,7 @@ fn init(a: InitArgs) -> Result<()> {
 
 fn bench(a: BenchArgs) -> Result<()> {
     set_threads(a.threads)?;
-    let model = Model::load(&a.model)?;
+    let model = Model::load_as(&a.model, parse_quant(&a.quant)?)?;
     let r = rwkv::bench::run(&model, a.prompt, a.gen, a.runs)?;
     if a.json {
         println!(
@@ -618,7 +636,8 @@ fn main() -> ExitCode {
             input,
             output,
             dtype,
-        } => convert(&input, &output, dtype.map(out_dtype)),
+            quant,
+        } => parse_quant(&quant).and_then(|q| convert(&input, &output, dtype.map(out_dtype), q)),
         Cmd::Init(a) => init(a),
         Cmd::Bench(a) => bench(a),
         Cmd::Serve(a) => rwkv::server::serve(a),

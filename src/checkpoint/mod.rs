@@ -38,6 +38,8 @@ pub enum DType {
     I32,
     /// Unsigned byte.
     U8,
+    /// Signed byte.
+    I8,
 }
 
 impl DType {
@@ -47,7 +49,7 @@ impl DType {
             DType::F32 | DType::I32 => 4,
             DType::F16 | DType::BF16 => 2,
             DType::F64 | DType::I64 => 8,
-            DType::U8 => 1,
+            DType::U8 | DType::I8 => 1,
         }
     }
     /// The safetensors name of the dtype.
@@ -60,6 +62,7 @@ impl DType {
             DType::I64 => "I64",
             DType::I32 => "I32",
             DType::U8 => "U8",
+            DType::I8 => "I8",
         }
     }
 }
@@ -74,6 +77,7 @@ impl fmt::Display for DType {
             DType::I64 => "i64",
             DType::I32 => "i32",
             DType::U8 => "u8",
+            DType::I8 => "i8",
         };
         f.write_str(s)
     }
@@ -201,6 +205,7 @@ fn dtype_from_st(d: safetensors::Dtype) -> Option<DType> {
         S::I64 => DType::I64,
         S::I32 => DType::I32,
         S::U8 => DType::U8,
+        S::I8 => DType::I8,
         _ => return None,
     })
 }
@@ -309,6 +314,7 @@ impl Checkpoint {
                 pickle::StorageKind::I64 => DType::I64,
                 pickle::StorageKind::I32 => DType::I32,
                 pickle::StorageKind::U8 => DType::U8,
+                pickle::StorageKind::I8 => DType::I8,
             };
             let entry_name = format!("{stem}data/{}", t.key);
             let entry = by_name.get(entry_name.as_str()).ok_or_else(|| {
@@ -499,6 +505,52 @@ impl Checkpoint {
         })
     }
 
+    /// A matrix stored quantized by `rwkv convert --quant`: `name` holds the packed values
+    /// (i8 `[rows, cols]` for int8, u8 `[rows, cols / 2]` for q4) and `name.scales` the f32
+    /// block scales `[rows, cols / 32]`. `None` when `name` is a float tensor.
+    pub fn quantized_matrix(
+        &self,
+        name: &str,
+        rows: usize,
+        cols: usize,
+    ) -> Result<Option<FloatData>> {
+        let m = self.meta(name)?;
+        let four = match m.dtype {
+            DType::I8 => false,
+            DType::U8 => true,
+            _ => return Ok(None),
+        };
+        let what = self.path.display();
+        let packed = if four { cols / 2 } else { cols };
+        if !cols.is_multiple_of(QBLOCK) || m.shape != [rows, packed] {
+            return Err(Error::bad(format!(
+                "{what}: quantized tensor {name} has shape {:?}; a [{rows}, {cols}] matrix in blocks of {QBLOCK} needs [{rows}, {packed}] with {cols} divisible by {QBLOCK}",
+                m.shape
+            )));
+        }
+        let sname = format!("{name}.scales");
+        let sm = self.meta(&sname)?;
+        if sm.dtype != DType::F32 || sm.shape != [rows, cols / QBLOCK] {
+            return Err(Error::bad(format!(
+                "{what}: tensor {sname} must be f32 [{rows}, {}], found {} {:?}",
+                cols / QBLOCK,
+                sm.dtype,
+                sm.shape
+            )));
+        }
+        self.check_finite(&sname, sm)?;
+        let qb = QBlocks {
+            len: rows * cols,
+            q: self.view::<u8>(m),
+            d: self.view::<f32>(sm),
+        };
+        Ok(Some(if four {
+            FloatData::Q4(qb)
+        } else {
+            FloatData::Q8(qb)
+        }))
+    }
+
     /// A float tensor converted to an owned f32 vector (for small vectors and the math that
     /// needs f32 precision), after checking finiteness.
     pub fn f32_vec(&self, name: &str) -> Result<Vec<f32>> {
@@ -530,7 +582,98 @@ impl Checkpoint {
     }
 }
 
-/// Float data in one of the formats the kernels read directly.
+/// The formats weight matrices can be used in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WeightFormat {
+    /// IEEE binary32.
+    F32,
+    /// IEEE binary16.
+    F16,
+    /// bfloat16.
+    BF16,
+    /// int8 blocks of 32 with an f32 scale (Q8_0-like; 9 bits per weight).
+    Int8,
+    /// 4-bit blocks of 32 with an f32 scale (Q4_0-like; 5 bits per weight).
+    Q4,
+}
+
+impl std::str::FromStr for WeightFormat {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        Ok(match s {
+            "f32" => WeightFormat::F32,
+            "f16" => WeightFormat::F16,
+            "bf16" => WeightFormat::BF16,
+            "int8" | "q8" | "q8_0" => WeightFormat::Int8,
+            "q4" | "q4_0" | "int4" => WeightFormat::Q4,
+            _ => {
+                return Err(Error::bad(format!(
+                    "--quant: unknown format '{s}' (use f32, f16, bf16, int8 or q4)"
+                )))
+            }
+        })
+    }
+}
+
+impl WeightFormat {
+    /// Converts float data to this format (owned). Quantized formats need rows whose length
+    /// is a multiple of [`QBLOCK`]; `None` when they are not.
+    pub fn convert(self, data: &FloatData, row_len: usize) -> Option<FloatData> {
+        let same = matches!(
+            (self, data),
+            (WeightFormat::F32, FloatData::F32(_))
+                | (WeightFormat::F16, FloatData::F16(_))
+                | (WeightFormat::BF16, FloatData::BF16(_))
+                | (WeightFormat::Int8, FloatData::Q8(_))
+                | (WeightFormat::Q4, FloatData::Q4(_))
+        );
+        if same {
+            return Some(data.clone());
+        }
+        let v = data.to_f32();
+        Some(match self {
+            WeightFormat::F32 => FloatData::F32(Shared::from_vec(v)),
+            WeightFormat::F16 => FloatData::F16(Shared::from_vec(
+                v.iter()
+                    .map(|x| half::f16::from_f32(*x).to_bits())
+                    .collect(),
+            )),
+            WeightFormat::BF16 => FloatData::BF16(Shared::from_vec(
+                v.iter()
+                    .map(|x| half::bf16::from_f32(*x).to_bits())
+                    .collect(),
+            )),
+            WeightFormat::Int8 | WeightFormat::Q4 => {
+                if !row_len.is_multiple_of(QBLOCK) {
+                    return None;
+                }
+                if self == WeightFormat::Int8 {
+                    FloatData::Q8(crate::kernels::quant::quantize_q8(&v))
+                } else {
+                    FloatData::Q4(crate::kernels::quant::quantize_q4(&v))
+                }
+            }
+        })
+    }
+}
+
+/// Elements per quantization block (one scale each).
+pub const QBLOCK: usize = 32;
+
+/// Block-quantized weights: one f32 scale per [`QBLOCK`] consecutive elements.
+#[derive(Debug, Clone)]
+pub struct QBlocks {
+    /// Number of elements.
+    pub len: usize,
+    /// Packed values: one `i8` per element (int8), or two 4-bit values per byte (q4: byte `j`
+    /// of a block holds element `j` in its low nibble and element `j + 16` in its high one,
+    /// each stored as `q + 8` for `q` in -8..=7).
+    pub q: Shared<u8>,
+    /// Scale of each block.
+    pub d: Shared<f32>,
+}
+
+/// Weight data in one of the formats the kernels read directly.
 #[derive(Debug, Clone)]
 pub enum FloatData {
     /// f32 values.
@@ -539,6 +682,10 @@ pub enum FloatData {
     BF16(Shared<u16>),
     /// f16 bit patterns.
     F16(Shared<u16>),
+    /// int8 blocks: `x = d · q`.
+    Q8(QBlocks),
+    /// 4-bit blocks: `x = d · q`, `q` in -8..=7.
+    Q4(QBlocks),
 }
 
 impl FloatData {
@@ -547,26 +694,69 @@ impl FloatData {
         match self {
             FloatData::F32(v) => v.len(),
             FloatData::BF16(v) | FloatData::F16(v) => v.len(),
+            FloatData::Q8(b) | FloatData::Q4(b) => b.len,
         }
     }
     /// Whether there are no elements.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
-    /// The storage dtype.
+    /// The storage dtype of the values (quantized formats: their packed bytes).
     pub fn dtype(&self) -> DType {
         match self {
             FloatData::F32(_) => DType::F32,
             FloatData::BF16(_) => DType::BF16,
             FloatData::F16(_) => DType::F16,
+            FloatData::Q8(_) => DType::I8,
+            FloatData::Q4(_) => DType::U8,
         }
     }
-    /// Elements `start .. start + len`, sharing the same memory.
+    /// The format's name: f32, bf16, f16, int8, q4.
+    pub fn format_name(&self) -> &'static str {
+        match self {
+            FloatData::F32(_) => "f32",
+            FloatData::BF16(_) => "bf16",
+            FloatData::F16(_) => "f16",
+            FloatData::Q8(_) => "int8",
+            FloatData::Q4(_) => "q4",
+        }
+    }
+    /// Bytes of storage (values and scales).
+    pub fn nbytes(&self) -> usize {
+        match self {
+            FloatData::F32(v) => v.len() * 4,
+            FloatData::BF16(v) | FloatData::F16(v) => v.len() * 2,
+            FloatData::Q8(b) | FloatData::Q4(b) => b.q.len() + b.d.len() * 4,
+        }
+    }
+    /// Elements `start .. start + len`, sharing the same memory (block-aligned for the
+    /// quantized formats).
     pub fn slice(&self, start: usize, len: usize) -> FloatData {
         match self {
             FloatData::F32(v) => FloatData::F32(v.slice(start, len)),
             FloatData::BF16(v) => FloatData::BF16(v.slice(start, len)),
             FloatData::F16(v) => FloatData::F16(v.slice(start, len)),
+            FloatData::Q8(b) | FloatData::Q4(b) => {
+                assert!(
+                    start.is_multiple_of(QBLOCK) && len.is_multiple_of(QBLOCK),
+                    "unaligned quantized slice"
+                );
+                let per = if matches!(self, FloatData::Q8(_)) {
+                    1
+                } else {
+                    2
+                };
+                let qb = QBlocks {
+                    len,
+                    q: b.q.slice(start / per, len / per),
+                    d: b.d.slice(start / QBLOCK, len / QBLOCK),
+                };
+                if per == 1 {
+                    FloatData::Q8(qb)
+                } else {
+                    FloatData::Q4(qb)
+                }
+            }
         }
     }
     /// Element `i` as f32.
@@ -576,6 +766,13 @@ impl FloatData {
             FloatData::F32(v) => v[i],
             FloatData::BF16(v) => bf16_to_f32(v[i]),
             FloatData::F16(v) => half::f16::from_bits(v[i]).to_f32(),
+            FloatData::Q8(b) => b.d[i / QBLOCK] * (b.q[i] as i8) as f32,
+            FloatData::Q4(b) => {
+                let (blk, j) = (i / QBLOCK, i % QBLOCK);
+                let byte = b.q[blk * 16 + (j % 16)];
+                let nib = if j < 16 { byte & 15 } else { byte >> 4 };
+                b.d[blk] * (nib as i32 - 8) as f32
+            }
         }
     }
     /// Converts a range into `out` (same length).
@@ -589,6 +786,32 @@ impl FloatData {
                 }
             }
             FloatData::F16(v) => crate::kernels::f16_to_f32(&v[start..start + n], out),
+            FloatData::Q8(b) if start.is_multiple_of(QBLOCK) => {
+                for (k, o) in out.chunks_mut(QBLOCK).enumerate() {
+                    let blk = start / QBLOCK + k;
+                    let d = b.d[blk];
+                    for (j, x) in o.iter_mut().enumerate() {
+                        *x = d * (b.q[blk * QBLOCK + j] as i8) as f32;
+                    }
+                }
+            }
+            FloatData::Q4(b) if start.is_multiple_of(QBLOCK) => {
+                for (k, o) in out.chunks_mut(QBLOCK).enumerate() {
+                    let blk = start / QBLOCK + k;
+                    let d = b.d[blk];
+                    let bytes = &b.q[blk * 16..blk * 16 + 16];
+                    for (j, x) in o.iter_mut().enumerate() {
+                        let byte = bytes[j % 16];
+                        let nib = if j < 16 { byte & 15 } else { byte >> 4 };
+                        *x = d * (nib as i32 - 8) as f32;
+                    }
+                }
+            }
+            _ => {
+                for (i, o) in out.iter_mut().enumerate() {
+                    *o = self.get(start + i);
+                }
+            }
         }
     }
     /// All values as an owned f32 vector.

@@ -24,6 +24,8 @@ pub enum StorageKind {
     I32,
     /// `torch.ByteStorage`
     U8,
+    /// `torch.CharStorage`
+    I8,
 }
 
 /// A tensor as described by the pickle: where its bytes live and how they are laid out.
@@ -77,6 +79,7 @@ fn resolve_global(module: &str, name: &str) -> Option<Global> {
         ("torch", "LongStorage") => Global::Storage(StorageKind::I64),
         ("torch", "IntStorage") => Global::Storage(StorageKind::I32),
         ("torch", "ByteStorage") => Global::Storage(StorageKind::U8),
+        ("torch", "CharStorage") => Global::Storage(StorageKind::I8),
         _ => return None,
     })
 }

@@ -2,7 +2,9 @@
 //! of stored entries holding a protocol-2 pickle of an `OrderedDict` of tensors), so files
 //! converted here load in PyTorch and in the official package.
 
-use super::{write_atomic, write_safetensors, Checkpoint, DType, OutTensor};
+use super::{
+    write_atomic, write_safetensors, Checkpoint, DType, FloatData, OutTensor, WeightFormat, QBLOCK,
+};
 use crate::error::{Error, Result};
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -144,6 +146,7 @@ fn storage_class(d: DType) -> Result<&'static str> {
         DType::I64 => "LongStorage",
         DType::I32 => "IntStorage",
         DType::U8 => "ByteStorage",
+        DType::I8 => "CharStorage",
     })
 }
 
@@ -287,9 +290,22 @@ pub fn format_for(path: &Path) -> Result<super::Format> {
     }
 }
 
+/// Whether a tensor is one of the `[out, in]` weight matrices that `--quant` applies to (every
+/// 2-D `.weight` but the embedding, which is a table lookup, not a product).
+fn is_quantizable(name: &str, shape: &[usize]) -> bool {
+    shape.len() == 2 && name.ends_with(".weight") && name != "emb.weight" && shape[1].is_multiple_of(QBLOCK)
+}
+
 /// Converts a checkpoint between `.pth` and `.safetensors` (either direction), keeping the
-/// official key names and order, optionally changing the float dtype of every float tensor.
-pub fn convert(input: &Path, output: &Path, dtype: Option<DType>) -> Result<()> {
+/// official key names and order, optionally changing the float dtype of every float tensor,
+/// and optionally storing the weight matrices quantized (`quant` int8 or q4: `name` holds the
+/// packed values and `name.scales` the block scales, so that loading is a memory map).
+pub fn convert(
+    input: &Path,
+    output: &Path,
+    dtype: Option<DType>,
+    quant: Option<WeightFormat>,
+) -> Result<()> {
     let ck = Checkpoint::open(input)?;
     let fmt = format_for(output)?;
     if std::fs::canonicalize(input).ok() == std::fs::canonicalize(output).ok() {
@@ -303,6 +319,32 @@ pub fn convert(input: &Path, output: &Path, dtype: Option<DType>) -> Result<()> 
         let m = ck.get(name).expect("listed");
         let raw = ck.bytes(name)?;
         let is_float = matches!(m.dtype, DType::F32 | DType::F16 | DType::BF16);
+        if let Some(q @ (WeightFormat::Int8 | WeightFormat::Q4)) = quant {
+            if is_float && is_quantizable(name, &m.shape) {
+                let fd = match q.convert(&ck.float_tensor(name)?, m.shape[1]) {
+                    Some(FloatData::Q8(b)) | Some(FloatData::Q4(b)) => b,
+                    _ => return Err(Error::Internal(format!("quantizing {name}"))),
+                };
+                let (rows, cols) = (m.shape[0], m.shape[1]);
+                let (dt, packed) = if q == WeightFormat::Int8 {
+                    (DType::I8, cols)
+                } else {
+                    (DType::U8, cols / 2)
+                };
+                tensors.push(OutTensor {
+                    name: name.clone(),
+                    dtype: dt,
+                    shape: vec![rows, packed],
+                    data: fd.q.to_vec().into(),
+                });
+                tensors.push(OutTensor::f32(
+                    format!("{name}.scales"),
+                    vec![rows, cols / QBLOCK],
+                    &fd.d,
+                ));
+                continue;
+            }
+        }
         let (dt, data) = match dtype {
             Some(to) if is_float && to != m.dtype => {
                 (to, convert_bytes(name, m.dtype, to, raw)?.into())
@@ -320,7 +362,18 @@ pub fn convert(input: &Path, output: &Path, dtype: Option<DType>) -> Result<()> 
         super::Format::Safetensors => {
             let mut md = BTreeMap::new();
             md.insert("format".to_string(), "pt".to_string());
+            if let Some(q) = quant {
+                md.insert("rwkv_quant".to_string(), format!("{q:?}").to_lowercase());
+            }
             write_safetensors(output, &tensors, &md)
+        }
+        super::Format::Pth
+            if quant.is_some_and(|q| matches!(q, WeightFormat::Int8 | WeightFormat::Q4)) =>
+        {
+            Err(Error::bad(format!(
+                "{}: quantized checkpoints are written as .safetensors only",
+                output.display()
+            )))
         }
         super::Format::Pth => write_pth(output, &tensors),
     }

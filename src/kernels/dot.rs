@@ -232,6 +232,8 @@ pub fn dot_row(w: &FloatData, start: usize, x: &[f32]) -> f32 {
                 FloatData::F32(v) => avx2::dot_f32(&v[start..start + n], x),
                 FloatData::BF16(v) => avx2::dot_bf16(&v[start..start + n], x),
                 FloatData::F16(v) => avx2::dot_f16(&v[start..start + n], x),
+                FloatData::Q8(b) => super::quant::dot_q(b, false, start, x),
+                FloatData::Q4(b) => super::quant::dot_q(b, true, start, x),
             };
         }
     }
@@ -245,6 +247,8 @@ pub fn dot_row_portable(w: &FloatData, start: usize, x: &[f32]) -> f32 {
         FloatData::F32(v) => dot_f32_body(&v[start..start + n], x),
         FloatData::BF16(v) => dot_bf16_body(&v[start..start + n], x),
         FloatData::F16(v) => dot_f16_scalar(&v[start..start + n], x),
+        FloatData::Q8(b) => super::quant::dot_q_portable(b, false, start, x),
+        FloatData::Q4(b) => super::quant::dot_q_portable(b, true, start, x),
     }
 }
 
@@ -260,6 +264,7 @@ pub fn axpy_row(w: &FloatData, start: usize, a: f32, y: &mut [f32]) {
                 FloatData::F32(v) => avx2::axpy_f32(a, &v[start..start + n], y),
                 FloatData::BF16(v) => avx2::axpy_bf16(a, &v[start..start + n], y),
                 FloatData::F16(v) => avx2::axpy_f16(a, &v[start..start + n], y),
+                _ => axpy_row_portable(w, start, a, y),
             };
         }
     }
@@ -273,6 +278,13 @@ pub fn axpy_row_portable(w: &FloatData, start: usize, a: f32, y: &mut [f32]) {
         FloatData::F32(v) => axpy_f32_body(a, &v[start..start + n], y),
         FloatData::BF16(v) => axpy_bf16_body(a, &v[start..start + n], y),
         FloatData::F16(v) => axpy_f16_scalar(a, &v[start..start + n], y),
+        // Quantized matrices are only ever [out, in]; this generic path keeps the function
+        // total.
+        _ => {
+            for (i, yi) in y.iter_mut().enumerate() {
+                *yi += a * w.get(start + i);
+            }
+        }
     }
 }
 

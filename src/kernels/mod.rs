@@ -9,6 +9,7 @@ use crate::checkpoint::{bf16_to_f32, FloatData};
 use rayon::prelude::*;
 
 mod dot;
+pub mod quant;
 pub mod wkv;
 pub use dot::{axpy_row, dot_row, f16_to_f32, has_avx2};
 
@@ -46,8 +47,14 @@ pub struct Matrix {
 impl Matrix {
     /// Bytes read by one product with a vector.
     pub fn bytes(&self) -> usize {
-        self.n_in * self.n_out * self.data.dtype().size()
+        self.data.nbytes()
     }
+}
+
+thread_local! {
+    /// The calling thread's quantized activations, reused across calls (no allocation once
+    /// grown to the model's widest input).
+    static QX: std::cell::RefCell<quant::QuantizedX> = Default::default();
 }
 
 /// Work per call below which threads cost more than they save.
@@ -164,6 +171,21 @@ fn matmul_out_in(w: &Matrix, x: &[f32], t: usize, y: &mut [f32]) {
     let (n_in, n_out) = (w.n_in, w.n_out);
     let work = t * n_in * n_out;
     if t == 1 {
+        if let FloatData::Q8(b) | FloatData::Q4(b) = &w.data {
+            let four = matches!(w.data, FloatData::Q4(_));
+            QX.with(|cell| {
+                let mut qx = cell.borrow_mut();
+                qx.set(x);
+                let qx = &*qx;
+                let row = |(o, yo): (usize, &mut f32)| *yo = quant::dot_qq(b, four, o * n_in, qx);
+                if work >= PAR_MIN_WORK {
+                    y.par_iter_mut().enumerate().with_min_len(16).for_each(row);
+                } else {
+                    y.iter_mut().enumerate().for_each(row);
+                }
+            });
+            return;
+        }
         let row = |(o, yo): (usize, &mut f32)| *yo = dot_row(&w.data, o * n_in, x);
         if work >= PAR_MIN_WORK {
             y.par_iter_mut().enumerate().with_min_len(16).for_each(row);

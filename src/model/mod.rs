@@ -14,7 +14,9 @@ pub mod v7;
 
 pub use state::State;
 
-use crate::checkpoint::{detect::detect, Checkpoint, FloatData, Generation, ModelInfo};
+use crate::checkpoint::{
+    detect::detect, Checkpoint, FloatData, Generation, ModelInfo, WeightFormat,
+};
 use crate::error::{Error, Result};
 use crate::kernels::{self, Layout, Matrix};
 use std::collections::HashSet;
@@ -88,16 +90,22 @@ pub enum Model {
 }
 
 impl Model {
-    /// Opens a checkpoint file and loads the model it holds.
+    /// Opens a checkpoint file and loads the model it holds, weights as stored.
     pub fn load(path: impl AsRef<Path>) -> Result<Model> {
-        let ck = Checkpoint::open(path)?;
-        Self::from_checkpoint(&ck)
+        Self::load_as(path, None)
     }
 
-    /// Loads a model from an opened checkpoint.
-    pub fn from_checkpoint(ck: &Checkpoint) -> Result<Model> {
+    /// Opens a checkpoint file and loads the model with its `[out, in]` weight matrices in
+    /// `format` (converted or quantized at load), or as stored when `None`.
+    pub fn load_as(path: impl AsRef<Path>, format: Option<WeightFormat>) -> Result<Model> {
+        let ck = Checkpoint::open(path)?;
+        Self::from_checkpoint(&ck, format)
+    }
+
+    /// Loads a model from an opened checkpoint (see [`Model::load_as`]).
+    pub fn from_checkpoint(ck: &Checkpoint, format: Option<WeightFormat>) -> Result<Model> {
         let info = detect(ck)?;
-        let mut ld = Loader::new(ck);
+        let mut ld = Loader::new(ck, format);
         let m = match info.generation {
             Generation::V4 => Model::V4(v4::V4::load(&mut ld, info)?),
             Generation::V5_2 => Model::V5(v5::V5::load(&mut ld, info)?),
@@ -123,7 +131,7 @@ impl Model {
         self.info().vocab_size
     }
 
-    /// The storage format of the head (the weight matrices share it in official files).
+    /// The format of the weight matrices (that of the head, which they share).
     pub fn weight_format(&self) -> String {
         let head = match self {
             Model::V4(m) => &m.io.head,
@@ -131,7 +139,7 @@ impl Model {
             Model::V6(m) => &m.io.head,
             Model::V7(m) => &m.io.head,
         };
-        head.data.dtype().to_string()
+        head.data.format_name().to_string()
     }
 
     /// A fresh zero state.
@@ -337,6 +345,7 @@ pub(crate) fn token_shift(
 pub(crate) struct Loader<'a> {
     ck: &'a Checkpoint,
     used: HashSet<String>,
+    quant: Option<WeightFormat>,
 }
 
 fn squeeze(s: &[usize]) -> Vec<usize> {
@@ -344,10 +353,11 @@ fn squeeze(s: &[usize]) -> Vec<usize> {
 }
 
 impl<'a> Loader<'a> {
-    fn new(ck: &'a Checkpoint) -> Self {
+    fn new(ck: &'a Checkpoint, quant: Option<WeightFormat>) -> Self {
         Loader {
             ck,
             used: HashSet::new(),
+            quant,
         }
     }
 
@@ -383,8 +393,10 @@ impl<'a> Loader<'a> {
         self.ck.f32_vec(name)
     }
 
-    /// A weight matrix in its stored format. For [`Layout::OutIn`] the stored shape is
-    /// `[n_out, n_in]`, for [`Layout::InOut`] `[n_in, n_out]`.
+    /// A weight matrix. For [`Layout::OutIn`] the stored shape is `[n_out, n_in]` (or its
+    /// quantized packing), for [`Layout::InOut`] `[n_in, n_out]`. `[out, in]` matrices are
+    /// converted to the requested weight format, if any; the small `[in, out]` LoRA matrices
+    /// stay as stored.
     pub fn matrix(
         &mut self,
         name: &str,
@@ -392,14 +404,29 @@ impl<'a> Loader<'a> {
         n_out: usize,
         layout: Layout,
     ) -> Result<Matrix> {
-        let shape = match layout {
-            Layout::OutIn => [n_out, n_in],
-            Layout::InOut => [n_in, n_out],
+        let mut data = match layout {
+            Layout::OutIn => match self.ck.quantized_matrix(name, n_out, n_in)? {
+                Some(q) => {
+                    self.used.insert(format!("{name}.scales"));
+                    q
+                }
+                None => {
+                    self.ck.expect_shape(name, &[n_out, n_in])?;
+                    self.ck.float_tensor(name)?
+                }
+            },
+            Layout::InOut => {
+                self.ck.expect_shape(name, &[n_in, n_out])?;
+                self.ck.float_tensor(name)?
+            }
         };
-        let m = self.ck.expect_shape(name, &shape)?;
-        let _ = m;
         self.used.insert(name.to_string());
-        let data = self.ck.float_tensor(name)?;
+        if let (Some(f), Layout::OutIn) = (self.quant, layout) {
+            // Rows that do not divide into blocks keep their stored format.
+            if let Some(d) = f.convert(&data, n_in) {
+                data = d;
+            }
+        }
         Ok(Matrix {
             n_in,
             n_out,

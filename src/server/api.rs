@@ -100,6 +100,8 @@ pub struct Params {
     pub stream: bool,
     /// `stream_options.include_usage`: a last chunk with the usage.
     pub include_usage: bool,
+    /// `logit_bias`: added to a token's logit before sampling; -100 bans the token.
+    pub logit_bias: Vec<(u32, f32)>,
 }
 
 /// A completions prompt.
@@ -304,26 +306,27 @@ fn parse_message(i: usize, m: &Value) -> Result<Message, ApiError> {
             Some(&param),
         ));
     };
-    let role =
-        match m.get("role") {
-            Some(Value::String(r)) => match r.as_str() {
-                "system" | "developer" => Role::System,
-                "user" => Role::User,
-                "assistant" => Role::Assistant,
-                other => return Err(ApiError::invalid(
+    let role = match m.get("role") {
+        Some(Value::String(r)) => match r.as_str() {
+            "system" | "developer" => Role::System,
+            "user" => Role::User,
+            "assistant" => Role::Assistant,
+            other => {
+                return Err(ApiError::invalid(
                     format!(
                         "{param}.role '{other}' is not supported (use system, user or assistant)"
                     ),
                     Some(&format!("{param}.role")),
-                )),
-            },
-            _ => {
-                return Err(ApiError::invalid(
-                    format!("{param}.role must be a string"),
-                    Some(&format!("{param}.role")),
                 ))
             }
-        };
+        },
+        _ => {
+            return Err(ApiError::invalid(
+                format!("{param}.role must be a string"),
+                Some(&format!("{param}.role")),
+            ))
+        }
+    };
     let cparam = format!("{param}.content");
     let content = match m.get("content") {
         Some(Value::String(s)) => s.clone(),
@@ -412,7 +415,29 @@ fn parse_params(f: &Fields<'_>, max_alias: Option<&str>) -> Result<Params, ApiEr
             ))
         }
     };
+    let logit_bias = match f.get("logit_bias") {
+        None => Vec::new(),
+        Some(Value::Object(m)) => m
+            .iter()
+            .map(|(k, v)| match (k.parse::<u32>(), v.as_f64()) {
+                (Ok(id), Some(b)) if (-100.0..=100.0).contains(&b) => Ok((id, b as f32)),
+                _ => Err(ApiError::invalid(
+                    format!(
+                        "'logit_bias' maps token ids to numbers in [-100, 100]; got {k:?}: {v}"
+                    ),
+                    Some("logit_bias"),
+                )),
+            })
+            .collect::<Result<_, _>>()?,
+        Some(_) => {
+            return Err(ApiError::invalid(
+                "'logit_bias' must be an object",
+                Some("logit_bias"),
+            ))
+        }
+    };
     Ok(Params {
+        logit_bias,
         max_tokens,
         temperature: f.number("temperature", 1.0, 0.0, 2.0)?,
         top_p: f.number("top_p", 1.0, 0.0, 1.0)?,
@@ -811,11 +836,17 @@ mod tests {
             .message
             .contains("JSON"));
         assert!(parse_chat(b"[]").is_err());
+        let e = parse_completion(br#"{"prompt":"x","logit_bias":{"a":1}}"#).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("logit_bias"));
     }
 
     #[test]
     fn accepted_shapes() {
-        let r = parse_completion(br#"{"prompt":[1,2,3],"stop":"x","seed":-1,"n":null}"#).unwrap();
+        let r = parse_completion(
+            br#"{"prompt":[1,2,3],"stop":"x","seed":-1,"n":null,"logit_bias":{"7":-100}}"#,
+        )
+        .unwrap();
+        assert_eq!(r.params.logit_bias, vec![(7, -100.0)]);
         assert_eq!(r.prompt, Prompt::Tokens(vec![1, 2, 3]));
         assert_eq!(r.params.stop, vec!["x".to_string()]);
         assert_eq!(r.params.seed, Some(u64::MAX));

@@ -70,6 +70,10 @@ impl PrefixCache {
 
     /// The longest cached prefix of `tokens` (possibly all of them), forked, or `None`.
     pub fn lookup(&mut self, tokens: &[u32]) -> Option<Hit> {
+        if tokens.is_empty() {
+            // (`range(1..=0)` would panic.)
+            return None;
+        }
         let len = self
             .lengths
             .range(1..=tokens.len())

@@ -49,6 +49,8 @@ pub struct Job {
     pub stop: Vec<String>,
     /// Token ids that end generation (not emitted).
     pub stop_tokens: Vec<u32>,
+    /// Added to these tokens' logits before sampling; -100 or less bans the token.
+    pub logit_bias: Vec<(u32, f32)>,
     /// Where the output goes; dropping the receiver cancels the job.
     pub events: UnboundedSender<Event>,
 }
@@ -476,6 +478,17 @@ impl Worker {
         };
         if self.decodable < logits.len() {
             logits[self.decodable..].fill(f32::NEG_INFINITY);
+        }
+        for &(id, bias) in &s.job.logit_bias {
+            if let Some(l) = logits.get_mut(id as usize) {
+                // OpenAI documents -100 as a ban; a finite -100 could still win a row
+                // whose other logits are lower.
+                *l = if bias <= -100.0 {
+                    f32::NEG_INFINITY
+                } else {
+                    *l + bias
+                };
+            }
         }
         let tok = s.sampler.sample(&mut logits);
         s.generated += 1;

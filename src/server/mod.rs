@@ -147,6 +147,8 @@ pub fn serve(args: ServeArgs) -> Result<()> {
     let res = rt.block_on(run(app.clone(), &args, grace));
     // Tasks still running here are connections that outlived the grace period.
     rt.shutdown_timeout(Duration::from_secs(1));
+    // Also when the server failed (e.g. the port was taken) and no signal stopped the engine.
+    app.0.engine.shutdown(Instant::now());
     app.0.engine.join();
     res
 }
@@ -363,18 +365,8 @@ async fn completions_inner(app: App, headers: HeaderMap, body: Body) -> Result<R
     let req = api::parse_completion(&body)?;
     let prompt = match req.prompt {
         Prompt::Text(t) => tokenize(&app, vec![t]).await?.0,
-        Prompt::Tokens(ids) => {
-            if let Some(bad) = ids.iter().find(|&&t| t as usize >= app.0.vocab) {
-                return Err(ApiError::invalid(
-                    format!(
-                        "token id {bad} is out of range (vocabulary size {})",
-                        app.0.vocab
-                    ),
-                    Some("prompt"),
-                ));
-            }
-            ids
-        }
+        // Checked against the vocabulary with every prompt in `App::job`.
+        Prompt::Tokens(ids) => ids,
     };
     let boundaries = vec![prompt.len()];
     let job = app.job(
@@ -477,6 +469,24 @@ impl App {
             )
             .with_code("context_length_exceeded"));
         }
+        if let Some(&(bad, _)) = p.logit_bias.iter().find(|(t, _)| *t as usize >= s.vocab) {
+            return Err(ApiError::invalid(
+                format!(
+                    "logit_bias: token id {bad} is out of range (vocabulary size {})",
+                    s.vocab
+                ),
+                Some("logit_bias"),
+            ));
+        }
+        if let Some(bad) = prompt.iter().find(|&&t| t as usize >= s.vocab) {
+            return Err(ApiError::invalid(
+                format!(
+                    "the prompt holds token id {bad}, outside the model's vocabulary of {}",
+                    s.vocab
+                ),
+                Some(prompt_param),
+            ));
+        }
         let max_tokens = match p.max_tokens {
             None => default_max.min(s.max_tokens_limit),
             Some(n) if n > s.max_tokens_limit as u64 => {
@@ -523,6 +533,7 @@ impl App {
             stop,
             // Token 0 is end-of-text for the World, 20B and byte vocabularies alike.
             stop_tokens: vec![0],
+            logit_bias: p.logit_bias.clone(),
             events: tokio::sync::mpsc::unbounded_channel().0,
         })
     }
