@@ -3,6 +3,7 @@
 //! linear time over long generations.
 
 use crate::model::{Logits, Model};
+use crate::sample::argmax;
 use crate::Result;
 use serde::Serialize;
 use std::time::Instant;
@@ -159,14 +160,4 @@ pub fn run(model: &Model, prompt: usize, gen: usize, runs: usize) -> Result<Benc
         rss_mb_windows: rss_windows,
         window,
     })
-}
-
-fn argmax(x: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &v) in x.iter().enumerate() {
-        if v > x[best] {
-            best = i;
-        }
-    }
-    best as u32
 }

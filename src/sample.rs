@@ -509,7 +509,8 @@ impl Sampler {
 }
 
 /// Index of the largest logit, lowest index on ties; NaN never wins.
-fn argmax(logits: &[f32]) -> u32 {
+/// Index of the largest logit (the first on ties): greedy decoding.
+pub fn argmax(logits: &[f32]) -> u32 {
     let mut best = 0usize;
     let mut best_v = f32::NEG_INFINITY;
     for (i, &v) in logits.iter().enumerate() {

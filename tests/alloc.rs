@@ -29,8 +29,18 @@ static A: Counting = Counting;
 
 #[test]
 fn step_and_sample_allocate_nothing() {
-    for gen in ["v4", "v5_2", "v6_0", "v7"] {
-        let model = Model::load(common::fixture(&format!("{gen}/model.safetensors"))).unwrap();
+    let cases = [
+        ("v4", None),
+        ("v5_2", None),
+        ("v6_0", None),
+        ("v7", None),
+        ("v7", Some("int8")),
+        ("v4", Some("q4")),
+    ];
+    for (gen, quant) in cases {
+        let q = quant.map(|q| q.parse().unwrap());
+        let model =
+            Model::load_as(common::fixture(&format!("{gen}/model.safetensors")), q).unwrap();
         let mut state = model.new_state();
         let mut logits = vec![0.0; model.vocab_size()];
         let mut work = logits.clone();

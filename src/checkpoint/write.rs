@@ -293,7 +293,10 @@ pub fn format_for(path: &Path) -> Result<super::Format> {
 /// Whether a tensor is one of the `[out, in]` weight matrices that `--quant` applies to (every
 /// 2-D `.weight` but the embedding, which is a table lookup, not a product).
 fn is_quantizable(name: &str, shape: &[usize]) -> bool {
-    shape.len() == 2 && name.ends_with(".weight") && name != "emb.weight" && shape[1].is_multiple_of(QBLOCK)
+    shape.len() == 2
+        && name.ends_with(".weight")
+        && name != "emb.weight"
+        && shape[1].is_multiple_of(QBLOCK)
 }
 
 /// Converts a checkpoint between `.pth` and `.safetensors` (either direction), keeping the
