@@ -58,7 +58,7 @@ thread_local! {
 }
 
 /// Work per call below which threads cost more than they save.
-const PAR_MIN_WORK: usize = 1 << 18;
+pub(crate) const PAR_MIN_WORK: usize = 1 << 18;
 
 #[derive(Clone, Copy)]
 struct SendPtr(*mut f32);

@@ -264,6 +264,73 @@ unsafe fn dot_qq_avx2(w: &[u8], wd: &[f32], xq: &[i8], xd: &[f32], four_bit: boo
     _mm_cvtss_f32(s)
 }
 
+/// AVX-512 VNNI: two blocks per 512-bit register and one `vpdpbusd` for their 64 products.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vnni,avx2,fma")]
+unsafe fn dot_qq_avx512(w: &[u8], wd: &[f32], xq: &[i8], xd: &[f32], four_bit: bool) -> f32 {
+    use std::arch::x86_64::*;
+    let nb = wd.len().min(xd.len());
+    let zero = _mm512_setzero_si512();
+    let eight = _mm512_set1_epi8(8);
+    let m15 = _mm256_set1_epi8(15);
+    // [A_lo, B_lo, A_hi, B_hi] (64-bit lanes 0-1, 2-3, 4-5, 6-7) -> [A_lo, A_hi, B_lo, B_hi]
+    let order = _mm512_set_epi64(7, 6, 3, 2, 5, 4, 1, 0);
+    let mut acc = _mm512_setzero_ps();
+    let mut blk = 0;
+    while blk + 2 <= nb {
+        let wv = if four_bit {
+            let b = _mm256_loadu_si256(w.as_ptr().add(blk * 16) as *const __m256i);
+            let lo = _mm256_and_si256(b, m15);
+            let hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), m15);
+            let v = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+            _mm512_sub_epi8(_mm512_permutexvar_epi64(order, v), eight)
+        } else {
+            _mm512_loadu_si512(w.as_ptr().add(blk * QBLOCK) as *const _)
+        };
+        let xv = _mm512_loadu_si512(xq.as_ptr().add(blk * QBLOCK) as *const _);
+        // |w| · (x · sign(w)), as in the AVX2 kernel; vpdpbusd does not saturate.
+        let aw = _mm512_abs_epi8(wv);
+        let neg = _mm512_movepi8_mask(wv);
+        let sx = _mm512_mask_sub_epi8(xv, neg, zero, xv);
+        let p = _mm512_dpbusd_epi32(zero, aw, sx);
+        let sa = *wd.get_unchecked(blk) * *xd.get_unchecked(blk);
+        let sb = *wd.get_unchecked(blk + 1) * *xd.get_unchecked(blk + 1);
+        let scale = _mm512_insertf32x8(_mm512_set1_ps(sa), _mm256_set1_ps(sb), 1);
+        acc = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(p), acc);
+        blk += 2;
+    }
+    let mut total = _mm512_reduce_add_ps(acc);
+    if blk < nb {
+        let (wb, xb) = if four_bit {
+            (&w[blk * 16..], &xq[blk * QBLOCK..])
+        } else {
+            (&w[blk * QBLOCK..], &xq[blk * QBLOCK..])
+        };
+        total += dot_qq_body(wb, &wd[blk..nb], xb, &xd[blk..nb], four_bit);
+    }
+    total
+}
+
+/// Whether AVX-512 with VNNI is available (checked once).
+pub fn has_avx512_vnni() -> bool {
+    static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *HAS.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            has_avx2()
+                && std::env::var_os("RWKV_NO_AVX512").is_none()
+                && is_x86_feature_detected!("avx512f")
+                && is_x86_feature_detected!("avx512bw")
+                && is_x86_feature_detected!("avx512dq")
+                && is_x86_feature_detected!("avx512vnni")
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            false
+        }
+    })
+}
+
 /// Dot product of a quantized row (starting at element `start`) with quantized activations.
 #[inline]
 pub fn dot_qq(b: &QBlocks, four_bit: bool, start: usize, x: &QuantizedX) -> f32 {
@@ -276,8 +343,13 @@ pub fn dot_qq(b: &QBlocks, four_bit: bool, start: usize, x: &QuantizedX) -> f32 
         &b.q[start..start + n]
     };
     #[cfg(target_arch = "x86_64")]
-    if has_avx2() {
+    if has_avx512_vnni() {
         // SAFETY: the CPU supports the enabled features; lengths were checked by slicing.
+        return unsafe { dot_qq_avx512(w, wd, &x.q, &x.d, four_bit) };
+    }
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        // SAFETY: as above.
         return unsafe { dot_qq_avx2(w, wd, &x.q, &x.d, four_bit) };
     }
     dot_qq_body(w, wd, &x.q, &x.d, four_bit)
@@ -364,6 +436,19 @@ mod tests {
                 let fast = dot_qq(&qb, four, row * 96, &qx);
                 let port = dot_qq_portable(&qb, four, row * 96, &qx);
                 assert!((fast - port).abs() < 1e-5, "{fast} {port}");
+                #[cfg(target_arch = "x86_64")]
+                if has_avx2() {
+                    let n = 96;
+                    let (b0, nb) = (row * 96 / QBLOCK, n / QBLOCK);
+                    let wq = if four {
+                        &qb.q[row * 48..row * 48 + 48]
+                    } else {
+                        &qb.q[row * 96..row * 96 + 96]
+                    };
+                    // SAFETY: AVX2 is present.
+                    let a2 = unsafe { dot_qq_avx2(wq, &qb.d[b0..b0 + nb], &qx.q, &qx.d, four) };
+                    assert!((a2 - port).abs() < 1e-5, "{a2} {port}");
+                }
                 assert!(
                     (fast - want).abs() < 0.02 * (1.0 + want.abs()),
                     "{fast} {want}"

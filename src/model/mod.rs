@@ -303,6 +303,20 @@ impl Model {
         if tokens.is_empty() {
             return;
         }
+        // The whole pass runs on a worker of the thread pool: its ~100 parallel products per
+        // token then split between pool threads directly, instead of each one handing work
+        // from the calling thread to the pool and back.
+        // Models too small for any parallel product skip it (it costs a queue push per call).
+        let c = self.info().n_embd;
+        let parallel = tokens.len() * c * c >= kernels::PAR_MIN_WORK;
+        if parallel && rayon::current_thread_index().is_none() && rayon::current_num_threads() > 1 {
+            rayon::scope(|_| self.run_here(tokens, seqs, scratch));
+        } else {
+            self.run_here(tokens, seqs, scratch);
+        }
+    }
+
+    fn run_here(&self, tokens: &[u32], seqs: &mut [Seq<'_>], scratch: &mut Scratch) {
         match self {
             Model::V4(m) => m.run(tokens, seqs, scratch),
             Model::V5(m) => m.run(tokens, seqs, scratch),
