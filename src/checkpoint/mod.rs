@@ -780,11 +780,7 @@ impl FloatData {
         let n = out.len();
         match self {
             FloatData::F32(v) => out.copy_from_slice(&v[start..start + n]),
-            FloatData::BF16(v) => {
-                for (o, &b) in out.iter_mut().zip(&v[start..start + n]) {
-                    *o = bf16_to_f32(b);
-                }
-            }
+            FloatData::BF16(v) => crate::kernels::bf16_to_f32_slice(&v[start..start + n], out),
             FloatData::F16(v) => crate::kernels::f16_to_f32(&v[start..start + n], out),
             FloatData::Q8(b) if start.is_multiple_of(QBLOCK) => {
                 for (k, o) in out.chunks_mut(QBLOCK).enumerate() {

@@ -28,7 +28,7 @@ pub fn has_avx2() -> bool {
 const L: usize = 16;
 
 #[inline(always)]
-fn dot_f32_body(a: &[f32], b: &[f32]) -> f32 {
+pub(crate) fn dot_f32_body(a: &[f32], b: &[f32]) -> f32 {
     let n = a.len().min(b.len());
     let (a, b) = (&a[..n], &b[..n]);
     let mut acc = [0f32; L];
@@ -204,6 +204,7 @@ mod avx2 {
 }
 
 /// f32 dot product, fastest available code path.
+#[cfg(test)]
 #[inline]
 pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
     #[cfg(target_arch = "x86_64")]
@@ -286,6 +287,29 @@ pub fn axpy_row_portable(w: &FloatData, start: usize, a: f32, y: &mut [f32]) {
             }
         }
     }
+}
+
+#[inline(always)]
+fn bf16_widen_body(x: &[u16], out: &mut [f32]) {
+    for (o, &b) in out.iter_mut().zip(x) {
+        *o = bf16_to_f32(b);
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn bf16_widen_avx2(x: &[u16], out: &mut [f32]) {
+    bf16_widen_body(x, out)
+}
+
+/// Converts bf16 bits to f32, vectorised where AVX2 is available.
+pub fn bf16_to_f32_slice(x: &[u16], out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        // SAFETY: the CPU supports the enabled features.
+        return unsafe { bf16_widen_avx2(x, out) };
+    }
+    bf16_widen_body(x, out)
 }
 
 /// Converts f16 bits to f32 with F16C where available.

@@ -11,7 +11,7 @@ use rayon::prelude::*;
 mod dot;
 pub mod quant;
 pub mod wkv;
-pub use dot::{axpy_row, dot_row, f16_to_f32, has_avx2};
+pub use dot::{axpy_row, bf16_to_f32_slice, dot_row, f16_to_f32, has_avx2};
 
 /// Which instruction set the kernels use on this machine.
 pub fn simd_level() -> &'static str {
@@ -194,44 +194,144 @@ fn matmul_out_in(w: &Matrix, x: &[f32], t: usize, y: &mut [f32]) {
         }
         return;
     }
-    // Several inputs: each block of weight rows is converted to f32 once and reused for every
-    // input row, so the weights are read once per chunk instead of once per token.
+    // Several inputs (a decode batch): blocks of 4 weight rows are widened to f32 once into a
+    // per-thread buffer, then a register tile of 4 rows x up to 3 inputs runs over them, so
+    // each loaded weight feeds several multiply-adds.
     let yp = SendPtr(y.as_mut_ptr());
-    const RB: usize = 8;
     let block = |b: usize| {
-        let o0 = b * RB;
-        let o1 = (o0 + RB).min(n_out);
-        let mut buf = [0f32; 1024];
-        for o in o0..o1 {
-            let mut sums_done = false;
-            let mut c0 = 0;
-            while c0 < n_in {
-                let c1 = (c0 + buf.len()).min(n_in);
-                let wb = &mut buf[..c1 - c0];
-                w.data.read_into(o * n_in + c0, wb);
-                for ti in 0..t {
-                    let xs = &x[ti * n_in + c0..ti * n_in + c1];
-                    let s = dot::dot_f32(wb, xs);
-                    // SAFETY: element (ti, o) is written only by the task owning row o.
-                    unsafe {
-                        let p = yp.get().add(ti * n_out + o);
-                        if sums_done {
-                            *p += s;
-                        } else {
-                            *p = s;
-                        }
+        let o0 = b * TILE_ROWS;
+        let rows = (n_out - o0).min(TILE_ROWS);
+        ROWS.with(|cell| {
+            let mut buf = cell.borrow_mut();
+            if buf.len() < TILE_ROWS * n_in {
+                buf.resize(TILE_ROWS * n_in, 0.0);
+            }
+            let wb = &mut buf[..TILE_ROWS * n_in];
+            w.data.read_into(o0 * n_in, &mut wb[..rows * n_in]);
+            wb[rows * n_in..].fill(0.0);
+            let mut t0 = 0;
+            while t0 < t {
+                let tt = (t - t0).min(2);
+                let mut out = [[0f32; TILE_ROWS]; 2];
+                let xr = |j: usize| &x[(t0 + j) * n_in..(t0 + j + 1) * n_in];
+                if tt == 2 {
+                    tile::tile(wb, n_in, [xr(0), xr(1)], &mut out);
+                } else {
+                    let (o, _) = out.split_at_mut(1);
+                    tile::tile(wb, n_in, [xr(0)], o.try_into().expect("1 row"));
+                }
+                for (j, oj) in out.iter().enumerate().take(tt) {
+                    for (r, v) in oj.iter().enumerate().take(rows) {
+                        // SAFETY: element (t0 + j, o0 + r) belongs to this task's rows only.
+                        unsafe { *yp.get().add((t0 + j) * n_out + o0 + r) = *v };
                     }
                 }
-                sums_done = true;
-                c0 = c1;
+                t0 += tt;
             }
-        }
+        });
     };
-    let nblocks = n_out.div_ceil(RB);
+    let nblocks = n_out.div_ceil(TILE_ROWS);
     if work >= PAR_MIN_WORK {
-        (0..nblocks).into_par_iter().for_each(block);
+        (0..nblocks).into_par_iter().with_min_len(8).for_each(block);
     } else {
         (0..nblocks).for_each(block);
+    }
+}
+
+/// Weight rows per register tile of the small-batch product.
+const TILE_ROWS: usize = 4;
+
+thread_local! {
+    /// Each thread's widened weight rows for the small-batch product.
+    static ROWS: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+mod tile {
+    use super::dot::has_avx2;
+    use super::TILE_ROWS;
+
+    /// `out[j][r] = w[r] · x[j]` for 4 rows of `w` (`[4, n]`) and `TT` inputs.
+    fn body<const TT: usize>(
+        w: &[f32],
+        n: usize,
+        x: [&[f32]; TT],
+        out: &mut [[f32; TILE_ROWS]; TT],
+    ) {
+        for j in 0..TT {
+            for r in 0..TILE_ROWS {
+                out[j][r] = super::dot::dot_f32_body(&w[r * n..(r + 1) * n], x[j]);
+            }
+        }
+    }
+
+    /// The register tile: `4 * TT` accumulators (TT ≤ 2) plus the 4 weight vectors fit the 16
+    /// AVX2 registers, so each weight load feeds TT fused multiply-adds.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn avx2<const TT: usize>(
+        w: &[f32],
+        n: usize,
+        x: [&[f32]; TT],
+        out: &mut [[f32; TILE_ROWS]; TT],
+    ) {
+        use std::arch::x86_64::*;
+        assert!(w.len() >= TILE_ROWS * n && x.iter().all(|xj| xj.len() >= n));
+        let mut acc = [[_mm256_setzero_ps(); TILE_ROWS]; TT];
+        let p = w.as_ptr();
+        let mut c = 0;
+        while c + 8 <= n {
+            let w0 = _mm256_loadu_ps(p.add(c));
+            let w1 = _mm256_loadu_ps(p.add(n + c));
+            let w2 = _mm256_loadu_ps(p.add(2 * n + c));
+            let w3 = _mm256_loadu_ps(p.add(3 * n + c));
+            for j in 0..TT {
+                let xv = _mm256_loadu_ps(x[j].as_ptr().add(c));
+                acc[j][0] = _mm256_fmadd_ps(w0, xv, acc[j][0]);
+                acc[j][1] = _mm256_fmadd_ps(w1, xv, acc[j][1]);
+                acc[j][2] = _mm256_fmadd_ps(w2, xv, acc[j][2]);
+                acc[j][3] = _mm256_fmadd_ps(w3, xv, acc[j][3]);
+            }
+            c += 8;
+        }
+        for j in 0..TT {
+            for r in 0..TILE_ROWS {
+                let v = acc[j][r];
+                let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+                let s = _mm_hadd_ps(s, s);
+                let s = _mm_hadd_ps(s, s);
+                let mut sum = _mm_cvtss_f32(s);
+                for k in c..n {
+                    sum += w[r * n + k] * x[j][k];
+                }
+                out[j][r] = sum;
+            }
+        }
+    }
+
+    /// The tile product, AVX2 where available.
+    pub fn tile<const TT: usize>(
+        w: &[f32],
+        n: usize,
+        x: [&[f32]; TT],
+        out: &mut [[f32; TILE_ROWS]; TT],
+    ) {
+        #[cfg(target_arch = "x86_64")]
+        if has_avx2() {
+            // SAFETY: the CPU supports the enabled features; bounds are asserted inside.
+            return unsafe { avx2(w, n, x, out) };
+        }
+        body(w, n, x, out)
+    }
+
+    /// The portable twin of [`tile`].
+    #[cfg(test)]
+    pub fn tile_portable<const TT: usize>(
+        w: &[f32],
+        n: usize,
+        x: [&[f32]; TT],
+        out: &mut [[f32; TILE_ROWS]; TT],
+    ) {
+        body(w, n, x, out)
     }
 }
 
@@ -387,6 +487,23 @@ mod tests {
             axpy_row(&d, 0, 0.5, &mut y2);
             for (u, v) in y1.iter().zip(&y2) {
                 assert!((u - v).abs() < 1e-6);
+            }
+        }
+    }
+
+    #[test]
+    fn tile_simd_and_portable_agree() {
+        let n = 100;
+        let w = rnd(4 * n, 8);
+        let x = rnd(2 * n, 9);
+        let xs = [&x[..n], &x[n..2 * n]];
+        let (mut a, mut b) = ([[0f32; 4]; 2], [[0f32; 4]; 2]);
+        tile::tile(&w, n, xs, &mut a);
+        tile::tile_portable(&w, n, xs, &mut b);
+        for j in 0..2 {
+            for r in 0..4 {
+                let want: f32 = (0..n).map(|k| w[r * n + k] * xs[j][k]).sum();
+                assert!((a[j][r] - b[j][r]).abs() < 1e-4 && (a[j][r] - want).abs() < 1e-4);
             }
         }
     }
