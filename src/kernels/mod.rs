@@ -55,6 +55,8 @@ thread_local! {
     /// The calling thread's quantized activations, reused across calls (no allocation once
     /// grown to the model's widest input).
     static QX: std::cell::RefCell<quant::QuantizedX> = Default::default();
+    /// The same for the rows of a small batch.
+    static QXS: std::cell::RefCell<Vec<quant::QuantizedX>> = Default::default();
 }
 
 /// Work per call below which threads cost more than they save.
@@ -192,6 +194,35 @@ fn matmul_out_in(w: &Matrix, x: &[f32], t: usize, y: &mut [f32]) {
         } else {
             y.iter_mut().enumerate().for_each(row);
         }
+        return;
+    }
+    // Several inputs with quantized weights: every input is quantized once, then each weight
+    // row (a few hundred bytes, still in L1) is dotted with all of them on the integer path.
+    if let FloatData::Q8(b) | FloatData::Q4(b) = &w.data {
+        let four = matches!(w.data, FloatData::Q4(_));
+        QXS.with(|cell| {
+            let mut qxs = cell.borrow_mut();
+            if qxs.len() < t {
+                qxs.resize_with(t, Default::default);
+            }
+            for (q, xr) in qxs.iter_mut().zip(x.chunks(n_in)) {
+                q.set(xr);
+            }
+            let qxs = &qxs[..t];
+            let yp = SendPtr(y.as_mut_ptr());
+            let row = |o: usize| {
+                for (ti, q) in qxs.iter().enumerate() {
+                    let v = quant::dot_qq(b, four, o * n_in, q);
+                    // SAFETY: element (ti, o) is written only by the task owning row o.
+                    unsafe { *yp.get().add(ti * n_out + o) = v };
+                }
+            };
+            if work >= PAR_MIN_WORK {
+                (0..n_out).into_par_iter().with_min_len(16).for_each(row);
+            } else {
+                (0..n_out).for_each(row);
+            }
+        });
         return;
     }
     // Several inputs (a decode batch): blocks of 4 weight rows are widened to f32 once into a
