@@ -105,7 +105,7 @@ pub fn matmul(w: &Matrix, x: &[f32], t: usize, y: &mut [f32]) {
 
 /// From this many rows on, products go through a register-blocked GEMM: the weights are
 /// reused across rows often enough that arithmetic, not memory, is the limit.
-const GEMM_MIN_ROWS: usize = 32;
+const GEMM_MIN_ROWS: usize = 64;
 
 /// `y = x @ W` through the `gemm` crate. Half-precision weights are widened to f32 first:
 /// one pass over the matrix per chunk of tokens, small next to the chunk's arithmetic.
