@@ -3,7 +3,8 @@
 //! without downloading a model.
 //!
 //! Sources of the formulas: RWKV-v7 `train_temp/src/model.py` (`RWKV_Tmix_x070.__init__`,
-//! `RWKV_CMix_x070.__init__`, `RWKV.generate_init_weight`) and RWKV-v4neo `src/model.py`
+//! `RWKV_CMix_x070.__init__`, `RWKV.generate_init_weight`), RWKV-v5 `src/model.py`
+//! (`RWKV_Tmix_x052`, `RWKV_Tmix_x060` and their channel mixes) and RWKV-v4neo `src/model.py`
 //! (`RWKV_TimeMix.__init__`, `RWKV_ChannelMix.__init__`, `generate_init_weight`).
 
 use crate::checkpoint::{write, DType, Generation, OutTensor};
@@ -14,7 +15,7 @@ use std::path::Path;
 /// The shape of a model to create.
 #[derive(Debug, Clone)]
 pub struct InitSpec {
-    /// Generation (v4 or v7).
+    /// Generation.
     pub arch: Generation,
     /// Number of blocks.
     pub n_layer: usize,
@@ -22,7 +23,7 @@ pub struct InitSpec {
     pub n_embd: usize,
     /// Vocabulary size.
     pub vocab: usize,
-    /// Head size (v7).
+    /// Head size (v5.2, v6.0, v7).
     pub head_size: usize,
     /// Random seed.
     pub seed: u64,
@@ -383,10 +384,157 @@ pub fn init_tensors(spec: &InitSpec) -> Result<Vec<NamedTensor>> {
                 o.push(format!("{q}.value.weight"), &[c, f], vec![0.0; c * f]);
             }
         }
-        g => {
-            return Err(Error::bad(format!(
-                "rwkv init supports --arch v4 and v7 (asked for {g})"
-            )))
+        Generation::V5_2 | Generation::V6_0 => {
+            // RWKV-v5/src/model.py: RWKV_Tmix_x052 / RWKV_Tmix_x060 and their channel mixes
+            // (ffn size int(3.5·C / 32)·32); generate_init_weight as for v4 (gate ×0.1).
+            let v6 = spec.arch == Generation::V6_0;
+            let n = spec.head_size;
+            if n == 0 || c % n != 0 {
+                return Err(Error::bad(format!(
+                    "--dim {c} is not a multiple of --head-size {n}"
+                )));
+            }
+            let h = c / n;
+            let f = (c * 7 / 2) / 32 * 32;
+            let (dm, dd) = if c == 4096 { (64, 128) } else { (32, 64) };
+            for i in 0..l {
+                let b = format!("blocks.{i}");
+                o.ln(&format!("{b}.ln1"), c);
+                o.ln(&format!("{b}.ln2"), c);
+                if i == 0 {
+                    o.ln(&format!("{b}.ln0"), c);
+                }
+                let r01 = if l > 1 {
+                    i as f64 / (l - 1) as f64
+                } else {
+                    0.0
+                };
+                let r10 = 1.0 - i as f64 / l as f64;
+                let p = format!("{b}.att");
+                let pw = |e: f64, add: f64| {
+                    ddd.iter()
+                        .map(|d| (d.powf(e) + add) as f32)
+                        .collect::<Vec<_>>()
+                };
+                let one_minus = |v: Vec<f32>| v.into_iter().map(|x| 1.0 - x).collect::<Vec<_>>();
+                let decay: Vec<f32> = (0..c)
+                    .map(|j| {
+                        (-6.0 + 5.0 * (j as f64 / (c - 1).max(1) as f64).powf(0.7 + 1.3 * r01))
+                            as f32
+                    })
+                    .collect();
+                let first: Vec<f32> = (0..c)
+                    .map(|j| {
+                        let zigzag = (((j + 1) % 3) as f64 - 1.0) * 0.1;
+                        (r01 * (1.0 - j as f64 / (c - 1).max(1) as f64) + zigzag) as f32
+                    })
+                    .collect();
+                if v6 {
+                    o.push(
+                        format!("{p}.time_maa_x"),
+                        &[1, 1, c],
+                        one_minus(pw(r10, 0.0)),
+                    );
+                    o.push(
+                        format!("{p}.time_maa_w"),
+                        &[1, 1, c],
+                        one_minus(pw(r10, 0.0)),
+                    );
+                    o.push(
+                        format!("{p}.time_maa_k"),
+                        &[1, 1, c],
+                        one_minus(pw(r10, 0.0)),
+                    );
+                    o.push(
+                        format!("{p}.time_maa_v"),
+                        &[1, 1, c],
+                        one_minus(pw(r10, 0.3 * r01)),
+                    );
+                    o.push(
+                        format!("{p}.time_maa_r"),
+                        &[1, 1, c],
+                        one_minus(pw(0.5 * r10, 0.0)),
+                    );
+                    o.push(
+                        format!("{p}.time_maa_g"),
+                        &[1, 1, c],
+                        one_minus(pw(0.5 * r10, 0.0)),
+                    );
+                    o.push(
+                        format!("{p}.time_maa_w1"),
+                        &[c, 5 * dm],
+                        uniform(c * 5 * dm, 1e-4, &mut rng),
+                    );
+                    o.push(
+                        format!("{p}.time_maa_w2"),
+                        &[5, dm, c],
+                        uniform(5 * dm * c, 1e-4, &mut rng),
+                    );
+                    o.push(format!("{p}.time_decay"), &[1, 1, c], decay);
+                    o.push(
+                        format!("{p}.time_decay_w1"),
+                        &[c, dd],
+                        uniform(c * dd, 1e-4, &mut rng),
+                    );
+                    o.push(
+                        format!("{p}.time_decay_w2"),
+                        &[dd, c],
+                        uniform(dd * c, 1e-4, &mut rng),
+                    );
+                } else {
+                    o.push(format!("{p}.time_mix_k"), &[1, 1, c], pw(r10, 0.0));
+                    o.push(format!("{p}.time_mix_v"), &[1, 1, c], pw(r10, 0.3 * r01));
+                    o.push(format!("{p}.time_mix_r"), &[1, 1, c], pw(0.5 * r10, 0.0));
+                    o.push(format!("{p}.time_mix_g"), &[1, 1, c], pw(0.5 * r10, 0.0));
+                    o.push(format!("{p}.time_decay"), &[h, n], decay);
+                }
+                o.push(format!("{p}.time_faaaa"), &[h, n], first);
+                o.push(
+                    format!("{p}.receptance.weight"),
+                    &[c, c],
+                    weight(c, c, 1.0, true, &mut rng),
+                );
+                o.push(
+                    format!("{p}.key.weight"),
+                    &[c, c],
+                    weight(c, c, 0.1, true, &mut rng),
+                );
+                o.push(
+                    format!("{p}.value.weight"),
+                    &[c, c],
+                    weight(c, c, 1.0, true, &mut rng),
+                );
+                o.push(format!("{p}.output.weight"), &[c, c], vec![0.0; c * c]);
+                o.push(
+                    format!("{p}.gate.weight"),
+                    &[c, c],
+                    weight(c, c, 0.1, true, &mut rng),
+                );
+                o.ln(&format!("{p}.ln_x"), c);
+                let q = format!("{b}.ffn");
+                if v6 {
+                    o.push(
+                        format!("{q}.time_maa_k"),
+                        &[1, 1, c],
+                        one_minus(pw(r10, 0.0)),
+                    );
+                    o.push(
+                        format!("{q}.time_maa_r"),
+                        &[1, 1, c],
+                        one_minus(pw(r10, 0.0)),
+                    );
+                } else {
+                    o.push(format!("{q}.time_mix_k"), &[1, 1, c], pw(r10, 0.0));
+                    o.push(format!("{q}.time_mix_r"), &[1, 1, c], pw(r10, 0.0));
+                }
+                o.push(
+                    format!("{q}.key.weight"),
+                    &[f, c],
+                    weight(f, c, 1.0, true, &mut rng),
+                );
+                o.push(format!("{q}.receptance.weight"), &[c, c], vec![0.0; c * c]);
+                o.push(format!("{q}.value.weight"), &[c, f], vec![0.0; c * f]);
+            }
         }
     }
     o.push("ln_out.weight", &[c], vec![1.0; c]);

@@ -183,6 +183,8 @@ struct ChatArgs {
 #[derive(Clone, Copy, ValueEnum)]
 enum Arch {
     V4,
+    V5,
+    V6,
     V7,
 }
 
@@ -200,7 +202,7 @@ struct InitArgs {
     /// Vocabulary size.
     #[arg(long)]
     vocab: usize,
-    /// Head size (v7).
+    /// Head size (v5, v6, v7).
     #[arg(long, default_value_t = 64)]
     head_size: usize,
     /// Random seed.
@@ -518,6 +520,8 @@ fn init(a: InitArgs) -> Result<()> {
     let spec = rwkv::init::InitSpec {
         arch: match a.arch {
             Arch::V4 => rwkv::checkpoint::Generation::V4,
+            Arch::V5 => rwkv::checkpoint::Generation::V5_2,
+            Arch::V6 => rwkv::checkpoint::Generation::V6_0,
             Arch::V7 => rwkv::checkpoint::Generation::V7,
         },
         n_layer: a.layers,

@@ -10,7 +10,12 @@ use rwkv::model::{Logits, Model};
 #[test]
 fn init_matches_official_key_order_and_shapes() {
     let dir = tmpdir("init");
-    for (gen, arch) in [("v4", Generation::V4), ("v7", Generation::V7)] {
+    for (gen, arch) in [
+        ("v4", Generation::V4),
+        ("v5_2", Generation::V5_2),
+        ("v6_0", Generation::V6_0),
+        ("v7", Generation::V7),
+    ] {
         // The .pth keeps the trainer's registration order (safetensors files sort their keys).
         let official = Checkpoint::open(fixture(&format!("{gen}/model.pth"))).unwrap();
         let spec = InitSpec {
