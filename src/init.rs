@@ -430,36 +430,20 @@ pub fn init_tensors(spec: &InitSpec) -> Result<Vec<NamedTensor>> {
                     })
                     .collect();
                 if v6 {
-                    o.push(
-                        format!("{p}.time_maa_x"),
-                        &[1, 1, c],
-                        one_minus(pw(r10, 0.0)),
-                    );
-                    o.push(
-                        format!("{p}.time_maa_w"),
-                        &[1, 1, c],
-                        one_minus(pw(r10, 0.0)),
-                    );
-                    o.push(
-                        format!("{p}.time_maa_k"),
-                        &[1, 1, c],
-                        one_minus(pw(r10, 0.0)),
-                    );
-                    o.push(
-                        format!("{p}.time_maa_v"),
-                        &[1, 1, c],
-                        one_minus(pw(r10, 0.3 * r01)),
-                    );
-                    o.push(
-                        format!("{p}.time_maa_r"),
-                        &[1, 1, c],
-                        one_minus(pw(0.5 * r10, 0.0)),
-                    );
-                    o.push(
-                        format!("{p}.time_maa_g"),
-                        &[1, 1, c],
-                        one_minus(pw(0.5 * r10, 0.0)),
-                    );
+                    for (nm, e, add) in [
+                        ("x", r10, 0.0),
+                        ("w", r10, 0.0),
+                        ("k", r10, 0.0),
+                        ("v", r10, 0.3 * r01),
+                        ("r", 0.5 * r10, 0.0),
+                        ("g", 0.5 * r10, 0.0),
+                    ] {
+                        o.push(
+                            format!("{p}.time_maa_{nm}"),
+                            &[1, 1, c],
+                            one_minus(pw(e, add)),
+                        );
+                    }
                     o.push(
                         format!("{p}.time_maa_w1"),
                         &[c, 5 * dm],
@@ -482,10 +466,14 @@ pub fn init_tensors(spec: &InitSpec) -> Result<Vec<NamedTensor>> {
                         uniform(dd * c, 1e-4, &mut rng),
                     );
                 } else {
-                    o.push(format!("{p}.time_mix_k"), &[1, 1, c], pw(r10, 0.0));
-                    o.push(format!("{p}.time_mix_v"), &[1, 1, c], pw(r10, 0.3 * r01));
-                    o.push(format!("{p}.time_mix_r"), &[1, 1, c], pw(0.5 * r10, 0.0));
-                    o.push(format!("{p}.time_mix_g"), &[1, 1, c], pw(0.5 * r10, 0.0));
+                    for (nm, e, add) in [
+                        ("k", r10, 0.0),
+                        ("v", r10, 0.3 * r01),
+                        ("r", 0.5 * r10, 0.0),
+                        ("g", 0.5 * r10, 0.0),
+                    ] {
+                        o.push(format!("{p}.time_mix_{nm}"), &[1, 1, c], pw(e, add));
+                    }
                     o.push(format!("{p}.time_decay"), &[h, n], decay);
                 }
                 o.push(format!("{p}.time_faaaa"), &[h, n], first);
