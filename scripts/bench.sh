@@ -26,5 +26,6 @@ done
 echo "== batched vs one at a time, 8 sequences"
 target/release/examples/batch tests/fixtures/v7/model.safetensors 8 256
 target/release/examples/batch "$m" 8 32
+target/release/examples/batch "$out/v7-0.1b-int8.safetensors" 8 32
 echo "== 20,000 tokens: time per token and RSS (q4)"
 $rwkv bench -m "$out/v7-0.1b-q4.safetensors" --threads 2 --prompt 0 --gen 20000 --runs 1
