@@ -418,11 +418,9 @@ fn chat(a: ChatArgs) -> Result<()> {
         stop_tokens: parse_ids(&a.s.stop_token, "--stop-token")?,
         stop_strings: a.s.stop.clone(),
     };
-    // A reply ends where the model starts a new paragraph or a new turn.
-    for s in ["\n\n", "\nUser:"] {
-        if !rules.stop_strings.iter().any(|x| x == s) {
-            rules.stop_strings.push(s.to_string());
-        }
+    // A reply ends where the model starts a new paragraph (the turn separator).
+    if !rules.stop_strings.iter().any(|x| x == "\n\n") {
+        rules.stop_strings.push("\n\n".to_string());
     }
     let interactive = std::io::stdin().is_terminal();
     let stdout = std::io::stdout();
@@ -469,13 +467,16 @@ fn chat(a: ChatArgs) -> Result<()> {
         let mut out = stdout.lock();
         let _ = write!(out, "Assistant:");
         let _ = out.flush();
-        sess.generate(&rules, |t| {
+        let g = sess.generate(&rules, |t| {
             let _ = out.write_all(t.as_bytes());
             let _ = out.flush();
             true
         })?;
-        // The turn separator is part of the state, so the next "User:" follows naturally.
-        sess.feed_text("\n\n")?;
+        // The turn separator belongs in the state so that the next "User:" follows it; when
+        // the reply ended on it, the state has already read it.
+        if g.stop_string.as_deref() != Some("\n\n") {
+            sess.feed_text("\n\n")?;
+        }
         let _ = writeln!(out, "\n");
     }
     Ok(())

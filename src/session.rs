@@ -46,6 +46,8 @@ pub struct Generated {
     pub tokens: usize,
     /// Why it ended.
     pub finish: Finish,
+    /// The stop string that ended it, if one did (its tokens are in the state).
+    pub stop_string: Option<String>,
     /// Seconds spent (sampling and model steps).
     pub seconds: f64,
 }
@@ -147,7 +149,7 @@ impl<'a> Session<'a> {
             .unwrap_or(0);
         let mut n = 0;
         let mut finish = Finish::Length;
-        let mut by_string = false;
+        let mut by_string: Option<String> = None;
         while n < rules.max_tokens {
             self.work.copy_from_slice(&self.logits);
             // Ids the tokenizer cannot decode (padding rows of the head) are never sampled.
@@ -176,18 +178,18 @@ impl<'a> Session<'a> {
                 }
                 continue;
             }
-            if let Some(pos) = rules
+            if let Some((pos, s)) = rules
                 .stop_strings
                 .iter()
-                .filter_map(|s| pending.find(s.as_str()))
-                .min()
+                .filter_map(|s| pending.find(s.as_str()).map(|p| (p, s)))
+                .min_by_key(|(p, _)| *p)
             {
+                by_string = Some(s.clone());
                 if pos > 0 {
                     on_text(&pending[..pos]);
                 }
                 pending.clear();
                 finish = Finish::Stop;
-                by_string = true;
                 break;
             }
             // Emit all but a suffix that could still grow into a stop string.
@@ -211,7 +213,7 @@ impl<'a> Session<'a> {
                 pending.drain(..emit);
             }
         }
-        if finish != Finish::Cancelled && !by_string {
+        if finish != Finish::Cancelled && by_string.is_none() {
             pending.push_str(&decoder.finish());
             if !pending.is_empty() {
                 on_text(&pending);
@@ -220,6 +222,7 @@ impl<'a> Session<'a> {
         Ok(Generated {
             tokens: n,
             finish,
+            stop_string: by_string,
             seconds: start.elapsed().as_secs_f64(),
         })
     }
