@@ -58,6 +58,25 @@ impl Rng {
     }
 }
 
+/// f64 dot product with independent partial sums, so that it vectorises (a single running
+/// sum is a serial dependency chain).
+fn dot64(a: &[f64], b: &[f64]) -> f64 {
+    let mut acc = [0f64; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f64 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ca.zip(cb) {
+        for k in 0..8 {
+            acc[k] += x[k] * y[k];
+        }
+    }
+    acc.iter().sum::<f64>() + tail
+}
+
 /// `torch.nn.init.orthogonal_` for a `[rows, cols]` matrix: the orthonormal factor of a
 /// Gaussian matrix (along the smaller dimension), times `gain`. Columns are orthonormalised by
 /// classical Gram-Schmidt applied twice, which is as accurate as Householder QR here and
@@ -76,15 +95,17 @@ pub fn orthogonal(rows: usize, cols: usize, gain: f32, rng: &mut Rng) -> Vec<f32
         let (done, rest) = q.split_at_mut(j);
         let v = &mut rest[0];
         for _pass in 0..2 {
-            let dots: Vec<f64> = done
-                .par_iter()
-                .map(|qk| qk.iter().zip(v.iter()).map(|(a, b)| a * b).sum())
-                .collect();
-            for (qk, d) in done.iter().zip(&dots) {
-                for (x, y) in v.iter_mut().zip(qk) {
-                    *x -= d * y;
+            let dots: Vec<f64> = done.par_iter().map(|qk| dot64(qk, v)).collect();
+            // Subtract the projections, split along the vector so both phases run in parallel.
+            const SPAN: usize = 4096;
+            v.par_chunks_mut(SPAN).enumerate().for_each(|(ci, vc)| {
+                let (off, len) = (ci * SPAN, vc.len());
+                for (qk, d) in done.iter().zip(&dots) {
+                    for (x, y) in vc.iter_mut().zip(&qk[off..off + len]) {
+                        *x -= d * y;
+                    }
                 }
-            }
+            });
         }
         let norm = v.iter().map(|x| x * x).sum::<f64>().sqrt().max(1e-300);
         v.iter_mut().for_each(|x| *x /= norm);
