@@ -114,9 +114,40 @@ mod avx2 {
     pub unsafe fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
         super::dot_f32_body(a, b)
     }
+    /// Explicit widening (zero-extend to 32 bits, shift into the high half): LLVM does not
+    /// vectorise the portable body's conversion well.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn dot_bf16(a: &[u16], b: &[f32]) -> f32 {
-        super::dot_bf16_body(a, b)
+        let n = a.len().min(b.len());
+        let widen = |p: *const u16| {
+            _mm256_castsi256_ps(_mm256_slli_epi32(
+                _mm256_cvtepu16_epi32(_mm_loadu_si128(p as *const __m128i)),
+                16,
+            ))
+        };
+        let (pa, pb) = (a.as_ptr(), b.as_ptr());
+        let mut acc0 = _mm256_setzero_ps();
+        let mut acc1 = _mm256_setzero_ps();
+        let mut acc2 = _mm256_setzero_ps();
+        let mut acc3 = _mm256_setzero_ps();
+        let mut i = 0;
+        while i + 32 <= n {
+            acc0 = _mm256_fmadd_ps(widen(pa.add(i)), _mm256_loadu_ps(pb.add(i)), acc0);
+            acc1 = _mm256_fmadd_ps(widen(pa.add(i + 8)), _mm256_loadu_ps(pb.add(i + 8)), acc1);
+            acc2 = _mm256_fmadd_ps(widen(pa.add(i + 16)), _mm256_loadu_ps(pb.add(i + 16)), acc2);
+            acc3 = _mm256_fmadd_ps(widen(pa.add(i + 24)), _mm256_loadu_ps(pb.add(i + 24)), acc3);
+            i += 32;
+        }
+        while i + 8 <= n {
+            acc0 = _mm256_fmadd_ps(widen(pa.add(i)), _mm256_loadu_ps(pb.add(i)), acc0);
+            i += 8;
+        }
+        let mut s = hsum(_mm256_add_ps(_mm256_add_ps(acc0, acc1), _mm256_add_ps(acc2, acc3)));
+        while i < n {
+            s += crate::checkpoint::bf16_to_f32(a[i]) * b[i];
+            i += 1;
+        }
+        s
     }
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn axpy_f32(a: f32, x: &[f32], y: &mut [f32]) {
