@@ -142,7 +142,10 @@ mod avx2 {
             acc0 = _mm256_fmadd_ps(widen(pa.add(i)), _mm256_loadu_ps(pb.add(i)), acc0);
             i += 8;
         }
-        let mut s = hsum(_mm256_add_ps(_mm256_add_ps(acc0, acc1), _mm256_add_ps(acc2, acc3)));
+        let mut s = hsum(_mm256_add_ps(
+            _mm256_add_ps(acc0, acc1),
+            _mm256_add_ps(acc2, acc3),
+        ));
         while i < n {
             s += crate::checkpoint::bf16_to_f32(a[i]) * b[i];
             i += 1;

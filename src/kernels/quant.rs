@@ -277,6 +277,55 @@ unsafe fn dot_qq_avx512(w: &[u8], wd: &[f32], xq: &[i8], xd: &[f32], four_bit: b
     let order = _mm512_set_epi64(7, 6, 3, 2, 5, 4, 1, 0);
     let mut acc = _mm512_setzero_ps();
     let mut blk = 0;
+    // Two blocks' products, given their combined scales as a [s0 x8, s1 x8] vector.
+    let pair = |blk: usize, scale: __m512, acc: __m512| {
+        let wv = if four_bit {
+            let b = _mm256_loadu_si256(w.as_ptr().add(blk * 16) as *const __m256i);
+            let lo = _mm256_and_si256(b, m15);
+            let hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), m15);
+            let v = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+            _mm512_sub_epi8(_mm512_permutexvar_epi64(order, v), eight)
+        } else {
+            _mm512_loadu_si512(w.as_ptr().add(blk * QBLOCK) as *const _)
+        };
+        let xv = _mm512_loadu_si512(xq.as_ptr().add(blk * QBLOCK) as *const _);
+        let aw = _mm512_abs_epi8(wv);
+        let neg = _mm512_movepi8_mask(wv);
+        let sx = _mm512_mask_sub_epi8(xv, neg, zero, xv);
+        let p = _mm512_dpbusd_epi32(zero, aw, sx);
+        _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(p), acc)
+    };
+    // Sixteen blocks at a time: their scales are multiplied as one vector and spread to each
+    // pair of blocks with a permute, instead of scalar loads and broadcasts per block.
+    while blk + 16 <= nb {
+        let scales = _mm512_mul_ps(
+            _mm512_loadu_ps(wd.as_ptr().add(blk)),
+            _mm512_loadu_ps(xd.as_ptr().add(blk)),
+        );
+        for k in 0..8 {
+            let lo = 2 * k as i32;
+            let idx = _mm512_set_epi32(
+                lo + 1,
+                lo + 1,
+                lo + 1,
+                lo + 1,
+                lo + 1,
+                lo + 1,
+                lo + 1,
+                lo + 1,
+                lo,
+                lo,
+                lo,
+                lo,
+                lo,
+                lo,
+                lo,
+                lo,
+            );
+            acc = pair(blk + 2 * k, _mm512_permutexvar_ps(idx, scales), acc);
+        }
+        blk += 16;
+    }
     while blk + 2 <= nb {
         let wv = if four_bit {
             let b = _mm256_loadu_si256(w.as_ptr().add(blk * 16) as *const __m256i);
@@ -382,6 +431,31 @@ mod tests {
                 ((s >> 40) as f32 / (1u64 << 24) as f32) - 0.5
             })
             .collect()
+    }
+
+    #[test]
+    fn long_rows_take_every_simd_path() {
+        // 25 blocks: one 16-block step, four pairs and a single tail block.
+        let n = 800;
+        let w = rnd(3 * n, 21);
+        let x = rnd(n, 22);
+        let mut qx = QuantizedX::default();
+        qx.set(&x);
+        for four in [false, true] {
+            let qb = if four {
+                quantize_q4(&w)
+            } else {
+                quantize_q8(&w)
+            };
+            for row in 0..3 {
+                let fast = dot_qq(&qb, four, row * n, &qx);
+                let port = dot_qq_portable(&qb, four, row * n, &qx);
+                assert!(
+                    (fast - port).abs() < 1e-4 * (1.0 + port.abs()),
+                    "{four} {fast} {port}"
+                );
+            }
+        }
     }
 
     #[test]
