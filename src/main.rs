@@ -281,25 +281,12 @@ struct LogitsArgs {
     quant: Option<String>,
 }
 
-fn set_threads(n: Option<usize>) -> Result<()> {
-    if let Some(n) = n {
-        if n == 0 {
-            return Err(Error::bad("--threads must be at least 1"));
-        }
-        rayon::ThreadPoolBuilder::new()
-            .num_threads(n)
-            .build_global()
-            .map_err(|e| Error::Internal(e.to_string()))?;
-    }
-    Ok(())
-}
-
 fn parse_quant(q: &Option<String>) -> Result<Option<WeightFormat>> {
     q.as_deref().map(str::parse).transpose()
 }
 
 fn load_model(m: &ModelArgs) -> Result<(Model, Box<dyn Tokenizer>)> {
-    set_threads(m.threads)?;
+    rwkv::kernels::set_threads(m.threads)?;
     let model = Model::load_as(&m.model, parse_quant(&m.quant)?)?;
     let tok = match &m.tokenizer {
         Some(spec) => tokenizer::load(spec)?,
@@ -483,7 +470,7 @@ fn chat(a: ChatArgs) -> Result<()> {
 }
 
 fn logits(a: LogitsArgs) -> Result<()> {
-    set_threads(a.threads)?;
+    rwkv::kernels::set_threads(a.threads)?;
     let model = Model::load_as(&a.model, parse_quant(&a.quant)?)?;
     let tokens = parse_ids(&a.tokens, "--tokens")?;
     if tokens.is_empty() {
@@ -547,7 +534,7 @@ fn init(a: InitArgs) -> Result<()> {
 }
 
 fn bench(a: BenchArgs) -> Result<()> {
-    set_threads(a.threads)?;
+    rwkv::kernels::set_threads(a.threads)?;
     let model = Model::load_as(&a.model, parse_quant(&a.quant)?)?;
     let r = rwkv::bench::run(&model, a.prompt, a.gen, a.runs)?;
     if a.json {

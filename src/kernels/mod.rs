@@ -13,6 +13,20 @@ pub mod quant;
 pub mod wkv;
 pub use dot::{axpy_row, bf16_to_f32_slice, dot_row, f16_to_f32, has_avx2};
 
+/// Sets the number of worker threads of the kernels' pool (once per process, before any work).
+pub fn set_threads(n: Option<usize>) -> crate::Result<()> {
+    if let Some(n) = n {
+        if n == 0 {
+            return Err(crate::Error::bad("--threads must be at least 1"));
+        }
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build_global()
+            .map_err(|e| crate::Error::Internal(e.to_string()))?;
+    }
+    Ok(())
+}
+
 /// Which instruction set the kernels use on this machine.
 pub fn simd_level() -> &'static str {
     if has_avx2() {
@@ -62,8 +76,10 @@ thread_local! {
 /// Work per call below which threads cost more than they save.
 pub(crate) const PAR_MIN_WORK: usize = 1 << 18;
 
+/// A raw output pointer that parallel tasks may share, each writing only elements no other
+/// task writes.
 #[derive(Clone, Copy)]
-struct SendPtr(*mut f32);
+pub(crate) struct SendPtr(pub(crate) *mut f32);
 // SAFETY: used only to write disjoint elements from parallel tasks.
 unsafe impl Send for SendPtr {}
 unsafe impl Sync for SendPtr {}
@@ -72,7 +88,7 @@ impl SendPtr {
     /// Going through a method makes closures capture the whole (Send) wrapper rather than the
     /// raw pointer field.
     #[inline(always)]
-    fn get(self) -> *mut f32 {
+    pub(crate) fn get(self) -> *mut f32 {
         self.0
     }
 }
@@ -410,10 +426,25 @@ pub fn bf16(b: u16) -> f32 {
     bf16_to_f32(b)
 }
 
+/// Deterministic pseudo-random values in [-0.5, 0.5) for the kernels' tests.
+#[cfg(test)]
+pub(crate) fn test_values(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed;
+    (0..n)
+        .map(|_| {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((s >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::checkpoint::Shared;
+    use crate::kernels::test_values as rnd;
 
     fn naive(
         w: &[f32],
@@ -438,18 +469,6 @@ mod tests {
             }
         }
         y
-    }
-
-    fn rnd(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed;
-        (0..n)
-            .map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((s >> 40) as f32 / (1u64 << 24) as f32) - 0.5
-            })
-            .collect()
     }
 
     #[test]

@@ -289,6 +289,7 @@ unsafe fn dot_qq_avx512(w: &[u8], wd: &[f32], xq: &[i8], xd: &[f32], four_bit: b
             _mm512_loadu_si512(w.as_ptr().add(blk * QBLOCK) as *const _)
         };
         let xv = _mm512_loadu_si512(xq.as_ptr().add(blk * QBLOCK) as *const _);
+        // |w| · (x · sign(w)), as in the AVX2 kernel; vpdpbusd does not saturate.
         let aw = _mm512_abs_epi8(wv);
         let neg = _mm512_movepi8_mask(wv);
         let sx = _mm512_mask_sub_epi8(xv, neg, zero, xv);
@@ -327,25 +328,10 @@ unsafe fn dot_qq_avx512(w: &[u8], wd: &[f32], xq: &[i8], xd: &[f32], four_bit: b
         blk += 16;
     }
     while blk + 2 <= nb {
-        let wv = if four_bit {
-            let b = _mm256_loadu_si256(w.as_ptr().add(blk * 16) as *const __m256i);
-            let lo = _mm256_and_si256(b, m15);
-            let hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), m15);
-            let v = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
-            _mm512_sub_epi8(_mm512_permutexvar_epi64(order, v), eight)
-        } else {
-            _mm512_loadu_si512(w.as_ptr().add(blk * QBLOCK) as *const _)
-        };
-        let xv = _mm512_loadu_si512(xq.as_ptr().add(blk * QBLOCK) as *const _);
-        // |w| · (x · sign(w)), as in the AVX2 kernel; vpdpbusd does not saturate.
-        let aw = _mm512_abs_epi8(wv);
-        let neg = _mm512_movepi8_mask(wv);
-        let sx = _mm512_mask_sub_epi8(xv, neg, zero, xv);
-        let p = _mm512_dpbusd_epi32(zero, aw, sx);
         let sa = *wd.get_unchecked(blk) * *xd.get_unchecked(blk);
         let sb = *wd.get_unchecked(blk + 1) * *xd.get_unchecked(blk + 1);
         let scale = _mm512_insertf32x8(_mm512_set1_ps(sa), _mm256_set1_ps(sb), 1);
-        acc = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(p), acc);
+        acc = pair(blk, scale, acc);
         blk += 2;
     }
     let mut total = _mm512_reduce_add_ps(acc);
@@ -420,18 +406,7 @@ pub fn dot_qq_portable(b: &QBlocks, four_bit: bool, start: usize, x: &QuantizedX
 mod tests {
     use super::*;
     use crate::checkpoint::FloatData;
-
-    fn rnd(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed;
-        (0..n)
-            .map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((s >> 40) as f32 / (1u64 << 24) as f32) - 0.5
-            })
-            .collect()
-    }
+    use crate::kernels::test_values as rnd;
 
     #[test]
     fn long_rows_take_every_simd_path() {

@@ -2,29 +2,7 @@
 //! portable code whose loops LLVM vectorises (independent accumulators for the reductions) and
 //! compiled twice, as is and with AVX2/FMA enabled, like the matrix kernels.
 
-use super::dot::has_avx2;
-
-const L: usize = 8;
-
-#[inline(always)]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let n = a.len().min(b.len());
-    let (a, b) = (&a[..n], &b[..n]);
-    let mut acc = [0f32; L];
-    let ca = a.chunks_exact(L);
-    let cb = b.chunks_exact(L);
-    let (ra, rb) = (ca.remainder(), cb.remainder());
-    for (x, y) in ca.zip(cb) {
-        for k in 0..L {
-            acc[k] += x[k] * y[k];
-        }
-    }
-    let mut s = 0.0;
-    for (x, y) in ra.iter().zip(rb) {
-        s += x * y;
-    }
-    acc.iter().sum::<f32>() + s
-}
+use super::dot::{dot_f32_body as dot, has_avx2};
 
 /// One RWKV-7 token for one head. `s` is `[N value i, N key j]`; `b[j] = kk[j]·a[j]`:
 /// `S[i,:] = S[i,:]·w + (S[i,:]·(-kk))·b + v[i]·k`, then `y[i] = S[i,:]·r`.
@@ -169,18 +147,7 @@ pub fn wkv5_head_portable(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn rnd(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed;
-        (0..n)
-            .map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((s >> 40) as f32 / (1u64 << 24) as f32) - 0.5
-            })
-            .collect()
-    }
+    use crate::kernels::test_values as rnd;
 
     #[test]
     fn simd_and_portable_wkv_agree() {

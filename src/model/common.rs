@@ -3,7 +3,7 @@
 
 use super::{token_shift, Loader, Norm, Seq};
 use crate::error::Result;
-use crate::kernels::{self, matmul, sigmoid, Layout, Matrix};
+use crate::kernels::{self, matmul, sigmoid, Layout, Matrix, SendPtr};
 use rayon::prelude::*;
 
 /// How a token-shift mix coefficient is applied.
@@ -135,19 +135,5 @@ pub(crate) fn wkv5(
         kv.par_chunks_mut(n * n).enumerate().for_each(head);
     } else {
         kv.chunks_mut(n * n).enumerate().for_each(head);
-    }
-}
-
-#[derive(Clone, Copy)]
-struct SendPtr(*mut f32);
-// SAFETY: parallel heads write disjoint elements.
-unsafe impl Send for SendPtr {}
-unsafe impl Sync for SendPtr {}
-
-impl SendPtr {
-    /// Makes closures capture the whole (Send) wrapper, not the raw pointer field.
-    #[inline(always)]
-    fn get(self) -> *mut f32 {
-        self.0
     }
 }

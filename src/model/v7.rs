@@ -8,7 +8,7 @@
 use super::{buf, token_shift, Io, Loader, Norm, Scratch, Seq};
 use crate::checkpoint::ModelInfo;
 use crate::error::Result;
-use crate::kernels::{self, matmul, sigmoid, Layout, Matrix};
+use crate::kernels::{self, matmul, sigmoid, Layout, Matrix, SendPtr};
 use rayon::prelude::*;
 
 struct Lora {
@@ -325,7 +325,7 @@ fn wkv7(
     let c = nh * n;
     let t = r.len() / c;
     assert!(n <= 256, "head size {n} above 256 is not supported");
-    let yp = YPtr(y.as_mut_ptr());
+    let yp = SendPtr(y.as_mut_ptr());
     let head = |(h, s): (usize, &mut [f32])| {
         let mut b = [0f32; 256];
         for ti in 0..t {
@@ -352,19 +352,5 @@ fn wkv7(
         state.par_chunks_mut(n * n).enumerate().for_each(head);
     } else {
         state.chunks_mut(n * n).enumerate().for_each(head);
-    }
-}
-
-#[derive(Clone, Copy)]
-struct YPtr(*mut f32);
-// SAFETY: parallel heads write disjoint elements.
-unsafe impl Send for YPtr {}
-unsafe impl Sync for YPtr {}
-
-impl YPtr {
-    /// Makes closures capture the whole (Send) wrapper, not the raw pointer field.
-    #[inline(always)]
-    fn get(self) -> *mut f32 {
-        self.0
     }
 }

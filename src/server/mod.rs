@@ -83,6 +83,9 @@ pub struct ServeArgs {
     /// Worker threads of the model (default: all cores).
     #[arg(long)]
     pub threads: Option<usize>,
+    /// Weight format at load: f32, f16, bf16, int8 or q4 (default: as stored).
+    #[arg(long)]
+    pub quant: Option<String>,
     /// Seconds that in-flight requests may still run after SIGTERM or Ctrl-C; then their
     /// streams are ended (finish reason "length").
     #[arg(long, default_value_t = 10.0)]
@@ -99,16 +102,9 @@ pub fn serve(args: ServeArgs) -> Result<()> {
             "--shutdown-grace must be between 0 and 86400 seconds",
         ));
     }
-    if let Some(n) = args.threads {
-        if n == 0 {
-            return Err(Error::bad("--threads must be at least 1"));
-        }
-        rayon::ThreadPoolBuilder::new()
-            .num_threads(n)
-            .build_global()
-            .map_err(|e| Error::Internal(e.to_string()))?;
-    }
-    let model = Model::load(&args.model)?;
+    crate::kernels::set_threads(args.threads)?;
+    let quant = args.quant.as_deref().map(str::parse).transpose()?;
+    let model = Model::load_as(&args.model, quant)?;
     let tok: Arc<dyn Tokenizer> = match &args.tokenizer {
         Some(spec) => tokenizer::load(spec)?.into(),
         None => tokenizer::for_vocab(model.vocab_size())
