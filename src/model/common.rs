@@ -95,11 +95,63 @@ impl GatedFfn {
     }
 }
 
+/// The rest of v5/v6 time mixing once r, k, v, the decay w (one row per token for v6, one
+/// row for all tokens for v5) and the gate pre-activation g exist: the WKV scan of every
+/// sequence from its state tensor `slot`, GroupNorm, the SiLU gate, the output projection and
+/// the residual `x += …`. `y` and `o` are `[T, C]` work buffers.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn wkv5_attend(
+    seqs: &mut [Seq<'_>],
+    slot: usize,
+    [r, k, v, w]: [&[f32]; 4],
+    u: &[f32],
+    g: &[f32],
+    ln_x: &Norm,
+    wo: &Matrix,
+    x: &mut [f32],
+    y: &mut [f32],
+    o: &mut [f32],
+    nh: usize,
+    n: usize,
+) {
+    let c = nh * n;
+    let t = x.len() / c;
+    let per_token = w.len() != c;
+    let mut row0 = 0;
+    for s in seqs.iter_mut() {
+        let rows = row0 * c..(row0 + s.n) * c;
+        let ws = if per_token { &w[rows.clone()] } else { w };
+        let kv = &mut s.state.tensors[slot];
+        wkv5(
+            kv,
+            &r[rows.clone()],
+            &k[rows.clone()],
+            &v[rows.clone()],
+            ws,
+            u,
+            &mut y[rows],
+            nh,
+            n,
+        );
+        row0 += s.n;
+    }
+    for (yr, gr) in y.chunks_mut(c).zip(g.chunks(c)) {
+        kernels::group_norm(yr, nh, &ln_x.w, &ln_x.b, 64e-5);
+        for j in 0..c {
+            yr[j] *= gr[j] * sigmoid(gr[j]);
+        }
+    }
+    matmul(wo, y, t, o);
+    for i in 0..t * c {
+        x[i] += o[i];
+    }
+}
+
 /// The v5/v6 WKV scan over one sequence's rows, per head, with the state `S[h, key i, value j]`:
 /// `y[j] = Σ_i r[i]·(u[i]·k[i]·v[j] + S[i,j])`, then `S[i,j] = k[i]·v[j] + w[i]·S[i,j]`.
 /// `w` holds one row of decays per token (v6) or a single row for all tokens (v5).
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn wkv5(
+fn wkv5(
     kv: &mut [f32],
     r: &[f32],
     k: &[f32],

@@ -5,11 +5,11 @@
 //! `time_decay_w1/w2`). The `maa` coefficients weigh the *previous* token, the opposite
 //! convention to v4/v5's `time_mix`. See `tests/fixtures/README.md`.
 
-use super::common::{wkv5, GatedFfn, MixKind};
+use super::common::{wkv5_attend, GatedFfn, MixKind};
 use super::{buf, token_shift, Io, Loader, Norm, Scratch, Seq};
 use crate::checkpoint::ModelInfo;
 use crate::error::Result;
-use crate::kernels::{self, matmul, sigmoid, Layout, Matrix};
+use crate::kernels::{matmul, Layout, Matrix};
 
 struct Layer {
     ln1: Norm,
@@ -171,30 +171,21 @@ impl V6 {
             matmul(&l.wk, xk, t, k);
             matmul(&l.wv, xv, t, v);
             matmul(&l.wg, xg, t, g);
-            g.iter_mut().for_each(|z| *z *= sigmoid(*z));
-            let mut row0 = 0;
-            for s in seqs.iter_mut() {
-                let rows = row0 * c..(row0 + s.n) * c;
-                let kv = &mut s.state.tensors[3 * li + 1];
-                let (rr, kr, vr, wr) = (
-                    &r[rows.clone()],
-                    &k[rows.clone()],
-                    &v[rows.clone()],
-                    &w[rows.clone()],
-                );
-                wkv5(kv, rr, kr, vr, wr, &l.u, &mut y[rows], nh, n);
-                row0 += s.n;
-            }
-            for (yr, gr) in y.chunks_mut(c).zip(g.chunks(c)) {
-                kernels::group_norm(yr, nh, &l.ln_x.w, &l.ln_x.b, 64e-5);
-                for j in 0..c {
-                    yr[j] *= gr[j];
-                }
-            }
-            matmul(&l.wo, y, t, o);
-            for i in 0..t * c {
-                x[i] += o[i];
-            }
+            let ins = [&*r, &*k, &*v, &*w];
+            wkv5_attend(
+                seqs,
+                3 * li + 1,
+                ins,
+                &l.u,
+                g,
+                &l.ln_x,
+                &l.wo,
+                x,
+                y,
+                o,
+                nh,
+                n,
+            );
             // ---- channel mixing ----
             l.ffn
                 .run(&l.ln2, x, seqs, 3 * li + 2, xn, xk, xr, r, o, hid);
