@@ -17,5 +17,6 @@ pub mod sample;
 pub mod server;
 pub mod session;
 pub mod tokenizer;
+pub mod train;
 
 pub use error::{Error, Result};

@@ -1,0 +1,6 @@
+//! Time-parallel training of RWKV-7 and RWKV-4 from scratch on the CPU.
+
+pub mod model;
+pub mod ops;
+
+pub use model::{Dims, TrainModel};
