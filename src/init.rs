@@ -38,6 +38,14 @@ impl Rng {
     pub fn new(seed: u64) -> Self {
         Rng(seed ^ 0x853c_49e6_748f_ea9b)
     }
+    /// The generator's state (to save and restore it).
+    pub fn state(&self) -> u64 {
+        self.0
+    }
+    /// A generator continuing from a saved [`Rng::state`].
+    pub fn from_state(state: u64) -> Self {
+        Rng(state)
+    }
     /// The next 64 random bits.
     pub fn next_u64(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);

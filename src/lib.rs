@@ -10,6 +10,7 @@
 pub mod bench;
 pub mod checkpoint;
 pub mod error;
+pub mod eval;
 pub mod init;
 pub mod kernels;
 pub mod model;
@@ -20,3 +21,25 @@ pub mod tokenizer;
 pub mod train;
 
 pub use error::{Error, Result};
+
+/// The built-in model: a small byte-level RWKV-7 trained by `rwkv train` on the first 90% of
+/// tiny Shakespeare (see the README for the command that reproduces it).
+pub const DEFAULT_MODEL: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/assets/shakespeare-v7.safetensors"
+);
+
+/// The model to use when none is given: `$RWKV_MODEL`, else [`DEFAULT_MODEL`].
+pub fn default_model() -> Result<std::path::PathBuf> {
+    let p = std::env::var_os("RWKV_MODEL")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| DEFAULT_MODEL.into());
+    if p.is_file() {
+        Ok(p)
+    } else {
+        Err(Error::bad(format!(
+            "no --model given and the default model {} is missing",
+            p.display()
+        )))
+    }
+}

@@ -56,6 +56,10 @@ enum Cmd {
     },
     /// Create a random-weight checkpoint of any shape, initialised as the official trainer does.
     Init(InitArgs),
+    /// Train an RWKV-7 or RWKV-4 model from a text file, time-parallel on the CPU.
+    Train(TrainArgs),
+    /// Score a model on a text: loss, perplexity and bits per byte (parallel mode).
+    Eval(EvalArgs),
     /// Measure prompt and generation speed, bandwidth use and memory.
     Bench(BenchArgs),
     /// Serve the model over an OpenAI-compatible HTTP API (completions and chat, streaming).
@@ -76,9 +80,9 @@ enum Cmd {
 
 #[derive(Args, Clone)]
 struct ModelArgs {
-    /// Checkpoint file (.pth or .safetensors).
+    /// Checkpoint file (.pth or .safetensors); default: the built-in tiny-Shakespeare model.
     #[arg(long, short = 'm')]
-    model: PathBuf,
+    model: Option<PathBuf>,
     /// Tokenizer: world, bytes, or a Hugging Face tokenizer.json (default: chosen from the
     /// model's vocabulary size).
     #[arg(long)]
@@ -287,11 +291,15 @@ fn parse_quant(q: &Option<String>) -> Result<Option<WeightFormat>> {
 
 fn load_model(m: &ModelArgs) -> Result<(Model, Box<dyn Tokenizer>)> {
     rwkv::kernels::set_threads(m.threads)?;
-    let model = Model::load_as(&m.model, parse_quant(&m.quant)?)?;
+    let path = match &m.model {
+        Some(p) => p.clone(),
+        None => rwkv::default_model()?,
+    };
+    let model = Model::load_as(&path, parse_quant(&m.quant)?)?;
     let tok = match &m.tokenizer {
         Some(spec) => tokenizer::load(spec)?,
         None => tokenizer::for_vocab(model.vocab_size())
-            .map_err(|e| Error::bad(format!("{}: {e}", m.model.display())))?,
+            .map_err(|e| Error::bad(format!("{}: {e}", path.display())))?,
     };
     Ok((model, tok))
 }
@@ -631,6 +639,8 @@ fn main() -> ExitCode {
             quant,
         } => parse_quant(&quant).and_then(|q| convert(&input, &output, dtype.map(out_dtype), q)),
         Cmd::Init(a) => init(a),
+        Cmd::Train(a) => train(a),
+        Cmd::Eval(a) => eval(a),
         Cmd::Bench(a) => bench(a),
         Cmd::Serve(a) => rwkv::server::serve(a),
         Cmd::Tokenize { tokenizer } => tokenize(&tokenizer),
@@ -643,4 +653,215 @@ fn main() -> ExitCode {
             ExitCode::from(e.exit_code() as u8)
         }
     }
+}
+
+/// `rwkv train` flags; each overrides the same key of `--config`.
+#[derive(Args)]
+struct TrainArgs {
+    /// A TOML file with any of the keys below (flag names without the dashes).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Training text.
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// bytes, world or a tokenizer file [default: bytes].
+    #[arg(long)]
+    tokenizer: Option<String>,
+    /// Fraction at the end of --data held out for validation [default: 0.1].
+    #[arg(long)]
+    val_fraction: Option<f64>,
+    /// A separate validation text (instead of --val-fraction).
+    #[arg(long)]
+    val_data: Option<PathBuf>,
+    /// v7 or v4 [default: v7].
+    #[arg(long)]
+    arch: Option<String>,
+    /// Blocks [default: 4].
+    #[arg(long)]
+    layers: Option<usize>,
+    /// Width [default: 128].
+    #[arg(long)]
+    dim: Option<usize>,
+    /// Head size (v7) [default: 32].
+    #[arg(long)]
+    head_size: Option<usize>,
+    /// Tokens per training window [default: 64].
+    #[arg(long)]
+    ctx: Option<usize>,
+    /// Windows per micro-batch [default: 12].
+    #[arg(long)]
+    batch: Option<usize>,
+    /// Micro-batches per optimizer step (gradient accumulation) [default: 1].
+    #[arg(long)]
+    accum: Option<usize>,
+    /// Optimizer steps [default: 2000].
+    #[arg(long)]
+    steps: Option<u64>,
+    /// Peak learning rate [default: 6e-3].
+    #[arg(long)]
+    lr: Option<f64>,
+    /// Learning rate at the last step [default: lr / 10].
+    #[arg(long)]
+    lr_final: Option<f64>,
+    /// Warm-up steps [default: 100].
+    #[arg(long)]
+    warmup: Option<u64>,
+    /// AdamW weight decay on 2-D weights [default: 0.1].
+    #[arg(long)]
+    weight_decay: Option<f64>,
+    /// Largest global gradient norm [default: 1.0].
+    #[arg(long)]
+    grad_clip: Option<f64>,
+    /// L2Wrap factor [default: 1e-4].
+    #[arg(long)]
+    l2wrap: Option<f64>,
+    /// Random seed [default: 1337].
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Run directory: checkpoints, metrics.jsonl, loss.svg [default: runs/latest].
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Steps between checkpoints [default: 500].
+    #[arg(long)]
+    save_every: Option<u64>,
+    /// Steps between validations [default: 500; always at the last step].
+    #[arg(long)]
+    eval_every: Option<u64>,
+    /// Steps between metric lines [default: 10].
+    #[arg(long)]
+    log_every: Option<u64>,
+    /// Also write model.pth with every checkpoint.
+    #[arg(long)]
+    pth: bool,
+    /// Continue the run in --out from its last checkpoint.
+    #[arg(long)]
+    resume: bool,
+    /// Stop after this step as an interruption would (continue later with --resume).
+    #[arg(long)]
+    stop_at: Option<u64>,
+    /// Worker threads (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+}
+
+fn train(a: TrainArgs) -> Result<()> {
+    use rwkv::train::TrainConfig;
+    let mut c = match &a.config {
+        Some(p) => TrainConfig::from_toml(p)?,
+        None => TrainConfig::default(),
+    };
+    macro_rules! set {
+        ($($f:ident),*) => { $( if let Some(v) = a.$f.clone() { c.$f = v; } )* };
+    }
+    set!(
+        data,
+        tokenizer,
+        val_fraction,
+        arch,
+        layers,
+        dim,
+        head_size,
+        ctx,
+        batch,
+        accum,
+        steps
+    );
+    set!(
+        lr,
+        warmup,
+        weight_decay,
+        grad_clip,
+        l2wrap,
+        seed,
+        out,
+        save_every,
+        eval_every
+    );
+    set!(log_every);
+    if a.val_data.is_some() {
+        c.val_data = a.val_data.clone();
+    }
+    if a.lr_final.is_some() {
+        c.lr_final = a.lr_final;
+    }
+    c.pth |= a.pth;
+    if let Some(n) = a.threads {
+        // The matrix products read the thread count from the environment.
+        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+    }
+    // The trainer parallelises over shards of the batch with rayon; candle's own pool for
+    // element-wise ops would only spin against it.
+    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+        std::env::set_var("CANDLE_NUM_THREADS", "1");
+    }
+    rwkv::kernels::set_threads(a.threads)?;
+    let s = rwkv::train::train(c, a.resume, a.stop_at)?;
+    println!(
+        "model {} | validation loss {:.4} | {:.0} tokens/s",
+        s.model.display(),
+        s.val_loss,
+        s.tokens_per_s
+    );
+    Ok(())
+}
+
+#[derive(Args)]
+struct EvalArgs {
+    #[command(flatten)]
+    m: ModelArgs,
+    /// The text to score.
+    #[arg(long)]
+    data: PathBuf,
+    /// Score windows of this many tokens, each from a fresh state (default: one pass with
+    /// the state carried through the whole text).
+    #[arg(long)]
+    ctx: Option<usize>,
+    /// Score only this fraction at the end of the text (the split `rwkv train` validates on).
+    #[arg(long)]
+    val_fraction: Option<f64>,
+    /// Print one JSON object.
+    #[arg(long)]
+    json: bool,
+}
+
+fn eval(a: EvalArgs) -> Result<()> {
+    let (model, tok) = load_model(&a.m)?;
+    let spec = match &a.m.tokenizer {
+        Some(s) => s.clone(),
+        None if tok.name() == "bytes" => "bytes".into(),
+        None => "world".into(),
+    };
+    let toks = rwkv::train::data::load(&a.data, &spec, &std::env::temp_dir())?;
+    let mut ids = Vec::with_capacity(toks.len());
+    toks.copy(0, toks.len(), &mut ids);
+    let from = match a.val_fraction {
+        Some(f) if f > 0.0 && f <= 1.0 => ((ids.len() as f64) * (1.0 - f)).round() as usize,
+        Some(f) => return Err(Error::bad(format!("--val-fraction {f} is not in (0, 1]"))),
+        None => 0,
+    };
+    let ids = &ids[from..];
+    let bytes = tok.decode_bytes(ids.get(1..).unwrap_or(&[]))?.len();
+    let tty = std::io::stderr().is_terminal();
+    let start = std::time::Instant::now();
+    let mut progress = |done: usize, total: usize| {
+        if tty {
+            let pct = 100.0 * done as f64 / total.max(1) as f64;
+            let rate = done as f64 / start.elapsed().as_secs_f64().max(1e-9);
+            eprint!("\r\x1b[2Kscoring {done}/{total} tokens ({pct:.0}%, {rate:.0} tok/s)");
+        }
+    };
+    let s = rwkv::eval::score(&model, ids, bytes, a.ctx, &mut progress)?;
+    if tty {
+        eprintln!();
+    }
+    if a.json {
+        let j = serde_json::to_string(&s).map_err(|e| Error::Internal(e.to_string()))?;
+        println!("{j}");
+    } else {
+        println!(
+            "loss {:.4} nats/token | perplexity {:.3} | {:.4} bits/byte | {} tokens",
+            s.loss, s.perplexity, s.bits_per_byte, s.tokens
+        );
+    }
+    Ok(())
 }

@@ -52,9 +52,9 @@ pub const CACHE_STRIDE: usize = 1024;
 /// Command-line options of `rwkv serve`.
 #[derive(clap::Args, Debug, Clone)]
 pub struct ServeArgs {
-    /// Checkpoint file (.pth or .safetensors).
+    /// Checkpoint file (.pth or .safetensors); default: the built-in tiny-Shakespeare model.
     #[arg(long, short = 'm')]
-    pub model: PathBuf,
+    pub model: Option<PathBuf>,
     /// Tokenizer: world, bytes, or a Hugging Face tokenizer.json (default: chosen from the
     /// model's vocabulary size).
     #[arg(long)]
@@ -104,15 +104,18 @@ pub fn serve(args: ServeArgs) -> Result<()> {
     }
     crate::kernels::set_threads(args.threads)?;
     let quant = args.quant.as_deref().map(str::parse).transpose()?;
-    let model = Model::load_as(&args.model, quant)?;
+    let path = match &args.model {
+        Some(p) => p.clone(),
+        None => crate::default_model()?,
+    };
+    let model = Model::load_as(&path, quant)?;
     let tok: Arc<dyn Tokenizer> = match &args.tokenizer {
         Some(spec) => tokenizer::load(spec)?.into(),
         None => tokenizer::for_vocab(model.vocab_size())
-            .map_err(|e| Error::bad(format!("{}: {e}", args.model.display())))?
+            .map_err(|e| Error::bad(format!("{}: {e}", path.display())))?
             .into(),
     };
-    let name = args
-        .model
+    let name = path
         .file_stem()
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_else(|| "rwkv".into());

@@ -4,3 +4,8 @@ pub mod model;
 pub mod ops;
 
 pub use model::{Dims, TrainModel};
+pub mod data;
+pub mod optim;
+pub mod run;
+
+pub use run::{train, TrainConfig};

@@ -199,6 +199,18 @@ impl TrainModel {
         .ce()
     }
 
+    /// Token shift of `x [B·T, C]` mixed with the vector `name` (one op per mix, so that each
+    /// result is its own tensor: slicing a packed result would make the backward pass pad every
+    /// slice's gradient back to full size).
+    fn shift(&self, x: &Tensor, name: &str, b: usize, t: usize, v4: bool) -> Result<Tensor> {
+        let c = self.dims.n_embd;
+        let mix = self.p(name)?.reshape((1, c)).ce()?;
+        x.reshape((b, t, c))
+            .and_then(|z| z.apply_op2(&mix, ShiftMix { t, c, v4 }))
+            .and_then(|z| z.reshape((b * t, c)))
+            .ce()
+    }
+
     /// `x @ Wᵀ` for an `[out, in]` weight.
     fn lin(&self, x: &Tensor, name: &str) -> Result<Tensor> {
         x.matmul(&self.p(name)?.t().ce()?).ce()
@@ -235,6 +247,15 @@ impl TrainModel {
         self.lin(&x, "head.weight")
     }
 
+    /// The logits `[T·V]` of one sequence as f32 values.
+    pub fn logits_vec(&self, tokens: &[u32]) -> Result<Vec<f32>> {
+        self.logits(tokens, 1, tokens.len())?
+            .to_dtype(DType::F32)
+            .and_then(|t| t.flatten_all())
+            .and_then(|t| t.to_vec1::<f32>())
+            .ce()
+    }
+
     /// Mean cross-entropy of predicting `targets` from `tokens` (both `B·T`), with L2Wrap in
     /// the backward pass.
     pub fn loss(
@@ -264,16 +285,9 @@ impl TrainModel {
         for i in 0..self.dims.n_layer {
             let p = format!("blocks.{i}.att.");
             let xn = self.ln(&x, &format!("blocks.{i}.ln1"), 1, 1e-5)?;
-            let mix =
-                self.rows(&["x_r", "x_w", "x_k", "x_v", "x_a", "x_g"].map(|s| format!("{p}{s}")))?;
-            let m = xn
-                .reshape((b, t, c))
-                .and_then(|z| z.apply_op2(&mix, ShiftMix { t, c, v4: false }))
-                .and_then(|z| z.reshape((6, bt, c)))
-                .ce()?;
-            let part = |k: usize| m.get(k).ce();
-            let (xr, xw, xk, xv, xa, xg) =
-                (part(0)?, part(1)?, part(2)?, part(3)?, part(4)?, part(5)?);
+            let part = |k: &str| self.shift(&xn, &format!("{p}{k}"), b, t, false);
+            let (xr, xw, xk) = (part("x_r")?, part("x_w")?, part("x_k")?);
+            let (xv, xa, xg) = (part("x_v")?, part("x_a")?, part("x_g")?);
             let r = self.lin(&xr, &format!("{p}receptance.weight"))?;
             let k = self.lin(&xk, &format!("{p}key.weight"))?;
             let mut v = self.lin(&xv, &format!("{p}value.weight"))?;
@@ -327,12 +341,7 @@ impl TrainModel {
             // Channel mixing: relu(xk Wk)² Wv.
             let q = format!("blocks.{i}.ffn.");
             let xn = self.ln(&x, &format!("blocks.{i}.ln2"), 1, 1e-5)?;
-            let mix = self.rows(&[format!("{q}x_k")])?;
-            let xk = xn
-                .reshape((b, t, c))
-                .and_then(|z| z.apply_op2(&mix, ShiftMix { t, c, v4: false }))
-                .and_then(|z| z.reshape((bt, c)))
-                .ce()?;
+            let xk = self.shift(&xn, &format!("{q}x_k"), b, t, false)?;
             let h = self
                 .lin(&xk, &format!("{q}key.weight"))?
                 .apply_op1(Act::ReluSq)
@@ -349,16 +358,10 @@ impl TrainModel {
         for i in 0..self.dims.n_layer {
             let p = format!("blocks.{i}.att.");
             let xn = self.ln(&x, &format!("blocks.{i}.ln1"), 1, 1e-5)?;
-            let mix =
-                self.rows(&["time_mix_k", "time_mix_v", "time_mix_r"].map(|s| format!("{p}{s}")))?;
-            let m = xn
-                .reshape((b, t, c))
-                .and_then(|z| z.apply_op2(&mix, ShiftMix { t, c, v4: true }))
-                .and_then(|z| z.reshape((3, bt, c)))
-                .ce()?;
-            let k = self.lin(&m.get(0).ce()?, &format!("{p}key.weight"))?;
-            let v = self.lin(&m.get(1).ce()?, &format!("{p}value.weight"))?;
-            let r = sig(self.lin(&m.get(2).ce()?, &format!("{p}receptance.weight"))?)?;
+            let part = |k: &str| self.shift(&xn, &format!("{p}{k}"), b, t, true);
+            let k = self.lin(&part("time_mix_k")?, &format!("{p}key.weight"))?;
+            let v = self.lin(&part("time_mix_v")?, &format!("{p}value.weight"))?;
+            let r = sig(self.lin(&part("time_mix_r")?, &format!("{p}receptance.weight"))?)?;
             let kv = Tensor::stack(&[&k, &v], 0).ce()?;
             let params = self.rows(&[format!("{p}time_decay"), format!("{p}time_first")])?;
             let y = kv
@@ -368,18 +371,13 @@ impl TrainModel {
             x = (x + self.lin(&(r * y).ce()?, &format!("{p}output.weight"))?).ce()?;
             let q = format!("blocks.{i}.ffn.");
             let xn = self.ln(&x, &format!("blocks.{i}.ln2"), 1, 1e-5)?;
-            let mix = self.rows(&[format!("{q}time_mix_k"), format!("{q}time_mix_r")])?;
-            let m = xn
-                .reshape((b, t, c))
-                .and_then(|z| z.apply_op2(&mix, ShiftMix { t, c, v4: true }))
-                .and_then(|z| z.reshape((2, bt, c)))
-                .ce()?;
+            let part = |k: &str| self.shift(&xn, &format!("{q}{k}"), b, t, true);
             let h = self
-                .lin(&m.get(0).ce()?, &format!("{q}key.weight"))?
+                .lin(&part("time_mix_k")?, &format!("{q}key.weight"))?
                 .apply_op1(Act::ReluSq)
                 .ce()?;
             let kv = self.lin(&h, &format!("{q}value.weight"))?;
-            let r = sig(self.lin(&m.get(1).ce()?, &format!("{q}receptance.weight"))?)?;
+            let r = sig(self.lin(&part("time_mix_r")?, &format!("{q}receptance.weight"))?)?;
             x = (x + (r * kv).ce()?).ce()?;
         }
         Ok(x)

@@ -6,6 +6,9 @@
 //! f32 and f64 (f64 is what the finite-difference tests use), on the CPU; the structure keeps
 //! room for a `cuda_fwd` beside each `cpu_fwd`.
 
+// Index loops over several parallel per-channel arrays read more clearly than zipped iterators.
+#![allow(clippy::needless_range_loop)]
+
 use candle_core::{
     backend::BackendStorage, bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout,
     Result, Shape, Storage, Tensor, WithDType,
@@ -26,6 +29,7 @@ pub trait Real:
     + std::ops::AddAssign
     + std::ops::SubAssign
     + std::ops::MulAssign
+    + std::ops::DivAssign
     + std::ops::Neg<Output = Self>
     + PartialOrd
 {
@@ -111,6 +115,35 @@ macro_rules! by_dtype {
     };
 }
 
+/// Evaluates `$e` compiled for AVX2 and FMA when the CPU has them. The kernels here are generic
+/// code left to the compiler's vectoriser, and the baseline x86-64 target only has SSE2.
+macro_rules! dispatch {
+    ($e:expr) => {{
+        #[cfg(target_arch = "x86_64")]
+        {
+            #[target_feature(enable = "avx2,fma")]
+            unsafe fn fast<R>(f: impl FnOnce() -> R) -> R {
+                f()
+            }
+            if crate::kernels::has_avx2() {
+                // SAFETY: AVX2 and FMA were detected at run time.
+                unsafe {
+                    fast(
+                        #[inline(always)]
+                        || $e,
+                    )
+                }
+            } else {
+                $e
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            $e
+        }
+    }};
+}
+
 /// A read lock on a contiguous tensor's CPU data.
 struct Lock<G> {
     g: G,
@@ -174,7 +207,7 @@ impl ShiftMix {
     }
     fn prev<'a, T: Real>(&self, x: &'a [T], row: usize) -> Option<&'a [T]> {
         let c = self.c;
-        (row % self.t != 0).then(|| &x[(row - 1) * c..row * c])
+        (!row.is_multiple_of(self.t)).then(|| &x[(row - 1) * c..row * c])
     }
     fn fwd<T: Real>(&self, x: &[T], mix: &[T]) -> Vec<T> {
         let c = self.c;
@@ -293,7 +326,7 @@ fn moments<T: Real>(x: &[T], eps: f64) -> (T, T) {
     let n = T::of(x.len() as f64);
     let mut mu = T::zero();
     x.iter().for_each(|&v| mu += v);
-    mu = mu / n;
+    mu /= n;
     let mut var = T::zero();
     x.iter().for_each(|&v| var += (v - mu) * (v - mu));
     (mu, T::one() / (var / n + T::of(eps)).sqrt())
@@ -489,7 +522,7 @@ pub struct CrossEntropy {
 impl CrossEntropy {
     fn fwd<T: Real>(&self, x: &[T]) -> Result<T> {
         let m = self.targets.len();
-        if m == 0 || x.len() % m != 0 {
+        if m == 0 || !x.len().is_multiple_of(m) {
             bail!("cross-entropy: {} logits for {m} targets", x.len());
         }
         let v = x.len() / m;
@@ -615,6 +648,7 @@ impl<T: Real> Tok<T> {
             decay: vec![T::zero(); n],
         }
     }
+    #[inline(always)]
     fn fill(&mut self, w: &[T], k: &[T], a: &[T], k_k: &[T], k_a: &[T]) {
         let n = k.len();
         let mut ss = T::zero();
@@ -625,7 +659,7 @@ impl<T: Real> Tok<T> {
         // F.normalize: x / max(‖x‖, 1e-12).
         self.norm = ss.sqrt().maxr(T::of(1e-12));
         for j in 0..n {
-            self.kk[j] = self.kk[j] / self.norm;
+            self.kk[j] /= self.norm;
             self.b[j] = self.kk[j] * a[j];
             self.kmod[j] = k[j] * (T::one() + (a[j] - T::one()) * k_a[j]);
             self.decay[j] = (-T::of(W_SCALE) * sigm(w[j])).exp();
@@ -634,20 +668,72 @@ impl<T: Real> Tok<T> {
 }
 
 /// One step `S = S·diag(decay) + (S·(-kk)) bᵀ + v kmodᵀ` of a head's state (`S[i][j]`, value
-/// index `i`, key index `j`); returns nothing, leaves `sa = S_prev·(-kk)` in `sa`.
-fn wkv7_step<T: Real>(s: &mut [T], tk: &Tok<T>, v: &[T], sa: &mut [T]) {
+/// index `i`, key index `j`), leaving `sa = S_prev·(-kk)` in `sa`; with `r`, also writes
+/// `y = S r`. Row by row, so every inner loop is a contiguous, vectorisable sweep.
+#[inline(always)]
+fn wkv7_step<T: Real>(
+    s: &mut [T],
+    tk: &Tok<T>,
+    v: &[T],
+    sa: &mut [T],
+    ry: Option<(&[T], &mut [T])>,
+) {
     let n = v.len();
-    for i in 0..n {
-        let row = &mut s[i * n..(i + 1) * n];
-        let mut acc = T::zero();
-        for j in 0..n {
-            acc -= row[j] * tk.kk[j];
-        }
+    let (kk, decay, b, kmod) = (&tk.kk[..n], &tk.decay[..n], &tk.b[..n], &tk.kmod[..n]);
+    let mut ry = ry;
+    for (i, row) in s.chunks_exact_mut(n).enumerate() {
+        let row = &mut row[..n];
+        let acc = -dot(row, kk);
         sa[i] = acc;
+        let vi = v[i];
         for j in 0..n {
-            row[j] = row[j] * tk.decay[j] + acc * tk.b[j] + v[i] * tk.kmod[j];
+            row[j] = row[j] * decay[j] + acc * b[j] + vi * kmod[j];
+        }
+        if let Some((r, y)) = ry.as_mut() {
+            y[i] = dot(row, r);
         }
     }
+}
+
+/// `Σ a·b` with eight partial sums (a single running sum is a serial chain).
+#[inline(always)]
+fn dot<T: Real>(a: &[T], b: &[T]) -> T {
+    let n = a.len().min(b.len());
+    let (a, b) = (&a[..n], &b[..n]);
+    let mut acc = [T::zero(); 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let mut tail = T::zero();
+    for (x, y) in ca.remainder().iter().zip(cb.remainder()) {
+        tail += *x * *y;
+    }
+    for (x, y) in ca.zip(cb) {
+        for l in 0..8 {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    sum8(acc) + tail
+}
+
+/// `y += a·x`.
+#[inline(always)]
+fn axpy<T: Real>(y: &mut [T], a: T, x: &[T]) {
+    for (y, x) in y.iter_mut().zip(x) {
+        *y += a * *x;
+    }
+}
+
+/// `y += a ⊙ b`.
+#[inline(always)]
+fn mul_acc<T: Real>(y: &mut [T], a: &[T], b: &[T]) {
+    for ((y, a), b) in y.iter_mut().zip(a).zip(b) {
+        *y += *a * *b;
+    }
+}
+
+/// The sum of eight partial sums.
+#[inline(always)]
+fn sum8<T: Real>(x: [T; 8]) -> T {
+    ((x[0] + x[4]) + (x[1] + x[5])) + ((x[2] + x[6]) + (x[3] + x[7]))
 }
 
 /// The RWKV-7 WKV scan: from `acts [6, B, T, C]` (receptance, decay logits `w`, key, value,
@@ -675,41 +761,161 @@ impl Wkv7 {
         (bi * self.d.t + ti) * self.d.c() + h * self.d.n
     }
 
+    #[inline(always)]
+    fn fwd_task<T: Real>(&self, acts: &[T], p: &[T], task: usize) -> (Vec<T>, Vec<T>) {
+        let Heads { b: _, t, h, n } = self.d;
+        let (pl, c) = (self.d.plane(), self.d.c());
+        let nck = t.div_ceil(WKV_CHUNK);
+        let (bi, hi) = (task / h, task % h);
+        let hs = hi * n..(hi + 1) * n;
+        let (k_k, k_a) = (&p[hs.clone()], &p[c + hi * n..c + (hi + 1) * n]);
+        let mut s = vec![T::zero(); n * n];
+        let mut ck = vec![T::zero(); nck * n * n];
+        let mut y = vec![T::zero(); t * n];
+        let mut tk = Tok::new(n);
+        let mut sa = vec![T::zero(); n];
+        for ti in 0..t {
+            if ti % WKV_CHUNK == 0 {
+                let q = ti / WKV_CHUNK;
+                ck[q * n * n..(q + 1) * n * n].copy_from_slice(&s);
+            }
+            let o = self.at(bi, ti, hi);
+            let g = |slot: usize| &acts[slot * pl + o..slot * pl + o + n];
+            tk.fill(g(1), g(2), g(4), k_k, k_a);
+            let yt = &mut y[ti * n..(ti + 1) * n];
+            wkv7_step(&mut s, &tk, g(3), &mut sa, Some((g(0), yt)));
+        }
+        (y, ck)
+    }
+
+    #[inline(always)]
+    fn bwd_task<T: Real>(
+        &self,
+        acts: &[T],
+        p: &[T],
+        ck: &[T],
+        gy: &[T],
+        task: usize,
+    ) -> (Vec<T>, Vec<T>) {
+        let Heads { b: _, t, h, n } = self.d;
+        let (pl, c) = (self.d.plane(), self.d.c());
+        let nck = t.div_ceil(WKV_CHUNK);
+        let nn = n * n;
+        let (bi, hi) = (task / h, task % h);
+        let (k_k, k_a) = (&p[hi * n..(hi + 1) * n], &p[c + hi * n..c + (hi + 1) * n]);
+        // Gradients of this head's r, w, k, v, a rows, [5, T, N].
+        let mut d = vec![T::zero(); 5 * t * n];
+        let mut dpar = vec![T::zero(); 2 * n];
+        let mut ds = vec![T::zero(); nn];
+        let mut states = vec![T::zero(); (WKV_CHUNK + 1) * nn];
+        let mut toks: Vec<Tok<T>> = (0..WKV_CHUNK).map(|_| Tok::new(n)).collect();
+        let mut sas = vec![T::zero(); WKV_CHUNK * n];
+        let mut dkk = vec![T::zero(); n];
+        let (mut dkmod, mut db) = (vec![T::zero(); n], vec![T::zero(); n]);
+        let mut ddecay = vec![T::zero(); n];
+        let ckh = &ck[task * nck * nn..(task + 1) * nck * nn];
+        for q in (0..nck).rev() {
+            let (t0, t1) = (q * WKV_CHUNK, ((q + 1) * WKV_CHUNK).min(t));
+            // Recompute the chunk's states from its checkpoint.
+            states[..nn].copy_from_slice(&ckh[q * nn..(q + 1) * nn]);
+            for ti in t0..t1 {
+                let li = ti - t0;
+                let o = self.at(bi, ti, hi);
+                let g = |slot: usize| &acts[slot * pl + o..slot * pl + o + n];
+                toks[li].fill(g(1), g(2), g(4), k_k, k_a);
+                let (prev, next) = states.split_at_mut((li + 1) * nn);
+                next[..nn].copy_from_slice(&prev[li * nn..]);
+                wkv7_step(
+                    &mut next[..nn],
+                    &toks[li],
+                    g(3),
+                    &mut sas[li * n..(li + 1) * n],
+                    None,
+                );
+            }
+            for ti in (t0..t1).rev() {
+                let li = ti - t0;
+                let o = self.at(bi, ti, hi);
+                let g = |slot: usize| &acts[slot * pl + o..slot * pl + o + n];
+                let (r, v, a, k) = (g(0), g(3), g(4), g(2));
+                let tk = &toks[li];
+                let sa = &sas[li * n..(li + 1) * n];
+                let sprev = &states[li * nn..(li + 1) * nn];
+                let scur = &states[(li + 1) * nn..(li + 2) * nn];
+                let dy = &gy[o..o + n];
+                // Row i of: y = S r; S = S_prev·diag(decay) + sa bᵀ + v kmodᵀ with
+                // sa = S_prev·(-kk); and the state gradient flowing back to S_prev.
+                let dr = &mut d[ti * n..(ti + 1) * n];
+                dr.iter_mut().for_each(|z| *z = T::zero());
+                dkmod.iter_mut().for_each(|z| *z = T::zero());
+                db.iter_mut().for_each(|z| *z = T::zero());
+                ddecay.iter_mut().for_each(|z| *z = T::zero());
+                dkk.iter_mut().for_each(|z| *z = T::zero());
+                let mut dvs = [T::zero(); 256];
+                let (kmod, bv, kkv, dec) = (&tk.kmod[..n], &tk.b[..n], &tk.kk[..n], &tk.decay[..n]);
+                let (dkmod, db, ddecay, dkk) = (
+                    &mut dkmod[..n],
+                    &mut db[..n],
+                    &mut ddecay[..n],
+                    &mut dkk[..n],
+                );
+                let (r, dr) = (&r[..n], &mut dr[..n]);
+                for i in 0..n {
+                    let row = &mut ds[i * n..(i + 1) * n];
+                    let sc = &scur[i * n..(i + 1) * n];
+                    let sp = &sprev[i * n..(i + 1) * n];
+                    let (dyi, vi, sai) = (dy[i], v[i], sa[i]);
+                    // Simple passes over one row (in L1), each one vectorisable.
+                    axpy(dr, dyi, sc);
+                    axpy(row, dyi, r);
+                    dvs[i] = dot(row, kmod);
+                    let dsai = dot(row, bv);
+                    axpy(dkmod, vi, row);
+                    axpy(db, sai, row);
+                    mul_acc(ddecay, row, sp);
+                    axpy(dkk, -dsai, sp);
+                    for j in 0..n {
+                        row[j] = row[j] * dec[j] - dsai * kkv[j];
+                    }
+                }
+                d[(3 * t + ti) * n..(3 * t + ti + 1) * n].copy_from_slice(&dvs[..n]);
+                // Through b = kk·a, kmod = k(1 + (a-1)k_a), kk = normalize(k·k_k)
+                // and decay = exp(-e^-0.5·sigmoid(w)).
+                let mut dot = T::zero();
+                for j in 0..n {
+                    dkk[j] += db[j] * a[j];
+                    dot += dkk[j] * tk.kk[j];
+                }
+                let unclamped = tk.norm > T::of(1e-12);
+                for j in 0..n {
+                    let da = db[j] * tk.kk[j] + dkmod[j] * k[j] * k_a[j];
+                    dpar[n + j] += dkmod[j] * k[j] * (a[j] - T::one());
+                    let mut dk = dkmod[j] * (T::one() + (a[j] - T::one()) * k_a[j]);
+                    let draw = if unclamped {
+                        (dkk[j] - tk.kk[j] * dot) / tk.norm
+                    } else {
+                        dkk[j] / tk.norm
+                    };
+                    dk += draw * k_k[j];
+                    dpar[j] += draw * k[j];
+                    let sg = sigm(g(1)[j]);
+                    let dw = ddecay[j] * tk.decay[j] * (-T::of(W_SCALE)) * sg * (T::one() - sg);
+                    d[(t + ti) * n + j] = dw;
+                    d[(2 * t + ti) * n + j] = dk;
+                    d[(4 * t + ti) * n + j] = da;
+                }
+            }
+        }
+        (d, dpar)
+    }
+
     fn fwd<T: Real>(&self, acts: &[T], p: &[T]) -> (Vec<T>, Vec<T>) {
         let Heads { b, t, h, n } = self.d;
-        let (pl, c) = (self.d.plane(), self.d.c());
+        let pl = self.d.plane();
         let nck = t.div_ceil(WKV_CHUNK);
         let parts: Vec<(Vec<T>, Vec<T>)> = (0..b * h)
             .into_par_iter()
-            .map(|task| {
-                let (bi, hi) = (task / h, task % h);
-                let hs = hi * n..(hi + 1) * n;
-                let (k_k, k_a) = (&p[hs.clone()], &p[c + hi * n..c + (hi + 1) * n]);
-                let mut s = vec![T::zero(); n * n];
-                let mut ck = vec![T::zero(); nck * n * n];
-                let mut y = vec![T::zero(); t * n];
-                let mut tk = Tok::new(n);
-                let mut sa = vec![T::zero(); n];
-                for ti in 0..t {
-                    if ti % WKV_CHUNK == 0 {
-                        let q = ti / WKV_CHUNK;
-                        ck[q * n * n..(q + 1) * n * n].copy_from_slice(&s);
-                    }
-                    let o = self.at(bi, ti, hi);
-                    let g = |slot: usize| &acts[slot * pl + o..slot * pl + o + n];
-                    tk.fill(g(1), g(2), g(4), k_k, k_a);
-                    wkv7_step(&mut s, &tk, g(3), &mut sa);
-                    let r = g(0);
-                    for i in 0..n {
-                        let mut acc = T::zero();
-                        for j in 0..n {
-                            acc += s[i * n + j] * r[j];
-                        }
-                        y[ti * n + i] = acc;
-                    }
-                }
-                (y, ck)
-            })
+            .map(|task| dispatch!(self.fwd_task(acts, p, task)))
             .collect();
         let mut y = vec![T::zero(); pl];
         let mut ck = Vec::with_capacity(b * h * nck * n * n);
@@ -727,124 +933,9 @@ impl Wkv7 {
     fn bwd_t<T: Real>(&self, acts: &[T], p: &[T], ck: &[T], gy: &[T]) -> (Vec<T>, Vec<T>) {
         let Heads { b, t, h, n } = self.d;
         let (pl, c) = (self.d.plane(), self.d.c());
-        let nck = t.div_ceil(WKV_CHUNK);
-        let nn = n * n;
         let parts: Vec<(Vec<T>, Vec<T>)> = (0..b * h)
             .into_par_iter()
-            .map(|task| {
-                let (bi, hi) = (task / h, task % h);
-                let (k_k, k_a) = (&p[hi * n..(hi + 1) * n], &p[c + hi * n..c + (hi + 1) * n]);
-                // Gradients of this head's r, w, k, v, a rows, [5, T, N].
-                let mut d = vec![T::zero(); 5 * t * n];
-                let mut dpar = vec![T::zero(); 2 * n];
-                let mut ds = vec![T::zero(); nn];
-                let mut states = vec![T::zero(); (WKV_CHUNK + 1) * nn];
-                let mut toks: Vec<Tok<T>> = (0..WKV_CHUNK).map(|_| Tok::new(n)).collect();
-                let mut sas = vec![T::zero(); WKV_CHUNK * n];
-                let (mut dsa, mut dkk) = (vec![T::zero(); n], vec![T::zero(); n]);
-                let (mut dkmod, mut db) = (vec![T::zero(); n], vec![T::zero(); n]);
-                let mut ddecay = vec![T::zero(); n];
-                let ckh = &ck[task * nck * nn..(task + 1) * nck * nn];
-                for q in (0..nck).rev() {
-                    let (t0, t1) = (q * WKV_CHUNK, ((q + 1) * WKV_CHUNK).min(t));
-                    // Recompute the chunk's states from its checkpoint.
-                    states[..nn].copy_from_slice(&ckh[q * nn..(q + 1) * nn]);
-                    for ti in t0..t1 {
-                        let li = ti - t0;
-                        let o = self.at(bi, ti, hi);
-                        let g = |slot: usize| &acts[slot * pl + o..slot * pl + o + n];
-                        toks[li].fill(g(1), g(2), g(4), k_k, k_a);
-                        let (prev, next) = states.split_at_mut((li + 1) * nn);
-                        next[..nn].copy_from_slice(&prev[li * nn..]);
-                        wkv7_step(
-                            &mut next[..nn],
-                            &toks[li],
-                            g(3),
-                            &mut sas[li * n..(li + 1) * n],
-                        );
-                    }
-                    for ti in (t0..t1).rev() {
-                        let li = ti - t0;
-                        let o = self.at(bi, ti, hi);
-                        let g = |slot: usize| &acts[slot * pl + o..slot * pl + o + n];
-                        let (r, v, a, k) = (g(0), g(3), g(4), g(2));
-                        let tk = &toks[li];
-                        let sa = &sas[li * n..(li + 1) * n];
-                        let sprev = &states[li * nn..(li + 1) * nn];
-                        let scur = &states[(li + 1) * nn..(li + 2) * nn];
-                        let dy = &gy[o..o + n];
-                        // y = S r.
-                        let dr = &mut d[ti * n..(ti + 1) * n];
-                        for j in 0..n {
-                            let mut acc = T::zero();
-                            for i in 0..n {
-                                acc += scur[i * n + j] * dy[i];
-                            }
-                            dr[j] = acc;
-                        }
-                        for i in 0..n {
-                            for j in 0..n {
-                                ds[i * n + j] += dy[i] * r[j];
-                            }
-                        }
-                        // S = S_prev·diag(decay) + sa bᵀ + v kmodᵀ, sa = S_prev·(-kk).
-                        dkmod.iter_mut().for_each(|z| *z = T::zero());
-                        db.iter_mut().for_each(|z| *z = T::zero());
-                        ddecay.iter_mut().for_each(|z| *z = T::zero());
-                        dkk.iter_mut().for_each(|z| *z = T::zero());
-                        for i in 0..n {
-                            let row = &ds[i * n..(i + 1) * n];
-                            let sp = &sprev[i * n..(i + 1) * n];
-                            let (mut dv, mut dsai) = (T::zero(), T::zero());
-                            for j in 0..n {
-                                dv += row[j] * tk.kmod[j];
-                                dsai += row[j] * tk.b[j];
-                                dkmod[j] += row[j] * v[i];
-                                db[j] += row[j] * sa[i];
-                                ddecay[j] += row[j] * sp[j];
-                            }
-                            d[(3 * t + ti) * n + i] = dv;
-                            dsa[i] = dsai;
-                        }
-                        // d(-kk) = S_prevᵀ dsa, and the state gradient flows back.
-                        for i in 0..n {
-                            let sp = &sprev[i * n..(i + 1) * n];
-                            let row = &mut ds[i * n..(i + 1) * n];
-                            for j in 0..n {
-                                dkk[j] -= dsa[i] * sp[j];
-                                row[j] = row[j] * tk.decay[j] - dsa[i] * tk.kk[j];
-                            }
-                        }
-                        // Through b = kk·a, kmod = k(1 + (a-1)k_a), kk = normalize(k·k_k)
-                        // and decay = exp(-e^-0.5·sigmoid(w)).
-                        let mut dot = T::zero();
-                        for j in 0..n {
-                            dkk[j] += db[j] * a[j];
-                            dot += dkk[j] * tk.kk[j];
-                        }
-                        let unclamped = tk.norm > T::of(1e-12);
-                        for j in 0..n {
-                            let da = db[j] * tk.kk[j] + dkmod[j] * k[j] * k_a[j];
-                            dpar[n + j] += dkmod[j] * k[j] * (a[j] - T::one());
-                            let mut dk = dkmod[j] * (T::one() + (a[j] - T::one()) * k_a[j]);
-                            let draw = if unclamped {
-                                (dkk[j] - tk.kk[j] * dot) / tk.norm
-                            } else {
-                                dkk[j] / tk.norm
-                            };
-                            dk += draw * k_k[j];
-                            dpar[j] += draw * k[j];
-                            let sg = sigm(g(1)[j]);
-                            let dw =
-                                ddecay[j] * tk.decay[j] * (-T::of(W_SCALE)) * sg * (T::one() - sg);
-                            d[(t + ti) * n + j] = dw;
-                            d[(2 * t + ti) * n + j] = dk;
-                            d[(4 * t + ti) * n + j] = da;
-                        }
-                    }
-                }
-                (d, dpar)
-            })
+            .map(|task| dispatch!(self.bwd_task(acts, p, ck, gy, task)))
             .collect();
         let mut da = vec![T::zero(); 6 * pl];
         let mut dp = vec![T::zero(); 5 * c];
@@ -903,6 +994,10 @@ impl CustomOp2 for Wkv7 {
     }
 }
 
+/// The backward inputs and outputs of one row of [`Wkv7Out`]: the output gradient, and the
+/// gradients of `y`, of the row's six activations and of the (shared) parameters.
+type Back<'a, T> = Option<(&'a [T], &'a mut [T], &'a mut [T], &'a mut [T])>;
+
 /// The end of RWKV-7 time mixing: `(GroupNorm(y) + (Σ r·kmod·r_k per head)·v) · g`, from the
 /// WKV output `y [B, T, C]` and the same `acts` and `params` as [`Wkv7`].
 pub struct Wkv7Out {
@@ -921,7 +1016,7 @@ impl Wkv7Out {
         [r, k, v, a, g]: [&[T]; 5],
         p: &[T],
         o: &mut [T],
-        back: Option<(&[T], &mut [T], &mut [T], &mut [T])>,
+        back: Back<'_, T>,
     ) {
         let (h, n, c) = (self.d.h, self.d.n, self.d.c());
         let (k_a, r_k, lw, lb) = (

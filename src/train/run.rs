@@ -1,0 +1,825 @@
+//! `rwkv train`: the training loop, checkpoints, resumption, metrics and the loss plot.
+
+use super::data::{self, Tokens};
+use super::model::{Ce, TrainModel};
+use super::optim::{lr_at, AdamConfig, Slot};
+use crate::checkpoint::{write_safetensors, Checkpoint, Generation, OutTensor};
+use crate::error::{Error, Result};
+use crate::init::{init_tensors, InitSpec, Rng};
+use candle_core::{DType, Tensor};
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// Everything that defines a training run. Every field is also a `rwkv train` flag of the same
+/// name (`head_size` is `--head-size`); a TOML file given with `--config` uses the same keys.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+pub struct TrainConfig {
+    /// Training text.
+    pub data: PathBuf,
+    /// `bytes`, `world` or a tokenizer file.
+    pub tokenizer: String,
+    /// Fraction of `data` (its end) held out for validation when `val_data` is not given.
+    pub val_fraction: f64,
+    /// Separate validation text.
+    pub val_data: Option<PathBuf>,
+    /// `v7` or `v4`.
+    pub arch: String,
+    /// Blocks.
+    pub layers: usize,
+    /// Width.
+    pub dim: usize,
+    /// Head size (RWKV-7).
+    pub head_size: usize,
+    /// Tokens per training window.
+    pub ctx: usize,
+    /// Windows per micro-batch.
+    pub batch: usize,
+    /// Micro-batches whose gradients are summed into one optimizer step.
+    pub accum: usize,
+    /// Optimizer steps.
+    pub steps: u64,
+    /// Peak learning rate.
+    pub lr: f64,
+    /// Learning rate at the last step (default: `lr / 10`).
+    pub lr_final: Option<f64>,
+    /// Warm-up steps.
+    pub warmup: u64,
+    /// AdamW weight decay (2-D weights only).
+    pub weight_decay: f64,
+    /// Gradient clipping: largest global gradient norm.
+    pub grad_clip: f64,
+    /// L2Wrap factor.
+    pub l2wrap: f64,
+    /// Random seed (initialisation and data order).
+    pub seed: u64,
+    /// Run directory.
+    pub out: PathBuf,
+    /// Steps between checkpoints.
+    pub save_every: u64,
+    /// Steps between validations (also run at the last step).
+    pub eval_every: u64,
+    /// Steps between metric lines.
+    pub log_every: u64,
+    /// Also write `model.pth` with every checkpoint.
+    pub pth: bool,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            data: PathBuf::new(),
+            tokenizer: "bytes".into(),
+            val_fraction: 0.1,
+            val_data: None,
+            arch: "v7".into(),
+            layers: 4,
+            dim: 128,
+            head_size: 32,
+            ctx: 64,
+            batch: 12,
+            accum: 1,
+            steps: 2000,
+            lr: 6e-3,
+            lr_final: None,
+            warmup: 100,
+            weight_decay: 0.1,
+            grad_clip: 1.0,
+            l2wrap: 1e-4,
+            seed: 1337,
+            out: PathBuf::from("runs/latest"),
+            save_every: 500,
+            eval_every: 500,
+            log_every: 10,
+            pth: false,
+        }
+    }
+}
+
+impl TrainConfig {
+    /// Reads a TOML config file.
+    pub fn from_toml(path: &Path) -> Result<TrainConfig> {
+        let s = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        toml::from_str(&s).map_err(|e| {
+            Error::bad(format!(
+                "{}: {}",
+                path.display(),
+                e.to_string().lines().collect::<Vec<_>>().join(" ")
+            ))
+        })
+    }
+
+    fn generation(&self) -> Result<Generation> {
+        match self.arch.as_str() {
+            "v7" => Ok(Generation::V7),
+            "v4" => Ok(Generation::V4),
+            a => Err(Error::bad(format!(
+                "--arch {a}: training supports v7 and v4"
+            ))),
+        }
+    }
+
+    fn check(&self) -> Result<()> {
+        self.generation()?;
+        let pos = [
+            ("--layers", self.layers as u64),
+            ("--dim", self.dim as u64),
+            ("--ctx", self.ctx as u64),
+            ("--batch", self.batch as u64),
+            ("--accum", self.accum as u64),
+            ("--steps", self.steps),
+            ("--save-every", self.save_every),
+            ("--eval-every", self.eval_every),
+            ("--log-every", self.log_every),
+        ];
+        for (n, v) in pos {
+            if v == 0 {
+                return Err(Error::bad(format!("{n} must be at least 1")));
+            }
+        }
+        if self.arch == "v7" && (self.head_size == 0 || !self.dim.is_multiple_of(self.head_size)) {
+            return Err(Error::bad(format!(
+                "--dim {} is not a multiple of --head-size {}",
+                self.dim, self.head_size
+            )));
+        }
+        if self.arch == "v7" && self.head_size > 256 {
+            return Err(Error::bad("--head-size above 256 is not supported"));
+        }
+        if !(self.lr > 0.0 && self.lr.is_finite()) {
+            return Err(Error::bad("--lr must be a positive number"));
+        }
+        if self.val_data.is_none() && !(self.val_fraction > 0.0 && self.val_fraction < 1.0) {
+            return Err(Error::bad(
+                "--val-fraction must be between 0 and 1 (or give --val-data)",
+            ));
+        }
+        if self.data.as_os_str().is_empty() {
+            return Err(Error::bad("--data FILE is required"));
+        }
+        Ok(())
+    }
+
+    fn lr_final(&self) -> f64 {
+        self.lr_final.unwrap_or(self.lr / 10.0)
+    }
+}
+
+/// One metrics line.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Metric {
+    /// Optimizer step (1-based).
+    pub step: u64,
+    /// Mean training loss over the steps since the last line.
+    pub train_loss: f64,
+    /// Learning rate of the step.
+    pub lr: f64,
+    /// Training throughput since the last line.
+    pub tokens_per_s: f64,
+    /// Validation loss, on the steps where it ran.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub val_loss: Option<f64>,
+    /// Gradient norm before clipping.
+    pub grad_norm: f64,
+}
+
+/// What a finished run reports.
+#[derive(Debug, Clone)]
+pub struct Summary {
+    /// Final validation loss (windows of `ctx`, fresh state each).
+    pub val_loss: f64,
+    /// Mean training throughput over the run (tokens per second).
+    pub tokens_per_s: f64,
+    /// The final model.
+    pub model: PathBuf,
+}
+
+/// A run directory's files.
+struct RunDir(PathBuf);
+
+impl RunDir {
+    fn state(&self) -> PathBuf {
+        self.0.join("state.safetensors")
+    }
+    fn model(&self) -> PathBuf {
+        self.0.join("model.safetensors")
+    }
+    fn metrics(&self) -> PathBuf {
+        self.0.join("metrics.jsonl")
+    }
+}
+
+/// Training and validation token streams.
+struct Corpus {
+    train: Tokens,
+    train_range: (usize, usize),
+    val: Tokens,
+    val_range: (usize, usize),
+}
+
+fn corpus(cfg: &TrainConfig, vocab: usize) -> Result<Corpus> {
+    let train = data::load(&cfg.data, &cfg.tokenizer, &cfg.out)?;
+    let (train_range, val, val_range) = match &cfg.val_data {
+        Some(p) => {
+            let val = data::load(p, &cfg.tokenizer, &cfg.out)?;
+            let n = val.len();
+            ((0, train.len()), val, (0, n))
+        }
+        None => {
+            let cut = ((train.len() as f64) * (1.0 - cfg.val_fraction)).round() as usize;
+            let val = data::load(&cfg.data, &cfg.tokenizer, &cfg.out)?;
+            ((0, cut), val, (cut, train.len()))
+        }
+    };
+    let need = cfg.ctx + 1;
+    for (what, (a, b)) in [("training", train_range), ("validation", val_range)] {
+        if b - a < need {
+            return Err(Error::bad(format!(
+                "{}: the {what} text has {} tokens, fewer than one window of --ctx {} plus one",
+                cfg.data.display(),
+                b - a,
+                cfg.ctx
+            )));
+        }
+    }
+    if let Some(t) = (train_range.0..train_range.1)
+        .map(|i| train.get(i))
+        .find(|&t| t as usize >= vocab)
+    {
+        return Err(Error::bad(format!(
+            "{}: token id {t} is outside the model's vocabulary of {vocab}",
+            cfg.data.display()
+        )));
+    }
+    Ok(Corpus {
+        train,
+        train_range,
+        val,
+        val_range,
+    })
+}
+
+/// The vocabulary size a tokenizer spec implies.
+fn vocab_for(spec: &str) -> Result<usize> {
+    Ok(match spec {
+        "bytes" => 256,
+        s => crate::tokenizer::load(s)?.vocab_size(),
+    })
+}
+
+/// Mean loss over the text `range` of `toks`, cut into windows of `ctx` tokens, each window
+/// from a fresh state (every token after the first is predicted exactly once).
+pub fn window_loss(
+    m: &TrainModel,
+    toks: &Tokens,
+    range: (usize, usize),
+    ctx: usize,
+) -> Result<f64> {
+    let (a, b) = range;
+    let (mut full, mut tail) = (Vec::new(), None);
+    let mut s = a;
+    while s + 1 < b {
+        let len = (b - 1 - s).min(ctx);
+        if len == ctx {
+            full.push(s);
+        } else {
+            tail = Some((s, len));
+        }
+        s += len;
+    }
+    let (mut sum, mut count) = (0.0, 0usize);
+    let (mut inp, mut tgt) = (Vec::new(), Vec::new());
+    let mut score = |starts: &[usize], len: usize| -> Result<()> {
+        inp.clear();
+        tgt.clear();
+        for &s in starts {
+            toks.copy(s, s + len, &mut inp);
+            toks.copy(s + 1, s + len + 1, &mut tgt);
+        }
+        let l = m.loss(&inp, &tgt, starts.len(), len, 0.0)?;
+        let l = l
+            .to_dtype(DType::F64)
+            .and_then(|l| l.to_scalar::<f64>())
+            .ce()?;
+        sum += l * (starts.len() * len) as f64;
+        count += starts.len() * len;
+        Ok(())
+    };
+    // Full windows in batches; the last, shorter one alone.
+    for group in full.chunks(32) {
+        score(group, ctx)?;
+    }
+    if let Some((s, len)) = tail {
+        score(&[s], len)?;
+    }
+    Ok(sum / count.max(1) as f64)
+}
+
+/// Reads a tensor as f32 values.
+fn values(t: &Tensor) -> Result<Vec<f32>> {
+    t.to_dtype(DType::F32)
+        .and_then(|t| t.flatten_all())
+        .and_then(|t| t.to_vec1::<f32>())
+        .ce()
+}
+
+/// The trainer's state between steps.
+struct Trainer {
+    cfg: TrainConfig,
+    model: TrainModel,
+    slots: Vec<Slot>,
+    step: u64,
+    rng: Rng,
+    adam: AdamConfig,
+}
+
+impl Trainer {
+    fn new(cfg: TrainConfig, vocab: usize) -> Result<Trainer> {
+        let spec = InitSpec {
+            arch: cfg.generation()?,
+            n_layer: cfg.layers,
+            n_embd: cfg.dim,
+            vocab,
+            head_size: cfg.head_size,
+            seed: cfg.seed,
+        };
+        let model = TrainModel::from_tensors(init_tensors(&spec)?, DType::F32)?;
+        let slots = model
+            .vars()
+            .map(|(n, v)| Slot::new(n, v.as_tensor().rank(), v.as_tensor().elem_count()))
+            .collect();
+        let adam = AdamConfig {
+            beta1: 0.9,
+            beta2: 0.99,
+            eps: 1e-18,
+            weight_decay: cfg.weight_decay,
+        };
+        Ok(Trainer {
+            rng: Rng::new(cfg.seed ^ 0x5eed_da7a),
+            cfg,
+            model,
+            slots,
+            step: 0,
+            adam,
+        })
+    }
+
+    /// The saved state: weights under the official names, optimizer moments as
+    /// `adam.m.NAME`/`adam.v.NAME`, the step, RNG and config in the metadata.
+    fn save(&self, dir: &RunDir) -> Result<()> {
+        let tensors = self.model.tensors()?;
+        let mut out: Vec<OutTensor> = tensors
+            .iter()
+            .map(|(n, s, d)| OutTensor::f32(n.clone(), s.clone(), d))
+            .collect();
+        let mut all = out.clone();
+        for ((n, s, _), slot) in tensors.iter().zip(&self.slots) {
+            all.push(OutTensor::f32(format!("adam.m.{n}"), s.clone(), &slot.m));
+            all.push(OutTensor::f32(format!("adam.v.{n}"), s.clone(), &slot.v));
+        }
+        let mut meta = BTreeMap::new();
+        meta.insert("step".into(), self.step.to_string());
+        meta.insert("rng".into(), self.rng.state().to_string());
+        meta.insert(
+            "config".into(),
+            toml::to_string(&self.cfg).map_err(|e| Error::Internal(e.to_string()))?,
+        );
+        // The model first, then the state that points past it: a kill between the two leaves
+        // a state whose weights are in the state file itself, so resuming stays exact.
+        let mut mmeta = BTreeMap::new();
+        mmeta.insert("format".into(), "pt".into());
+        mmeta.insert("step".into(), self.step.to_string());
+        write_safetensors(&dir.model(), &out, &mmeta)?;
+        if self.cfg.pth {
+            crate::checkpoint::write::write_pth(&dir.0.join("model.pth"), &out)?;
+        }
+        write_safetensors(&dir.state(), &all, &meta)?;
+        out.clear();
+        Ok(())
+    }
+
+    fn resume(cfg: TrainConfig, vocab: usize, dir: &RunDir) -> Result<Trainer> {
+        let path = dir.state();
+        let ck = Checkpoint::open(&path)?;
+        let md = ck.metadata();
+        let get = |k: &str| {
+            md.get(k)
+                .cloned()
+                .ok_or_else(|| Error::bad(format!("{}: no {k} in the metadata", path.display())))
+        };
+        let saved: TrainConfig = toml::from_str(&get("config")?)
+            .map_err(|e| Error::bad(format!("{}: bad config: {e}", path.display())))?;
+        for (what, a, b) in [
+            ("--arch", saved.arch.clone(), cfg.arch.clone()),
+            ("--layers", saved.layers.to_string(), cfg.layers.to_string()),
+            ("--dim", saved.dim.to_string(), cfg.dim.to_string()),
+            (
+                "--head-size",
+                saved.head_size.to_string(),
+                cfg.head_size.to_string(),
+            ),
+            (
+                "--tokenizer",
+                saved.tokenizer.clone(),
+                cfg.tokenizer.clone(),
+            ),
+        ] {
+            if a != b && !(what == "--head-size" && cfg.arch == "v4") {
+                return Err(Error::bad(format!(
+                    "--resume: {} was trained with {what} {a}, not {b}",
+                    path.display()
+                )));
+            }
+        }
+        let mut t = Trainer::new(cfg, vocab)?;
+        let names: Vec<String> = t.model.vars().map(|(n, _)| n.to_string()).collect();
+        for (i, n) in names.iter().enumerate() {
+            let (_, var) = t.model.vars().nth(i).expect("index in range");
+            let want = var.as_tensor().dims().to_vec();
+            let meta = ck.expect_shape(n, &want)?;
+            let _ = meta;
+            let w = ck.f32_vec(n)?;
+            var.set(&Tensor::from_vec(w, want.as_slice(), &candle_core::Device::Cpu).ce()?)
+                .ce()?;
+            t.slots[i].m = ck.f32_vec(&format!("adam.m.{n}"))?;
+            t.slots[i].v = ck.f32_vec(&format!("adam.v.{n}"))?;
+            if t.slots[i].m.len() != w_len(&want) || t.slots[i].v.len() != w_len(&want) {
+                return Err(Error::bad(format!(
+                    "{}: optimizer state of {n} has the wrong size",
+                    path.display()
+                )));
+            }
+        }
+        t.step = get("step")?
+            .parse()
+            .map_err(|_| Error::bad(format!("{}: bad step", path.display())))?;
+        t.rng = Rng::from_state(
+            get("rng")?
+                .parse()
+                .map_err(|_| Error::bad(format!("{}: bad rng", path.display())))?,
+        );
+        Ok(t)
+    }
+
+    /// One optimizer step over `accum` random micro-batches; returns (loss, grad norm, lr).
+    fn step(&mut self, c: &Corpus) -> Result<(f64, f64, f64)> {
+        let (ctx, b) = (self.cfg.ctx, self.cfg.batch);
+        let (lo, hi) = c.train_range;
+        let mut grads: Vec<Vec<f32>> = Vec::new();
+        let mut loss_sum = 0.0;
+        let (mut inp, mut tgt) = (Vec::with_capacity(b * ctx), Vec::with_capacity(b * ctx));
+        // Data parallelism: the windows are split into one shard per thread, each shard runs
+        // its own forward and backward pass, and the gradients are summed in shard order (so
+        // the result does not depend on timing). Small matrices and element-wise ops scale
+        // far better this way than by splitting every op across threads.
+        let shards = rayon::current_num_threads().clamp(1, b);
+        let bounds: Vec<(usize, usize)> = (0..shards)
+            .map(|i| (i * b / shards, (i + 1) * b / shards))
+            .collect();
+        let model = &self.model;
+        let l2wrap = self.cfg.l2wrap;
+        for _ in 0..self.cfg.accum {
+            inp.clear();
+            tgt.clear();
+            for _ in 0..b {
+                let span = (hi - lo - ctx) as u64;
+                let s = lo + (self.rng.next_u64() % span) as usize;
+                c.train.copy(s, s + ctx, &mut inp);
+                c.train.copy(s + 1, s + ctx + 1, &mut tgt);
+            }
+            let (inp, tgt) = (&inp, &tgt);
+            let parts: Vec<Result<(f64, Vec<Vec<f32>>)>> = bounds
+                .par_iter()
+                .map(|&(w0, w1)| {
+                    let n = w1 - w0;
+                    let (r0, r1) = (w0 * ctx, w1 * ctx);
+                    let loss = model.loss(&inp[r0..r1], &tgt[r0..r1], n, ctx, l2wrap)?;
+                    let l = loss.to_scalar::<f32>().ce()? as f64;
+                    let gs = loss.backward().ce()?;
+                    let scale = n as f32 / b as f32;
+                    let g = model
+                        .vars()
+                        .map(|(_, var)| match gs.get(var.as_tensor()) {
+                            Some(g) => {
+                                let mut v = values(g)?;
+                                v.iter_mut().for_each(|x| *x *= scale);
+                                Ok(v)
+                            }
+                            None => Ok(vec![0.0; var.as_tensor().elem_count()]),
+                        })
+                        .collect::<Result<Vec<_>>>()?;
+                    Ok((l * n as f64 / b as f64, g))
+                })
+                .collect();
+            for part in parts {
+                let (l, g) = part?;
+                loss_sum += l;
+                if grads.is_empty() {
+                    grads = g;
+                } else {
+                    for (a, b) in grads.iter_mut().zip(&g) {
+                        a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
+                    }
+                }
+            }
+        }
+        let loss = loss_sum / self.cfg.accum as f64;
+        if !loss.is_finite() {
+            return Ok((loss, f64::NAN, 0.0));
+        }
+        let inv = 1.0 / self.cfg.accum as f32;
+        let mut sq = 0.0f64;
+        for g in &mut grads {
+            for x in g.iter_mut() {
+                *x *= inv;
+                sq += (*x as f64) * (*x as f64);
+            }
+        }
+        let norm = sq.sqrt();
+        if !norm.is_finite() {
+            return Ok((f64::NAN, norm, 0.0));
+        }
+        let clip = if norm > self.cfg.grad_clip {
+            (self.cfg.grad_clip / (norm + 1e-6)) as f32
+        } else {
+            1.0
+        };
+        let lr = lr_at(
+            self.step,
+            self.cfg.steps,
+            self.cfg.warmup,
+            self.cfg.lr,
+            self.cfg.lr_final(),
+        );
+        self.step += 1;
+        let vars: Vec<_> = self.model.vars().map(|(_, v)| v.clone()).collect();
+        for ((var, slot), g) in vars.iter().zip(&mut self.slots).zip(&mut grads) {
+            if clip != 1.0 {
+                g.iter_mut().for_each(|x| *x *= clip);
+            }
+            let t = var.as_tensor();
+            let mut p = values(t)?;
+            slot.update(&mut p, g, lr, self.step, &self.adam);
+            var.set(&Tensor::from_vec(p, t.shape(), t.device()).ce()?)
+                .ce()?;
+        }
+        Ok((loss, norm, lr))
+    }
+}
+
+/// Keeps freed memory in the allocator instead of returning it to the system: every op of every
+/// step allocates buffers of the same sizes, and handing them back (glibc unmaps blocks above
+/// its threshold) makes each step page-fault them in again.
+fn keep_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        extern "C" {
+            fn mallopt(param: i32, value: i32) -> i32;
+        }
+        const M_TRIM_THRESHOLD: i32 = -1;
+        const M_MMAP_THRESHOLD: i32 = -3;
+        // SAFETY: mallopt only changes allocator tuning parameters.
+        unsafe {
+            mallopt(M_MMAP_THRESHOLD, 32 << 20);
+            mallopt(M_TRIM_THRESHOLD, 256 << 20);
+        }
+    }
+}
+
+fn w_len(shape: &[usize]) -> usize {
+    shape.iter().product()
+}
+
+/// Writes the loss curve (training loss per logged step, validation loss where measured) as
+/// an SVG.
+pub fn plot(metrics: &[Metric], path: &Path) -> Result<()> {
+    use plotters::prelude::*;
+    if metrics.is_empty() {
+        return Ok(());
+    }
+    let mut svg = String::new();
+    {
+        let root = SVGBackend::with_string(&mut svg, (800, 500)).into_drawing_area();
+        let perr = |e: &dyn std::fmt::Display| Error::Internal(format!("plot: {e}"));
+        root.fill(&WHITE).map_err(|e| perr(&e))?;
+        let max_step = metrics.last().map_or(1, |m| m.step).max(1);
+        let losses = metrics
+            .iter()
+            .flat_map(|m| std::iter::once(m.train_loss).chain(m.val_loss))
+            .filter(|x| x.is_finite());
+        let (lo, hi) = losses.fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), x| {
+            (a.min(x), b.max(x))
+        });
+        let (lo, hi) = if lo < hi {
+            (lo, hi)
+        } else {
+            (lo - 1.0, lo + 1.0)
+        };
+        let mut chart = ChartBuilder::on(&root)
+            .caption("loss (nats per token)", ("sans-serif", 20))
+            .margin(15)
+            .x_label_area_size(35)
+            .y_label_area_size(50)
+            .build_cartesian_2d(0u64..max_step, (lo * 0.95)..(hi * 1.02))
+            .map_err(|e| perr(&e))?;
+        chart
+            .configure_mesh()
+            .x_desc("step")
+            .y_desc("loss")
+            .draw()
+            .map_err(|e| perr(&e))?;
+        chart
+            .draw_series(LineSeries::new(
+                metrics.iter().map(|m| (m.step, m.train_loss)),
+                &BLUE,
+            ))
+            .map_err(|e| perr(&e))?
+            .label("train")
+            .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLUE));
+        chart
+            .draw_series(LineSeries::new(
+                metrics
+                    .iter()
+                    .filter_map(|m| m.val_loss.map(|v| (m.step, v))),
+                RED.stroke_width(2),
+            ))
+            .map_err(|e| perr(&e))?
+            .label("validation")
+            .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], RED));
+        chart
+            .configure_series_labels()
+            .background_style(WHITE)
+            .border_style(BLACK)
+            .draw()
+            .map_err(|e| perr(&e))?;
+        root.present().map_err(|e| perr(&e))?;
+    }
+    crate::checkpoint::write_atomic(path, |w| w.write_all(svg.as_bytes()))
+}
+
+fn read_metrics(path: &Path, upto: u64) -> Vec<Metric> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Metric>(l).ok())
+        .filter(|m| m.step <= upto)
+        .collect()
+}
+
+fn fmt_secs(s: f64) -> String {
+    let s = s.max(0.0) as u64;
+    if s >= 3600 {
+        format!("{}h{:02}m", s / 3600, s / 60 % 60)
+    } else {
+        format!("{}m{:02}s", s / 60, s % 60)
+    }
+}
+
+/// Runs (or, with `resume`, continues) a training run; `stop_at` ends it early after that
+/// step as an interruption would (the run can be resumed).
+pub fn train(cfg: TrainConfig, resume: bool, stop_at: Option<u64>) -> Result<Summary> {
+    cfg.check()?;
+    keep_freed_memory();
+    let dir = RunDir(cfg.out.clone());
+    std::fs::create_dir_all(&dir.0).map_err(|e| Error::io(&dir.0, e))?;
+    let vocab = vocab_for(&cfg.tokenizer)?;
+    let corpus = corpus(&cfg, vocab)?;
+    let mut t = if resume {
+        if !dir.state().is_file() {
+            return Err(Error::bad(format!(
+                "--resume: {} has no state.safetensors to resume from",
+                dir.0.display()
+            )));
+        }
+        Trainer::resume(cfg.clone(), vocab, &dir)?
+    } else {
+        Trainer::new(cfg.clone(), vocab)?
+    };
+    let cfg_text = toml::to_string(&cfg).map_err(|e| Error::Internal(e.to_string()))?;
+    crate::checkpoint::write_atomic(&dir.0.join("config.toml"), |w| {
+        w.write_all(cfg_text.as_bytes())
+    })?;
+    let mut metrics = read_metrics(&dir.metrics(), t.step);
+    let rewrite: String = metrics
+        .iter()
+        .map(|m| serde_json::to_string(m).unwrap_or_default() + "\n")
+        .collect();
+    crate::checkpoint::write_atomic(&dir.metrics(), |w| w.write_all(rewrite.as_bytes()))?;
+    let mut log = std::fs::OpenOptions::new()
+        .append(true)
+        .open(dir.metrics())
+        .map_err(|e| Error::io(dir.metrics(), e))?;
+    let tty = std::io::stderr().is_terminal();
+    let tok_per_step = (cfg.batch * cfg.ctx * cfg.accum) as f64;
+    let run_start = Instant::now();
+    let first_step = t.step;
+    let mut win_secs = 0.0;
+    let (mut win_loss, mut win_n) = (0.0, 0u64);
+    let mut last_val = f64::NAN;
+    eprintln!(
+        "training {} · {} layers × {} · ctx {} · batch {} · {} steps · {} training tokens",
+        cfg.arch,
+        cfg.layers,
+        cfg.dim,
+        cfg.ctx,
+        cfg.batch,
+        cfg.steps,
+        corpus.train_range.1 - corpus.train_range.0
+    );
+    while t.step < cfg.steps {
+        let t0 = Instant::now();
+        let (loss, norm, lr) = t.step(&corpus)?;
+        win_secs += t0.elapsed().as_secs_f64();
+        if !loss.is_finite() {
+            return Err(Error::bad(format!(
+                "step {}: the loss is {loss} (gradient norm {norm}); stopping. The last good checkpoint is {} (step {})",
+                t.step + 1,
+                dir.state().display(),
+                Checkpoint::open(dir.state())
+                    .ok()
+                    .and_then(|c| c.metadata().get("step").cloned())
+                    .unwrap_or_else(|| "none".into())
+            )));
+        }
+        win_loss += loss;
+        win_n += 1;
+        let s = t.step;
+        let last = s == cfg.steps;
+        let val = if s % cfg.eval_every == 0 || last {
+            let v = window_loss(&t.model, &corpus.val, corpus.val_range, cfg.ctx)?;
+            last_val = v;
+            Some(v)
+        } else {
+            None
+        };
+        if s % cfg.log_every == 0 || last || val.is_some() {
+            let dt = win_secs;
+            let m = Metric {
+                step: s,
+                train_loss: win_loss / win_n as f64,
+                lr,
+                tokens_per_s: tok_per_step * win_n as f64 / dt.max(1e-9),
+                val_loss: val,
+                grad_norm: norm,
+            };
+            writeln!(log, "{}", serde_json::to_string(&m).unwrap_or_default())
+                .map_err(|e| Error::io(dir.metrics(), e))?;
+            let done = (s - first_step) as f64;
+            let eta = run_start.elapsed().as_secs_f64() / done.max(1.0) * (cfg.steps - s) as f64;
+            let line = format!(
+                "step {s}/{} | loss {:.4} | lr {:.2e} | {:.0} tok/s | ETA {}{}",
+                cfg.steps,
+                m.train_loss,
+                lr,
+                m.tokens_per_s,
+                fmt_secs(eta),
+                val.map(|v| format!(" | val {v:.4}")).unwrap_or_default()
+            );
+            if tty {
+                eprint!("\r\x1b[2K{line}");
+                if val.is_some() {
+                    eprintln!();
+                }
+            } else {
+                eprintln!("{line}");
+            }
+            metrics.push(m);
+            win_loss = 0.0;
+            win_n = 0;
+            // Throughput counts training steps only, not validation or checkpoints.
+            win_secs = 0.0;
+        }
+        if s % cfg.save_every == 0 || last || stop_at == Some(s) {
+            t.save(&dir)?;
+            plot(&metrics, &dir.0.join("loss.svg"))?;
+        }
+        if stop_at == Some(s) {
+            break;
+        }
+    }
+    if tty {
+        eprintln!();
+    }
+    let trained = (t.step - first_step) as f64 * tok_per_step;
+    let tps = metrics
+        .iter()
+        .filter(|m| m.step > first_step)
+        .map(|m| m.tokens_per_s)
+        .collect::<Vec<_>>();
+    let tokens_per_s = if tps.is_empty() {
+        trained / run_start.elapsed().as_secs_f64().max(1e-9)
+    } else {
+        let mut v = tps;
+        v.sort_by(|a, b| a.total_cmp(b));
+        v[v.len() / 2]
+    };
+    Ok(Summary {
+        val_loss: last_val,
+        tokens_per_s,
+        model: dir.model(),
+    })
+}

@@ -1,0 +1,352 @@
+//! `rwkv train` and `rwkv eval` end to end on a tiny model: checkpoints that the inference
+//! engine loads with the training model's logits, exact resumption, the config file, the run
+//! directory's files and the errors on bad input.
+
+mod common;
+use candle_core::DType;
+use common::{tmpdir, tol_ratio};
+use rwkv::checkpoint::Checkpoint;
+use rwkv::model::{Logits, Model};
+use rwkv::train::TrainModel;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn rwkv(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_rwkv"))
+        .args(args)
+        .env("RAYON_NUM_THREADS", "2")
+        .output()
+        .unwrap()
+}
+
+fn ok(args: &[&str]) -> String {
+    let o = rwkv(args);
+    assert!(
+        o.status.success(),
+        "rwkv {args:?} failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// A command that must fail with exit code 2; returns the last line of stderr.
+fn bad(args: &[&str]) -> String {
+    let o = rwkv(args);
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    assert_eq!(o.status.code(), Some(2), "rwkv {args:?}: {err}");
+    assert!(!err.contains("panicked"), "{err}");
+    err.trim_end().lines().last().unwrap_or("").to_string()
+}
+
+/// The first 24 kB of tiny Shakespeare.
+fn corpus(dir: &Path) -> PathBuf {
+    let text = std::fs::read(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/data/tinyshakespeare.txt"
+    ))
+    .unwrap();
+    let p = dir.join("corpus.txt");
+    std::fs::write(&p, &text[..24_000]).unwrap();
+    p
+}
+
+const TINY: &[&str] = &[
+    "--layers",
+    "2",
+    "--dim",
+    "32",
+    "--head-size",
+    "16",
+    "--ctx",
+    "16",
+    "--batch",
+    "4",
+    "--warmup",
+    "2",
+    "--lr",
+    "3e-3",
+    "--log-every",
+    "1",
+    "--eval-every",
+    "3",
+];
+
+/// TINY with some flags' values replaced and others appended.
+fn tiny_with<'a>(over: &[(&'a str, &'a str)]) -> Vec<&'a str> {
+    let mut a: Vec<&str> = TINY.to_vec();
+    for &(k, v) in over {
+        match a.iter().position(|&x| x == k) {
+            Some(i) => a[i + 1] = v,
+            None => a.extend_from_slice(&[k, v]),
+        }
+    }
+    a
+}
+
+fn train(data: &Path, out: &Path, extra: &[&str]) -> String {
+    let mut a = vec![
+        "train",
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    a.extend_from_slice(TINY);
+    a.extend_from_slice(extra);
+    ok(&a)
+}
+
+#[test]
+fn trained_checkpoint_runs_in_the_engine_with_the_training_logits() {
+    for arch in ["v7", "v4"] {
+        trained_checkpoint_matches(arch);
+    }
+}
+
+fn trained_checkpoint_matches(arch: &str) {
+    let d = tmpdir(&format!("train-engine-{arch}"));
+    let data = corpus(&d);
+    let out = d.join("run");
+    train(&data, &out, &["--steps", "4", "--arch", arch]);
+    let path = out.join("model.safetensors");
+    let ck = Checkpoint::open(&path).unwrap();
+    let tm = TrainModel::from_checkpoint(&ck, DType::F32).unwrap();
+    let tokens: Vec<u32> = b"ROMEO: What light".iter().map(|&b| b as u32).collect();
+    let want = tm.logits_vec(&tokens).unwrap();
+    let model = Model::load(&path).unwrap();
+    for parallel in [true, false] {
+        let mut st = model.new_state();
+        let got: Vec<f32> = if parallel {
+            model.forward(&tokens, &mut st, Logits::All).unwrap()
+        } else {
+            tokens
+                .iter()
+                .flat_map(|&t| model.step(t, &mut st).unwrap())
+                .collect()
+        };
+        let r = tol_ratio(&got, &want);
+        assert!(r <= 1.0, "{arch} parallel={parallel}: {r}x the tolerance");
+    }
+    // `rwkv generate` loads it too.
+    let text = ok(&[
+        "generate",
+        "--model",
+        path.to_str().unwrap(),
+        "--prompt",
+        "ROMEO:",
+        "--max-tokens",
+        "8",
+        "--seed",
+        "1",
+    ]);
+    assert!(!text.is_empty());
+}
+
+#[test]
+fn run_directory_has_metrics_plot_and_config() {
+    let d = tmpdir("train-files");
+    let data = corpus(&d);
+    let out = d.join("run");
+    let summary = train(&data, &out, &["--steps", "5", "--pth"]);
+    assert!(summary.contains("validation loss"), "{summary}");
+    let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    let lines: Vec<serde_json::Value> = metrics
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 5);
+    for (i, m) in lines.iter().enumerate() {
+        assert_eq!(m["step"], i as u64 + 1);
+        for k in ["train_loss", "lr", "tokens_per_s"] {
+            assert!(m[k].as_f64().unwrap().is_finite(), "{k} in {m}");
+        }
+    }
+    assert!(lines[2]["val_loss"].is_number(), "validation at step 3");
+    assert!(
+        lines[4]["val_loss"].is_number(),
+        "validation at the last step"
+    );
+    assert!(lines[0].get("val_loss").is_none());
+    let svg = std::fs::read_to_string(out.join("loss.svg")).unwrap();
+    assert!(svg.starts_with("<svg") && svg.contains("polyline"));
+    assert!(out.join("config.toml").is_file());
+    assert!(out.join("model.pth").is_file());
+    Model::load(out.join("model.pth")).unwrap();
+    // The token cache beside the data is reused.
+    assert!(d.join("corpus.txt.bytes.tokens").is_file());
+}
+
+#[test]
+fn resumed_run_ends_with_the_same_weights() {
+    let d = tmpdir("train-resume");
+    let data = corpus(&d);
+    let (a, b) = (d.join("straight"), d.join("interrupted"));
+    train(&data, &a, &["--steps", "6", "--save-every", "2"]);
+    train(
+        &data,
+        &b,
+        &["--steps", "6", "--save-every", "2", "--stop-at", "3"],
+    );
+    let mid = Checkpoint::open(b.join("state.safetensors")).unwrap();
+    assert_eq!(mid.metadata()["step"], "3");
+    train(
+        &data,
+        &b,
+        &["--steps", "6", "--save-every", "2", "--resume"],
+    );
+    let (wa, wb) = (
+        std::fs::read(a.join("model.safetensors")).unwrap(),
+        std::fs::read(b.join("model.safetensors")).unwrap(),
+    );
+    assert!(
+        wa == wb,
+        "resumed weights differ from the uninterrupted run"
+    );
+    let ma = std::fs::read_to_string(a.join("metrics.jsonl")).unwrap();
+    let mb = std::fs::read_to_string(b.join("metrics.jsonl")).unwrap();
+    let loss = |s: &str| -> Vec<String> {
+        s.lines()
+            .map(|l| {
+                let v: serde_json::Value = serde_json::from_str(l).unwrap();
+                format!("{} {}", v["step"], v["train_loss"])
+            })
+            .collect()
+    };
+    assert_eq!(loss(&ma), loss(&mb));
+}
+
+#[test]
+fn config_file_equals_flags() {
+    let d = tmpdir("train-config");
+    let data = corpus(&d);
+    let flags = d.join("flags");
+    train(&data, &flags, &["--steps", "3"]);
+    let cfg = d.join("run.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "data = {:?}\nout = {:?}\nlayers = 2\ndim = 32\nhead-size = 16\nctx = 16\nbatch = 4\n\
+             warmup = 2\nlr = 3e-3\nlog-every = 1\neval-every = 3\nsteps = 3\n",
+            data.to_str().unwrap(),
+            d.join("file").to_str().unwrap()
+        ),
+    )
+    .unwrap();
+    ok(&["train", "--config", cfg.to_str().unwrap()]);
+    assert_eq!(
+        std::fs::read(flags.join("model.safetensors")).unwrap(),
+        std::fs::read(d.join("file").join("model.safetensors")).unwrap()
+    );
+    std::fs::write(&cfg, "layerz = 3\n").unwrap();
+    let e = bad(&["train", "--config", cfg.to_str().unwrap()]);
+    assert!(e.contains("run.toml") && e.contains("layerz"), "{e}");
+}
+
+#[test]
+fn eval_scores_windows_and_whole_text() {
+    let d = tmpdir("eval");
+    let data = corpus(&d);
+    let out = d.join("run");
+    train(&data, &out, &["--steps", "3"]);
+    let m = out.join("model.safetensors");
+    let js = |extra: &[&str]| -> serde_json::Value {
+        let mut a = vec![
+            "eval",
+            "--model",
+            m.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+            "--json",
+        ];
+        a.extend_from_slice(extra);
+        serde_json::from_str(ok(&a).trim()).unwrap()
+    };
+    let w = js(&["--ctx", "16", "--val-fraction", "0.1"]);
+    let loss = w["loss"].as_f64().unwrap();
+    assert!((w["perplexity"].as_f64().unwrap() - loss.exp()).abs() < 1e-6);
+    // Bytes: one token per byte, so bits per byte = loss / ln 2.
+    assert!((w["bits_per_byte"].as_f64().unwrap() - loss / std::f64::consts::LN_2).abs() < 1e-6);
+    assert_eq!(w["tokens"], 2399);
+    // The trainer's final validation (same split, same windows) agrees.
+    let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    let last: serde_json::Value = serde_json::from_str(metrics.lines().last().unwrap()).unwrap();
+    let val = last["val_loss"].as_f64().unwrap();
+    assert!((val - loss).abs() < 1e-4, "trainer {val} vs eval {loss}");
+    let whole = js(&[]);
+    assert_eq!(whole["tokens"], 23_999);
+    assert!(whole["loss"].as_f64().unwrap().is_finite());
+}
+
+#[test]
+fn bad_training_input_gives_one_clear_error() {
+    let d = tmpdir("train-bad");
+    let empty = d.join("empty.txt");
+    std::fs::write(&empty, b"").unwrap();
+    let out = d.join("run");
+    let o = out.to_str().unwrap();
+    let e = bad(&["train", "--data", empty.to_str().unwrap(), "--out", o]);
+    assert!(e.contains("empty.txt") && e.contains("empty"), "{e}");
+    let short = d.join("short.txt");
+    std::fs::write(&short, b"To be, or not to be: that is the question.").unwrap();
+    let e = bad(&["train", "--data", short.to_str().unwrap(), "--out", o]);
+    assert!(e.contains("short.txt") && e.contains("--ctx"), "{e}");
+    let binary = d.join("binary.bin");
+    std::fs::write(&binary, [0xffu8, 0xfe, 0x00, 0x80].repeat(200)).unwrap();
+    let e = bad(&[
+        "train",
+        "--data",
+        binary.to_str().unwrap(),
+        "--tokenizer",
+        "world",
+        "--out",
+        o,
+    ]);
+    assert!(e.contains("not UTF-8"), "{e}");
+    let e = bad(&["train", "--data", "/nonexistent/text.txt", "--out", o]);
+    assert!(e.contains("/nonexistent/text.txt"), "{e}");
+    let data = corpus(&d);
+    let dp = data.to_str().unwrap();
+    // An --out below a regular file cannot be created.
+    let file = d.join("file");
+    std::fs::write(&file, b"x").unwrap();
+    let under = file.join("run");
+    let e = bad(&["train", "--data", dp, "--out", under.to_str().unwrap()]);
+    assert!(e.contains("file/run"), "{e}");
+    let e = bad(&[
+        "train",
+        "--data",
+        dp,
+        "--dim",
+        "30",
+        "--head-size",
+        "16",
+        "--out",
+        o,
+    ]);
+    assert!(e.contains("--dim 30"), "{e}");
+    let e = bad(&["train", "--data", dp, "--arch", "v5", "--out", o]);
+    assert!(e.contains("v5"), "{e}");
+    let e = bad(&["train", "--data", dp, "--resume", "--out", o]);
+    assert!(e.contains("state.safetensors"), "{e}");
+    // Resuming with another shape.
+    train(&data, &out, &["--steps", "2"]);
+    let mut a = vec!["train", "--data", dp, "--out", o, "--resume"];
+    a.extend(tiny_with(&[("--dim", "48")]));
+    let e = bad(&a);
+    assert!(e.contains("--dim 32, not 48"), "{e}");
+    // A diverging run stops, names the step and keeps the last good checkpoint.
+    let nan_out = d.join("nan");
+    let mut a = vec!["train", "--data", dp, "--out", nan_out.to_str().unwrap()];
+    a.extend(tiny_with(&[
+        ("--lr", "1e30"),
+        ("--warmup", "0"),
+        ("--grad-clip", "1e30"),
+        ("--steps", "50"),
+        ("--save-every", "1"),
+    ]));
+    let e = bad(&a);
+    assert!(e.contains("step ") && e.contains("loss is"), "{e}");
+    let st = Checkpoint::open(nan_out.join("state.safetensors")).unwrap();
+    let step: u64 = st.metadata()["step"].parse().unwrap();
+    assert!(e.contains(&format!("(step {step})")), "{e}");
+}
