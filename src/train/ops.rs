@@ -636,6 +636,7 @@ struct Tok<T> {
     b: Vec<T>,
     kmod: Vec<T>,
     decay: Vec<T>,
+    sig: Vec<T>,
 }
 
 impl<T: Real> Tok<T> {
@@ -646,10 +647,13 @@ impl<T: Real> Tok<T> {
             b: vec![T::zero(); n],
             kmod: vec![T::zero(); n],
             decay: vec![T::zero(); n],
+            sig: vec![T::zero(); n],
         }
     }
+    /// Derives the token's quantities; `saved` holds `sigmoid(w)` and the decay from the
+    /// forward pass (so the backward pass computes no exponentials).
     #[inline(always)]
-    fn fill(&mut self, w: &[T], k: &[T], a: &[T], k_k: &[T], k_a: &[T]) {
+    fn fill(&mut self, w: &[T], k: &[T], a: &[T], k_k: &[T], k_a: &[T], saved: Option<&[T]>) {
         let n = k.len();
         let mut ss = T::zero();
         for j in 0..n {
@@ -662,7 +666,18 @@ impl<T: Real> Tok<T> {
             self.kk[j] /= self.norm;
             self.b[j] = self.kk[j] * a[j];
             self.kmod[j] = k[j] * (T::one() + (a[j] - T::one()) * k_a[j]);
-            self.decay[j] = (-T::of(W_SCALE) * sigm(w[j])).exp();
+        }
+        match saved {
+            Some(sd) => {
+                self.sig.copy_from_slice(&sd[..n]);
+                self.decay.copy_from_slice(&sd[n..2 * n]);
+            }
+            None => {
+                for j in 0..n {
+                    self.sig[j] = sigm(w[j]);
+                    self.decay[j] = (-T::of(W_SCALE) * self.sig[j]).exp();
+                }
+            }
         }
     }
 }
@@ -686,8 +701,8 @@ fn wkv7_step<T: Real>(
         let acc = -dot(row, kk);
         sa[i] = acc;
         let vi = v[i];
-        for j in 0..n {
-            row[j] = row[j] * decay[j] + acc * b[j] + vi * kmod[j];
+        for (((x, d), b), k) in row.iter_mut().zip(decay).zip(b).zip(kmod) {
+            *x = *x * *d + acc * *b + vi * *k;
         }
         if let Some((r, y)) = ry.as_mut() {
             y[i] = dot(row, r);
@@ -770,7 +785,8 @@ impl Wkv7 {
         let hs = hi * n..(hi + 1) * n;
         let (k_k, k_a) = (&p[hs.clone()], &p[c + hi * n..c + (hi + 1) * n]);
         let mut s = vec![T::zero(); n * n];
-        let mut ck = vec![T::zero(); nck * n * n];
+        // Checkpoints, then sigmoid(w) and the decay of every token (for the backward pass).
+        let mut ck = vec![T::zero(); nck * n * n + 2 * t * n];
         let mut y = vec![T::zero(); t * n];
         let mut tk = Tok::new(n);
         let mut sa = vec![T::zero(); n];
@@ -781,7 +797,10 @@ impl Wkv7 {
             }
             let o = self.at(bi, ti, hi);
             let g = |slot: usize| &acts[slot * pl + o..slot * pl + o + n];
-            tk.fill(g(1), g(2), g(4), k_k, k_a);
+            tk.fill(g(1), g(2), g(4), k_k, k_a, None);
+            let sd = nck * n * n + ti * 2 * n;
+            ck[sd..sd + n].copy_from_slice(&tk.sig);
+            ck[sd + n..sd + 2 * n].copy_from_slice(&tk.decay);
             let yt = &mut y[ti * n..(ti + 1) * n];
             wkv7_step(&mut s, &tk, g(3), &mut sa, Some((g(0), yt)));
         }
@@ -813,7 +832,8 @@ impl Wkv7 {
         let mut dkk = vec![T::zero(); n];
         let (mut dkmod, mut db) = (vec![T::zero(); n], vec![T::zero(); n]);
         let mut ddecay = vec![T::zero(); n];
-        let ckh = &ck[task * nck * nn..(task + 1) * nck * nn];
+        let per = nck * nn + 2 * t * n;
+        let ckh = &ck[task * per..(task + 1) * per];
         for q in (0..nck).rev() {
             let (t0, t1) = (q * WKV_CHUNK, ((q + 1) * WKV_CHUNK).min(t));
             // Recompute the chunk's states from its checkpoint.
@@ -822,7 +842,8 @@ impl Wkv7 {
                 let li = ti - t0;
                 let o = self.at(bi, ti, hi);
                 let g = |slot: usize| &acts[slot * pl + o..slot * pl + o + n];
-                toks[li].fill(g(1), g(2), g(4), k_k, k_a);
+                let sd = nck * nn + ti * 2 * n;
+                toks[li].fill(g(1), g(2), g(4), k_k, k_a, Some(&ckh[sd..sd + 2 * n]));
                 let (prev, next) = states.split_at_mut((li + 1) * nn);
                 next[..nn].copy_from_slice(&prev[li * nn..]);
                 wkv7_step(
@@ -874,8 +895,8 @@ impl Wkv7 {
                     axpy(db, sai, row);
                     mul_acc(ddecay, row, sp);
                     axpy(dkk, -dsai, sp);
-                    for j in 0..n {
-                        row[j] = row[j] * dec[j] - dsai * kkv[j];
+                    for ((x, d), k) in row.iter_mut().zip(dec).zip(kkv) {
+                        *x = *x * *d - dsai * *k;
                     }
                 }
                 d[(3 * t + ti) * n..(3 * t + ti + 1) * n].copy_from_slice(&dvs[..n]);
@@ -898,7 +919,7 @@ impl Wkv7 {
                     };
                     dk += draw * k_k[j];
                     dpar[j] += draw * k[j];
-                    let sg = sigm(g(1)[j]);
+                    let sg = tk.sig[j];
                     let dw = ddecay[j] * tk.decay[j] * (-T::of(W_SCALE)) * sg * (T::one() - sg);
                     d[(t + ti) * n + j] = dw;
                     d[(2 * t + ti) * n + j] = dk;
@@ -918,7 +939,7 @@ impl Wkv7 {
             .map(|task| dispatch!(self.fwd_task(acts, p, task)))
             .collect();
         let mut y = vec![T::zero(); pl];
-        let mut ck = Vec::with_capacity(b * h * nck * n * n);
+        let mut ck = Vec::with_capacity(b * h * (nck * n * n + 2 * t * n));
         for (task, (yt, c)) in parts.into_iter().enumerate() {
             let (bi, hi) = (task / h, task % h);
             for ti in 0..t {
