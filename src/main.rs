@@ -785,10 +785,16 @@ fn train(a: TrainArgs) -> Result<()> {
         c.lr_final = a.lr_final;
     }
     c.pth |= a.pth;
-    if let Some(n) = a.threads {
-        // The matrix products read the thread count from the environment.
-        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
-    }
+    // candle's matrix products read the thread count from RAYON_NUM_THREADS on every call and,
+    // when it is unset, count the physical cores by reading /proc/cpuinfo each time.
+    let n = a.threads.unwrap_or_else(|| {
+        std::env::var("RAYON_NUM_THREADS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .filter(|&n: &usize| n > 0)
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+    });
+    std::env::set_var("RAYON_NUM_THREADS", n.to_string());
     // The trainer parallelises over shards of the batch with rayon; candle's own pool for
     // element-wise ops would only spin against it.
     if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
