@@ -202,6 +202,14 @@ fn resumed_run_ends_with_the_same_weights() {
         wa == wb,
         "resumed weights differ from the uninterrupted run"
     );
+    // Resuming a finished run trains nothing and still reports its validation loss.
+    let again = train(
+        &data,
+        &b,
+        &["--steps", "6", "--save-every", "2", "--resume"],
+    );
+    assert!(!again.contains("NaN"), "{again}");
+    assert_eq!(std::fs::read(b.join("model.safetensors")).unwrap(), wb);
     let ma = std::fs::read_to_string(a.join("metrics.jsonl")).unwrap();
     let mb = std::fs::read_to_string(b.join("metrics.jsonl")).unwrap();
     let loss = |s: &str| -> Vec<String> {

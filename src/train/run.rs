@@ -804,6 +804,10 @@ pub fn train(cfg: TrainConfig, resume: bool, stop_at: Option<u64>) -> Result<Sum
     if tty {
         eprintln!();
     }
+    if t.step == first_step {
+        // Resumed a run that had already reached --steps: nothing to train, still report.
+        last_val = window_loss(&t.model, &corpus.val, corpus.val_range, cfg.ctx)?;
+    }
     let trained = (t.step - first_step) as f64 * tok_per_step;
     let tps = metrics
         .iter()
