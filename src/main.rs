@@ -853,7 +853,8 @@ fn eval(a: EvalArgs) -> Result<()> {
         if tty {
             let pct = 100.0 * done as f64 / total.max(1) as f64;
             let rate = done as f64 / start.elapsed().as_secs_f64().max(1e-9);
-            eprint!("\r\x1b[2Kscoring {done}/{total} tokens ({pct:.0}%, {rate:.0} tok/s)");
+            let bar = rwkv::train::run::bar(done as u64, total as u64);
+            eprint!("\r\x1b[2K{bar} scoring {done}/{total} tokens ({pct:.0}%, {rate:.0} tok/s)");
         }
     };
     let s = rwkv::eval::score(&model, ids, bytes, a.ctx, &mut progress)?;

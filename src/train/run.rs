@@ -670,6 +670,12 @@ fn read_metrics(path: &Path, upto: u64) -> Vec<Metric> {
         .collect()
 }
 
+/// A 20-character progress bar.
+pub fn bar(done: u64, total: u64) -> String {
+    let filled = (20 * done / total.max(1)).min(20) as usize;
+    format!("[{}{}]", "#".repeat(filled), "-".repeat(20 - filled))
+}
+
 fn fmt_secs(s: f64) -> String {
     let s = s.max(0.0) as u64;
     if s >= 3600 {
@@ -780,7 +786,7 @@ pub fn train(cfg: TrainConfig, resume: bool, stop_at: Option<u64>) -> Result<Sum
                 val.map(|v| format!(" | val {v:.4}")).unwrap_or_default()
             );
             if tty {
-                eprint!("\r\x1b[2K{line}");
+                eprint!("\r\x1b[2K{} {line}", bar(s, cfg.steps));
                 if val.is_some() {
                     eprintln!();
                 }
