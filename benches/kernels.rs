@@ -7,19 +7,14 @@
 //! ```
 
 use rwkv::checkpoint::{FloatData, Shared, WeightFormat};
+use rwkv::init::Rng;
 use rwkv::kernels::{matmul, Layout, Matrix};
 use std::time::Instant;
 
+/// Uniform values in [-0.5, 0.5).
 fn rnd(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed;
-    (0..n)
-        .map(|_| {
-            s = s
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((s >> 40) as f32 / (1u64 << 24) as f32) - 0.5
-        })
-        .collect()
+    let mut r = Rng::new(seed);
+    (0..n).map(|_| r.uniform() as f32 - 0.5).collect()
 }
 
 fn median(mut v: Vec<f64>) -> f64 {

@@ -26,7 +26,7 @@ fn nll(logits: &[f32], target: u32) -> f64 {
 
 /// Windows `(start, len)` over `n` tokens: each predicts tokens `start+1 ..= start+len` from
 /// `start .. start+len`, so that every token but the first is predicted exactly once.
-fn windows(n: usize, ctx: usize) -> Vec<(usize, usize)> {
+pub(crate) fn windows(n: usize, ctx: usize) -> Vec<(usize, usize)> {
     let mut w = Vec::new();
     let mut s = 0;
     while s + 1 < n {

@@ -163,6 +163,36 @@ impl Out {
     }
 }
 
+impl Out {
+    /// The layer norms every block starts with (and `ln0` in block 0); returns the block's
+    /// key prefix and RWKV-LM's depth ratios `ratio_0_to_1 = i/(L-1)` and
+    /// `ratio_1_to_almost0 = 1 - i/L`.
+    fn block_start(&mut self, i: usize, l: usize, c: usize) -> (String, f64, f64) {
+        let b = format!("blocks.{i}");
+        self.ln(&format!("{b}.ln1"), c);
+        self.ln(&format!("{b}.ln2"), c);
+        if i == 0 {
+            self.ln(&format!("{b}.ln0"), c);
+        }
+        let r01 = if l > 1 {
+            i as f64 / (l - 1) as f64
+        } else {
+            0.0
+        };
+        (b, r01, 1.0 - i as f64 / l as f64)
+    }
+}
+
+/// The number of heads of size `n` in width `c`.
+fn heads(c: usize, n: usize) -> Result<usize> {
+    if n == 0 || !c.is_multiple_of(n) {
+        return Err(Error::bad(format!(
+            "--dim {c} is not a multiple of --head-size {n}"
+        )));
+    }
+    Ok(c / n)
+}
+
 /// generate_init_weight's rule for a 2-D `.weight`: orthogonal with gain
 /// `√(rows/cols)` (when rows > cols) times `scale`, or zeros when `scale` is 0.
 fn weight(rows: usize, cols: usize, scale: f32, v4_gain: bool, rng: &mut Rng) -> Vec<f32> {
@@ -199,12 +229,7 @@ pub fn init_tensors(spec: &InitSpec) -> Result<Vec<NamedTensor>> {
     match spec.arch {
         Generation::V7 => {
             let n = spec.head_size;
-            if n == 0 || c % n != 0 {
-                return Err(Error::bad(format!(
-                    "--dim {c} is not a multiple of --head-size {n}"
-                )));
-            }
-            let h = c / n;
+            let h = heads(c, n)?;
             let f = 4 * c;
             let (dw, da, dv, dg) = (
                 lora_rank(2.5, c),
@@ -213,18 +238,7 @@ pub fn init_tensors(spec: &InitSpec) -> Result<Vec<NamedTensor>> {
                 lora_rank(5.0, c),
             );
             for i in 0..l {
-                let b = format!("blocks.{i}");
-                o.ln(&format!("{b}.ln1"), c);
-                o.ln(&format!("{b}.ln2"), c);
-                if i == 0 {
-                    o.ln(&format!("{b}.ln0"), c);
-                }
-                let r01 = if l > 1 {
-                    i as f64 / (l - 1) as f64
-                } else {
-                    0.0
-                };
-                let r10 = 1.0 - i as f64 / l as f64;
+                let (b, r01, r10) = o.block_start(i, l, c);
                 let p = format!("{b}.att");
                 let mix = |e: f64| {
                     ddd.iter()
@@ -347,18 +361,7 @@ pub fn init_tensors(spec: &InitSpec) -> Result<Vec<NamedTensor>> {
         Generation::V4 => {
             let f = 4 * c;
             for i in 0..l {
-                let b = format!("blocks.{i}");
-                o.ln(&format!("{b}.ln1"), c);
-                o.ln(&format!("{b}.ln2"), c);
-                if i == 0 {
-                    o.ln(&format!("{b}.ln0"), c);
-                }
-                let r01 = if l > 1 {
-                    i as f64 / (l - 1) as f64
-                } else {
-                    0.0
-                };
-                let r10 = 1.0 - i as f64 / l as f64;
+                let (b, r01, r10) = o.block_start(i, l, c);
                 let p = format!("{b}.att");
                 o.push(
                     format!("{p}.time_decay"),
@@ -418,27 +421,11 @@ pub fn init_tensors(spec: &InitSpec) -> Result<Vec<NamedTensor>> {
             // (ffn size int(3.5·C / 32)·32); generate_init_weight as for v4 (gate ×0.1).
             let v6 = spec.arch == Generation::V6_0;
             let n = spec.head_size;
-            if n == 0 || c % n != 0 {
-                return Err(Error::bad(format!(
-                    "--dim {c} is not a multiple of --head-size {n}"
-                )));
-            }
-            let h = c / n;
+            let h = heads(c, n)?;
             let f = (c * 7 / 2) / 32 * 32;
             let (dm, dd) = if c == 4096 { (64, 128) } else { (32, 64) };
             for i in 0..l {
-                let b = format!("blocks.{i}");
-                o.ln(&format!("{b}.ln1"), c);
-                o.ln(&format!("{b}.ln2"), c);
-                if i == 0 {
-                    o.ln(&format!("{b}.ln0"), c);
-                }
-                let r01 = if l > 1 {
-                    i as f64 / (l - 1) as f64
-                } else {
-                    0.0
-                };
-                let r10 = 1.0 - i as f64 / l as f64;
+                let (b, r01, r10) = o.block_start(i, l, c);
                 let p = format!("{b}.att");
                 let pw = |e: f64, add: f64| {
                     ddd.iter()

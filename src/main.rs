@@ -841,7 +841,7 @@ fn eval(a: EvalArgs) -> Result<()> {
     let mut ids = Vec::with_capacity(toks.len());
     toks.copy(0, toks.len(), &mut ids);
     let from = match a.val_fraction {
-        Some(f) if f > 0.0 && f <= 1.0 => ((ids.len() as f64) * (1.0 - f)).round() as usize,
+        Some(f) if f > 0.0 && f <= 1.0 => rwkv::train::data::val_start(ids.len(), f),
         Some(f) => return Err(Error::bad(format!("--val-fraction {f} is not in (0, 1]"))),
         None => 0,
     };

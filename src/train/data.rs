@@ -8,6 +8,13 @@ use std::path::{Path, PathBuf};
 const MAGIC: &[u8; 8] = b"RWKVTOK1";
 const HEADER: usize = 32;
 
+/// Where the validation split starts in a text of `len` tokens when its last `fraction` is held
+/// out (shared by `rwkv train --val-fraction` and `rwkv eval --val-fraction`, so that both score
+/// the same tokens).
+pub fn val_start(len: usize, fraction: f64) -> usize {
+    ((len as f64) * (1.0 - fraction)).round() as usize
+}
+
 /// FNV-1a over bytes: identifies the text (and tokenizer) a cache was made from.
 pub fn fnv(bytes: &[u8], seed: u64) -> u64 {
     let mut h = 0xcbf2_9ce4_8422_2325u64 ^ seed;

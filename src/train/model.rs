@@ -58,6 +58,12 @@ impl TrainModel {
     /// A model from named tensors (from `init_tensors` or a checkpoint), in `dtype` (F32 to
     /// train, F64 for exactness checks).
     pub fn from_tensors(tensors: Vec<NamedTensor>, dtype: DType) -> Result<TrainModel> {
+        let dims = infer_dims(
+            &tensors
+                .iter()
+                .map(|(n, s, _)| (n.as_str(), s.as_slice()))
+                .collect(),
+        )?;
         let dev = Device::Cpu;
         let mut names = Vec::new();
         let mut shapes = Vec::new();
@@ -72,77 +78,33 @@ impl TrainModel {
             names.push(name);
             shapes.push(shape);
         }
-        let mut m = TrainModel {
-            dims: Dims {
-                arch: Generation::V7,
-                n_layer: 0,
-                n_embd: 0,
-                head_size: 0,
-                vocab: 0,
-            },
+        Ok(TrainModel {
+            dims,
             names,
             shapes,
             vars,
             index,
             dtype,
-        };
-        m.dims = m.infer_dims()?;
-        Ok(m)
+        })
     }
 
     /// Loads every tensor of an official checkpoint (any dtype) for training.
     pub fn from_checkpoint(ck: &Checkpoint, dtype: DType) -> Result<TrainModel> {
+        Self::from_checkpoint_keys(ck, dtype, |_| true)
+    }
+
+    /// Loads the tensors of a checkpoint whose names pass `keep`.
+    pub(crate) fn from_checkpoint_keys(
+        ck: &Checkpoint,
+        dtype: DType,
+        keep: impl Fn(&str) -> bool,
+    ) -> Result<TrainModel> {
         let mut ts = Vec::new();
-        for name in ck.names() {
+        for name in ck.names().iter().filter(|n| keep(n)) {
             let meta = ck.get(name).ok_or_else(|| Error::Internal(name.clone()))?;
             ts.push((name.clone(), meta.shape.clone(), ck.f32_vec(name)?));
         }
         Self::from_tensors(ts, dtype)
-    }
-
-    fn shape(&self, name: &str) -> Option<&[usize]> {
-        self.index.get(name).map(|&i| self.shapes[i].as_slice())
-    }
-
-    fn infer_dims(&self) -> Result<Dims> {
-        let emb = self
-            .shape("emb.weight")
-            .ok_or_else(|| Error::bad("tensor emb.weight is missing"))?;
-        let (vocab, c) = match emb {
-            [v, c] => (*v, *c),
-            s => {
-                return Err(Error::bad(format!(
-                    "emb.weight has shape {s:?}, not [V, C]"
-                )))
-            }
-        };
-        let n_layer = (0..)
-            .take_while(|i| self.index.contains_key(&format!("blocks.{i}.ln1.weight")))
-            .count();
-        if n_layer == 0 {
-            return Err(Error::bad("the model has no blocks (blocks.0.ln1.weight)"));
-        }
-        let (arch, head_size) = match self.shape("blocks.0.att.r_k") {
-            Some([h, n]) if h * n == c => (Generation::V7, *n),
-            Some(s) => {
-                return Err(Error::bad(format!(
-                    "blocks.0.att.r_k has shape {s:?}, not [H, N] with H·N = {c}"
-                )))
-            }
-            None if self.index.contains_key("blocks.0.att.time_first") => (Generation::V4, 0),
-            None => {
-                return Err(Error::bad(
-                    "training supports RWKV-7 (att.r_k) and RWKV-4 (att.time_first) models",
-                ))
-            }
-        };
-        Ok(Dims {
-            arch,
-            n_layer,
-            n_embd: c,
-            head_size,
-            vocab,
-        })
     }
 
     /// The variables, in checkpoint order, with their names.
@@ -387,4 +349,47 @@ impl TrainModel {
     pub fn dtype(&self) -> DType {
         self.dtype
     }
+}
+
+/// The shape of a model from its tensors' names and shapes.
+fn infer_dims(shapes: &HashMap<&str, &[usize]>) -> Result<Dims> {
+    let emb = shapes
+        .get("emb.weight")
+        .copied()
+        .ok_or_else(|| Error::bad("tensor emb.weight is missing"))?;
+    let (vocab, c) = match emb {
+        [v, c] => (*v, *c),
+        s => {
+            return Err(Error::bad(format!(
+                "emb.weight has shape {s:?}, not [V, C]"
+            )))
+        }
+    };
+    let n_layer = (0..)
+        .take_while(|i| shapes.contains_key(format!("blocks.{i}.ln1.weight").as_str()))
+        .count();
+    if n_layer == 0 {
+        return Err(Error::bad("the model has no blocks (blocks.0.ln1.weight)"));
+    }
+    let (arch, head_size) = match shapes.get("blocks.0.att.r_k").copied() {
+        Some([h, n]) if h * n == c => (Generation::V7, *n),
+        Some(s) => {
+            return Err(Error::bad(format!(
+                "blocks.0.att.r_k has shape {s:?}, not [H, N] with H·N = {c}"
+            )))
+        }
+        None if shapes.contains_key("blocks.0.att.time_first") => (Generation::V4, 0),
+        None => {
+            return Err(Error::bad(
+                "training supports RWKV-7 (att.r_k) and RWKV-4 (att.time_first) models",
+            ))
+        }
+    };
+    Ok(Dims {
+        arch,
+        n_layer,
+        n_embd: c,
+        head_size,
+        vocab,
+    })
 }

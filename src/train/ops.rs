@@ -51,35 +51,26 @@ pub trait Real:
     }
 }
 
-impl Real for f32 {
-    fn exp(self) -> Self {
-        f32::exp(self)
-    }
-    fn ln(self) -> Self {
-        f32::ln(self)
-    }
-    fn sqrt(self) -> Self {
-        f32::sqrt(self)
-    }
-    fn of(x: f64) -> Self {
-        x as f32
-    }
+macro_rules! impl_real {
+    ($($t:ty),*) => {$(
+        impl Real for $t {
+            fn exp(self) -> Self {
+                <$t>::exp(self)
+            }
+            fn ln(self) -> Self {
+                <$t>::ln(self)
+            }
+            fn sqrt(self) -> Self {
+                <$t>::sqrt(self)
+            }
+            fn of(x: f64) -> Self {
+                x as $t
+            }
+        }
+    )*};
 }
 
-impl Real for f64 {
-    fn exp(self) -> Self {
-        f64::exp(self)
-    }
-    fn ln(self) -> Self {
-        f64::ln(self)
-    }
-    fn sqrt(self) -> Self {
-        f64::sqrt(self)
-    }
-    fn of(x: f64) -> Self {
-        x
-    }
-}
+impl_real!(f32, f64);
 
 fn sigm<T: Real>(x: T) -> T {
     T::one() / (T::one() + (-x).exp())

@@ -1,7 +1,7 @@
 //! `rwkv train`: the training loop, checkpoints, resumption, metrics and the loss plot.
 
 use super::data::{self, Tokens};
-use super::model::{Ce, TrainModel};
+use super::model::{Ce, Dims, TrainModel};
 use super::optim::{lr_at, AdamConfig, Slot};
 use crate::checkpoint::{write_safetensors, Checkpoint, Generation, OutTensor};
 use crate::error::{Error, Result};
@@ -217,22 +217,28 @@ impl RunDir {
 struct Corpus {
     train: Tokens,
     train_range: (usize, usize),
-    val: Tokens,
+    /// A separate validation text; without one, validation reads the end of `train`.
+    val_text: Option<Tokens>,
     val_range: (usize, usize),
+}
+
+impl Corpus {
+    fn val(&self) -> &Tokens {
+        self.val_text.as_ref().unwrap_or(&self.train)
+    }
 }
 
 fn corpus(cfg: &TrainConfig, vocab: usize) -> Result<Corpus> {
     let train = data::load(&cfg.data, &cfg.tokenizer, &cfg.out)?;
-    let (train_range, val, val_range) = match &cfg.val_data {
+    let (train_range, val_text, val_range) = match &cfg.val_data {
         Some(p) => {
             let val = data::load(p, &cfg.tokenizer, &cfg.out)?;
             let n = val.len();
-            ((0, train.len()), val, (0, n))
+            ((0, train.len()), Some(val), (0, n))
         }
         None => {
-            let cut = ((train.len() as f64) * (1.0 - cfg.val_fraction)).round() as usize;
-            let val = data::load(&cfg.data, &cfg.tokenizer, &cfg.out)?;
-            ((0, cut), val, (cut, train.len()))
+            let cut = data::val_start(train.len(), cfg.val_fraction);
+            ((0, cut), None, (cut, train.len()))
         }
     };
     let need = cfg.ctx + 1;
@@ -258,7 +264,7 @@ fn corpus(cfg: &TrainConfig, vocab: usize) -> Result<Corpus> {
     Ok(Corpus {
         train,
         train_range,
-        val,
+        val_text,
         val_range,
     })
 }
@@ -280,17 +286,12 @@ pub fn window_loss(
     ctx: usize,
 ) -> Result<f64> {
     let (a, b) = range;
-    let (mut full, mut tail) = (Vec::new(), None);
-    let mut s = a;
-    while s + 1 < b {
-        let len = (b - 1 - s).min(ctx);
-        if len == ctx {
-            full.push(s);
-        } else {
-            tail = Some((s, len));
-        }
-        s += len;
-    }
+    // The same windows as `rwkv eval --ctx`, shifted to the range.
+    let (full, tail): (Vec<_>, Vec<_>) = crate::eval::windows(b - a, ctx)
+        .into_iter()
+        .map(|(s, len)| (a + s, len))
+        .partition(|&(_, len)| len == ctx);
+    let full: Vec<usize> = full.into_iter().map(|(s, _)| s).collect();
     let (mut sum, mut count) = (0.0, 0usize);
     let (mut inp, mut tgt) = (Vec::new(), Vec::new());
     let mut score = |starts: &[usize], len: usize| -> Result<()> {
@@ -313,7 +314,7 @@ pub fn window_loss(
     for group in full.chunks(32) {
         score(group, ctx)?;
     }
-    if let Some((s, len)) = tail {
+    for (s, len) in tail {
         score(&[s], len)?;
     }
     Ok(sum / count.max(1) as f64)
@@ -348,6 +349,11 @@ impl Trainer {
             seed: cfg.seed,
         };
         let model = TrainModel::from_tensors(init_tensors(&spec)?, DType::F32)?;
+        Ok(Trainer::with_model(cfg, model))
+    }
+
+    /// A trainer at step 0 with fresh optimizer state.
+    fn with_model(cfg: TrainConfig, model: TrainModel) -> Trainer {
         let slots = model
             .vars()
             .map(|(n, v)| Slot::new(n, v.as_tensor().rank(), v.as_tensor().elem_count()))
@@ -358,29 +364,31 @@ impl Trainer {
             eps: 1e-18,
             weight_decay: cfg.weight_decay,
         };
-        Ok(Trainer {
+        Trainer {
             rng: Rng::new(cfg.seed ^ 0x5eed_da7a),
             cfg,
             model,
             slots,
             step: 0,
             adam,
-        })
+        }
     }
 
     /// The saved state: weights under the official names, optimizer moments as
     /// `adam.m.NAME`/`adam.v.NAME`, the step, RNG and config in the metadata.
     fn save(&self, dir: &RunDir) -> Result<()> {
         let tensors = self.model.tensors()?;
-        let mut out: Vec<OutTensor> = tensors
+        // The weights first: they alone make model.safetensors.
+        let mut all: Vec<OutTensor> = tensors
             .iter()
             .map(|(n, s, d)| OutTensor::f32(n.clone(), s.clone(), d))
             .collect();
-        let mut all = out.clone();
+        let weights = all.len();
         for ((n, s, _), slot) in tensors.iter().zip(&self.slots) {
             all.push(OutTensor::f32(format!("adam.m.{n}"), s.clone(), &slot.m));
             all.push(OutTensor::f32(format!("adam.v.{n}"), s.clone(), &slot.v));
         }
+        let out = &all[..weights];
         let mut meta = BTreeMap::new();
         meta.insert("step".into(), self.step.to_string());
         meta.insert("rng".into(), self.rng.state().to_string());
@@ -393,12 +401,11 @@ impl Trainer {
         let mut mmeta = BTreeMap::new();
         mmeta.insert("format".into(), "pt".into());
         mmeta.insert("step".into(), self.step.to_string());
-        write_safetensors(&dir.model(), &out, &mmeta)?;
+        write_safetensors(&dir.model(), out, &mmeta)?;
         if self.cfg.pth {
-            crate::checkpoint::write::write_pth(&dir.0.join("model.pth"), &out)?;
+            crate::checkpoint::write::write_pth(&dir.0.join("model.pth"), out)?;
         }
         write_safetensors(&dir.state(), &all, &meta)?;
-        out.clear();
         Ok(())
     }
 
@@ -435,23 +442,29 @@ impl Trainer {
                 )));
             }
         }
-        let mut t = Trainer::new(cfg, vocab)?;
-        let names: Vec<String> = t.model.vars().map(|(n, _)| n.to_string()).collect();
-        for (i, n) in names.iter().enumerate() {
-            let (_, var) = t.model.vars().nth(i).expect("index in range");
-            let want = var.as_tensor().dims().to_vec();
-            let meta = ck.expect_shape(n, &want)?;
-            let _ = meta;
-            let w = ck.f32_vec(n)?;
-            var.set(&Tensor::from_vec(w, want.as_slice(), &candle_core::Device::Cpu).ce()?)
-                .ce()?;
-            t.slots[i].m = ck.f32_vec(&format!("adam.m.{n}"))?;
-            t.slots[i].v = ck.f32_vec(&format!("adam.v.{n}"))?;
-            if t.slots[i].m.len() != w_len(&want) || t.slots[i].v.len() != w_len(&want) {
-                return Err(Error::bad(format!(
-                    "{}: optimizer state of {n} has the wrong size",
-                    path.display()
-                )));
+        // The weights come from the state file (no initialisation to throw away).
+        let model = TrainModel::from_checkpoint_keys(&ck, DType::F32, |n| !n.starts_with("adam."))?;
+        let want = Dims {
+            arch: cfg.generation()?,
+            n_layer: cfg.layers,
+            n_embd: cfg.dim,
+            head_size: if cfg.arch == "v4" { 0 } else { cfg.head_size },
+            vocab,
+        };
+        if model.dims != want {
+            return Err(Error::bad(format!(
+                "--resume: {} holds a model of {:?}, not {want:?}",
+                path.display(),
+                model.dims
+            )));
+        }
+        let mut t = Trainer::with_model(cfg, model);
+        for ((n, var), slot) in t.model.vars().zip(t.slots.iter_mut()) {
+            let shape = var.as_tensor().dims();
+            for (moment, out) in [("m", &mut slot.m), ("v", &mut slot.v)] {
+                let name = format!("adam.{moment}.{n}");
+                ck.expect_shape(&name, shape)?;
+                *out = ck.f32_vec(&name)?;
             }
         }
         t.step = get("step")?
@@ -588,10 +601,6 @@ fn keep_freed_memory() {
             mallopt(M_TRIM_THRESHOLD, 256 << 20);
         }
     }
-}
-
-fn w_len(shape: &[usize]) -> usize {
-    shape.iter().product()
 }
 
 /// Writes the loss curve (training loss per logged step, validation loss where measured) as
@@ -756,7 +765,7 @@ pub fn train(cfg: TrainConfig, resume: bool, stop_at: Option<u64>) -> Result<Sum
         let s = t.step;
         let last = s == cfg.steps;
         let val = if s % cfg.eval_every == 0 || last {
-            let v = window_loss(&t.model, &corpus.val, corpus.val_range, cfg.ctx)?;
+            let v = window_loss(&t.model, corpus.val(), corpus.val_range, cfg.ctx)?;
             last_val = v;
             Some(v)
         } else {
@@ -812,7 +821,7 @@ pub fn train(cfg: TrainConfig, resume: bool, stop_at: Option<u64>) -> Result<Sum
     }
     if t.step == first_step {
         // Resumed a run that had already reached --steps: nothing to train, still report.
-        last_val = window_loss(&t.model, &corpus.val, corpus.val_range, cfg.ctx)?;
+        last_val = window_loss(&t.model, corpus.val(), corpus.val_range, cfg.ctx)?;
     }
     let trained = (t.step - first_step) as f64 * tok_per_step;
     let tps = metrics
