@@ -25,6 +25,26 @@ pub fn has_avx2() -> bool {
     })
 }
 
+/// Whether AVX-512 (F, BW, VL) is available on top of AVX2 (checked once; `RWKV_NO_AVX512`
+/// turns it off, to measure or test the AVX2 paths on the same machine).
+pub fn has_avx512() -> bool {
+    static HAS: OnceLock<bool> = OnceLock::new();
+    *HAS.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            has_avx2()
+                && std::env::var_os("RWKV_NO_AVX512").is_none()
+                && is_x86_feature_detected!("avx512f")
+                && is_x86_feature_detected!("avx512bw")
+                && is_x86_feature_detected!("avx512vl")
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            false
+        }
+    })
+}
+
 const L: usize = 16;
 
 #[inline(always)]

@@ -10,6 +10,7 @@ use rayon::prelude::*;
 
 mod dot;
 pub mod quant;
+mod rows;
 pub mod wkv;
 pub use dot::{axpy_row, bf16_to_f32_slice, dot_row, f16_to_f32, has_avx2};
 
@@ -100,6 +101,12 @@ impl SendPtr {
 pub fn matmul(w: &Matrix, x: &[f32], t: usize, y: &mut [f32]) {
     debug_assert_eq!(x.len(), t * w.n_in);
     debug_assert_eq!(y.len(), t * w.n_out);
+    // Several rows of `[out, in]` float weights: the AVX-512 tile where the CPU has it (for
+    // prompt chunks too: it reads bf16/f16 in place and measured faster than widening the
+    // matrix for the `gemm` crate's AVX2 kernel).
+    if t > 1 && w.layout == Layout::OutIn && rows::product(w, x, t, y) {
+        return;
+    }
     if t >= GEMM_MIN_ROWS {
         return matmul_gemm(w, x, t, y);
     }
@@ -440,10 +447,26 @@ pub(crate) fn test_values(n: usize, seed: u64) -> Vec<f32> {
         .collect()
 }
 
+/// `values` in f32, bf16 and f16 (truncated and rounded as the checkpoints store them), for
+/// the kernels' tests.
+#[cfg(test)]
+pub(crate) fn test_formats(values: &[f32]) -> [FloatData; 3] {
+    use crate::checkpoint::Shared;
+    let bf: Vec<u16> = values.iter().map(|v| (v.to_bits() >> 16) as u16).collect();
+    let hf: Vec<u16> = values
+        .iter()
+        .map(|v| half::f16::from_f32(*v).to_bits())
+        .collect();
+    [
+        FloatData::F32(Shared::from_vec(values.to_vec())),
+        FloatData::BF16(Shared::from_vec(bf)),
+        FloatData::F16(Shared::from_vec(hf)),
+    ]
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::checkpoint::Shared;
     use crate::kernels::test_values as rnd;
 
     fn naive(
@@ -479,21 +502,16 @@ mod tests {
             (1030, 40, 2),
             (512, 600, 1),
             (600, 512, 5),
+            // Every tile size of the small-batch kernels, tails in both dimensions, and a
+            // prompt-sized chunk.
+            (37, 10, 15),
+            (768, 50, 8),
+            (100, 7, 70),
         ] {
             let wf = rnd(n_in * n_out, 1);
             let x = rnd(n_in * t, 2);
             for layout in [Layout::OutIn, Layout::InOut] {
-                let bf: Vec<u16> = wf.iter().map(|v| (v.to_bits() >> 16) as u16).collect();
-                let hf: Vec<u16> = wf
-                    .iter()
-                    .map(|v| half::f16::from_f32(*v).to_bits())
-                    .collect();
-                let datas = [
-                    FloatData::F32(Shared::from_vec(wf.clone())),
-                    FloatData::BF16(Shared::from_vec(bf)),
-                    FloatData::F16(Shared::from_vec(hf)),
-                ];
-                for data in datas {
+                for data in test_formats(&wf) {
                     let exact = data.to_f32();
                     let want = naive(&exact, n_in, n_out, layout, &x, t);
                     let m = Matrix {
@@ -519,15 +537,8 @@ mod tests {
         let s1 = dot::dot_f32_portable(&a, &b);
         let s2 = dot::dot_f32(&a, &b);
         assert!((s1 - s2).abs() < 1e-4);
-        let bf: Vec<u16> = a.iter().map(|v| (v.to_bits() >> 16) as u16).collect();
-        let hf: Vec<u16> = a
-            .iter()
-            .map(|v| half::f16::from_f32(*v).to_bits())
-            .collect();
-        for d in [
-            FloatData::BF16(Shared::from_vec(bf)),
-            FloatData::F16(Shared::from_vec(hf)),
-        ] {
+        let [_, bf, hf] = test_formats(&a);
+        for d in [bf, hf] {
             let p = dot::dot_row_portable(&d, 0, &b);
             let f = dot_row(&d, 0, &b);
             assert!((p - f).abs() < 1e-4, "{p} vs {f}");

@@ -1,7 +1,7 @@
 //! Pieces shared by several generations: the receptance-gated channel mixing of v4/v5/v6 and
 //! the v5/v6 WKV scan.
 
-use super::{token_shift, Loader, Norm, Seq};
+use super::{per_seq, token_shift, Loader, Norm, Seq};
 use crate::error::Result;
 use crate::kernels::{self, matmul, sigmoid, Layout, Matrix, SendPtr};
 use rayon::prelude::*;
@@ -117,24 +117,22 @@ pub(crate) fn wkv5_attend(
     let c = nh * n;
     let t = x.len() / c;
     let per_token = w.len() != c;
-    let mut row0 = 0;
-    for s in seqs.iter_mut() {
-        let rows = row0 * c..(row0 + s.n) * c;
+    per_seq(seqs, c, y, |s, ys| {
+        let rows = s.row0 * c..(s.row0 + s.n) * c;
         let ws = if per_token { &w[rows.clone()] } else { w };
         let kv = &mut s.state.tensors[slot];
         wkv5(
             kv,
             &r[rows.clone()],
             &k[rows.clone()],
-            &v[rows.clone()],
+            &v[rows],
             ws,
             u,
-            &mut y[rows],
+            ys,
             nh,
             n,
         );
-        row0 += s.n;
-    }
+    });
     for (yr, gr) in y.chunks_mut(c).zip(g.chunks(c)) {
         kernels::group_norm(yr, nh, &ln_x.w, &ln_x.b, 64e-5);
         for j in 0..c {

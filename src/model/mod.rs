@@ -57,6 +57,8 @@ impl Scratch {
 /// One sequence of a (possibly ragged) batch, as the generations see it: its rows are
 /// consecutive in the activations, in batch order.
 pub(crate) struct Seq<'s> {
+    /// Its first row in the activations.
+    pub row0: usize,
     /// Number of tokens (rows).
     pub n: usize,
     /// Its recurrent state.
@@ -268,7 +270,6 @@ impl Model {
                 };
                 let start = done[i];
                 let end = (start + per).min(it.tokens.len());
-                tokens.extend_from_slice(&it.tokens[start..end]);
                 let (which, out): (Logits, &mut [f32]) = match it.logits {
                     Logits::All => (Logits::All, &mut out[start * v..end * v]),
                     Logits::Last if end == it.tokens.len() => (Logits::Last, &mut out[..]),
@@ -276,11 +277,13 @@ impl Model {
                 };
                 done[i] = end;
                 seqs.push(Seq {
+                    row0: tokens.len(),
                     n: end - start,
                     state: &mut *it.state,
                     which,
                     out,
                 });
+                tokens.extend_from_slice(&it.tokens[start..end]);
             }
             self.run(&tokens, &mut seqs, scratch);
         }
@@ -290,6 +293,7 @@ impl Model {
     fn chunk(&self, tokens: &[u32], state: &mut State, which: Logits, out: &mut [f32]) {
         let mut scratch = std::mem::take(&mut state.scratch);
         let mut seqs = [Seq {
+            row0: 0,
             n: tokens.len(),
             state,
             which,
@@ -352,6 +356,30 @@ pub(crate) fn token_shift(
         prev_state.copy_from_slice(&xn[(o + s.n - 1) * c..(o + s.n) * c]);
         o += s.n;
     }
+}
+
+/// Calls `f(seq, y_rows)` for every sequence with its rows of `y` (`c` values per row): the
+/// per-sequence recurrences of a batch. Sequences own their states and rows, so several run
+/// in parallel (a decode batch has one row each, too little to split a sequence's heads).
+pub(crate) fn per_seq(
+    seqs: &mut [Seq<'_>],
+    c: usize,
+    y: &mut [f32],
+    f: impl Fn(&mut Seq<'_>, &mut [f32]) + Sync,
+) {
+    use rayon::prelude::*;
+    if let [s] = seqs {
+        return f(s, &mut y[s.row0 * c..(s.row0 + s.n) * c]);
+    }
+    let total: usize = seqs.iter().map(|s| s.n).sum();
+    assert!(y.len() >= total * c && seqs.iter().all(|s| s.row0 + s.n <= total));
+    let yp = crate::kernels::SendPtr(y.as_mut_ptr());
+    seqs.par_iter_mut().for_each(|s| {
+        // SAFETY: sequences' row ranges are disjoint (consecutive, in batch order) and inside
+        // `y`, as asserted above.
+        let ys = unsafe { std::slice::from_raw_parts_mut(yp.get().add(s.row0 * c), s.n * c) };
+        f(s, ys)
+    });
 }
 
 /// Reads named tensors with shape checks and records which were used, so that tensors the

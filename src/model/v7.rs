@@ -5,7 +5,7 @@
 //! bonus, the gate `g` and the output projection. Channel mixing is `relu(k W_k)² W_v` without
 //! a receptance gate. See `tests/fixtures/README.md` for the full formulas.
 
-use super::{buf, token_shift, Io, Loader, Norm, Scratch, Seq};
+use super::{buf, per_seq, token_shift, Io, Loader, Norm, Scratch, Seq};
 use crate::checkpoint::ModelInfo;
 use crate::error::Result;
 use crate::kernels::{self, matmul, sigmoid, Layout, Matrix, SendPtr};
@@ -245,9 +245,8 @@ impl V7 {
                     }
                 }
             }
-            let mut row0 = 0;
-            for s in seqs.iter_mut() {
-                let rows = row0 * c..(row0 + s.n) * c;
+            per_seq(seqs, c, y, |s, ys| {
+                let rows = s.row0 * c..(s.row0 + s.n) * c;
                 let kv = &mut s.state.tensors[3 * li + 1];
                 let ins = [
                     &r[rows.clone()],
@@ -255,17 +254,8 @@ impl V7 {
                     &k[rows.clone()],
                     &v[rows.clone()],
                 ];
-                wkv7(
-                    kv,
-                    ins,
-                    &kk[rows.clone()],
-                    &a[rows.clone()],
-                    &mut y[rows],
-                    nh,
-                    n,
-                );
-                row0 += s.n;
-            }
+                wkv7(kv, ins, &kk[rows.clone()], &a[rows], ys, nh, n);
+            });
             for ti in 0..t {
                 let yr = &mut y[ti * c..(ti + 1) * c];
                 kernels::group_norm(yr, nh, &l.ln_x.w, &l.ln_x.b, 64e-5);
