@@ -1,9 +1,11 @@
-//! Kernel benchmark: one matrix-vector product (the token step's inner loop) and one
-//! 8-row product (a decode batch) per weight format, reported as GB/s of weights read.
+//! Kernel benchmark: one matrix-vector product (the token step's inner loop), one 8-row
+//! product (a decode batch) per weight format, reported as GB/s of weights read, and a
+//! 256-row product (a prompt chunk) through both shapes of the channel mix, in GFLOP/s.
 //!
 //! ```sh
 //! cargo bench --bench kernels            # all threads
 //! RAYON_NUM_THREADS=1 cargo bench --bench kernels
+//! KERNELS_FORMATS=int8,q4 cargo bench --bench kernels
 //! ```
 
 use rwkv::checkpoint::{FloatData, Shared, WeightFormat};
@@ -40,8 +42,14 @@ fn main() {
         rayon::current_num_threads(),
         rwkv::kernels::simd_level()
     );
-    println!("format   matvec GB/s   matvec us   8-row us");
-    for fmt in ["f32", "f16", "bf16", "int8", "q4"] {
+    println!("format   matvec GB/s   matvec us   8-row us   256-row GFLOP/s (in 768, in 3072)");
+    // `KERNELS_FORMATS=int8,q4` limits the run to some formats (e.g. to profile one).
+    let only = std::env::var("KERNELS_FORMATS").ok();
+    let all = ["f32", "f16", "bf16", "int8", "q4"];
+    for fmt in all
+        .into_iter()
+        .filter(|f| only.as_ref().is_none_or(|o| o.split(',').any(|x| x == *f)))
+    {
         let f: WeightFormat = fmt.parse().unwrap();
         let mats: Vec<Matrix> = bases
             .iter()
@@ -70,12 +78,36 @@ fn main() {
         }
         let (m1, m8) = (median(t1), median(t8));
         let bytes = mats[0].bytes() as f64;
+        // A prompt chunk: 256 rows through the key matrix ([3072, 768]) and the value matrix
+        // ([768, 3072]), the two shapes whose inputs do and do not fit the L1 cache.
+        let chunk = 256;
+        let xc = rnd(chunk * n_out, 4);
+        let mut yc = vec![0f32; chunk * n_out];
+        let value = Matrix {
+            n_in: n_out,
+            n_out: n_in,
+            layout: Layout::OutIn,
+            data: mats[0].data.clone(),
+        };
+        let mut gflops = [0f64; 2];
+        for (g, m) in gflops.iter_mut().zip([&mats[0], &value]) {
+            let mut ts = Vec::new();
+            for _ in 0..5 {
+                let t = Instant::now();
+                matmul(m, &xc[..chunk * m.n_in], chunk, &mut yc[..chunk * m.n_out]);
+                ts.push(t.elapsed().as_secs_f64());
+            }
+            *g = 2.0 * (chunk * n_in * n_out) as f64 / median(ts) / 1e9;
+        }
         println!(
-            "{fmt:<6} {:>10.1} {:>11.1} {:>10.1}",
+            "{fmt:<6} {:>10.1} {:>11.1} {:>10.1} {:>10.1} {:>8.1}",
             bytes / m1 / 1e9,
             m1 * 1e6,
-            m8 * 1e6
+            m8 * 1e6,
+            gflops[0],
+            gflops[1]
         );
+        std::hint::black_box(&yc);
         std::hint::black_box((&y1, &y8));
     }
 }

@@ -104,7 +104,7 @@ pub fn matmul(w: &Matrix, x: &[f32], t: usize, y: &mut [f32]) {
     // Several rows of `[out, in]` float weights: the AVX-512 tile where the CPU has it (for
     // prompt chunks too: it reads bf16/f16 in place and measured faster than widening the
     // matrix for the `gemm` crate's AVX2 kernel).
-    if t > 1 && w.layout == Layout::OutIn && rows::product(w, x, t, y) {
+    if t > 1 && rows::product(w, x, t, y) {
         return;
     }
     if t >= GEMM_MIN_ROWS {
@@ -419,7 +419,29 @@ pub fn group_norm(x: &mut [f32], groups: usize, w: &[f32], b: &[f32], eps: f32) 
 /// Logistic sigmoid.
 #[inline(always)]
 pub fn sigmoid(x: f32) -> f32 {
-    1.0 / (1.0 + (-x).exp())
+    1.0 / (1.0 + exp(-x))
+}
+
+/// `e^x` within 2 ulp of the exact value for results in the normal range (below it, a value
+/// under 1.3e-38 instead of a subnormal), NaN for NaN. Branch-free and call-free, so the
+/// element-wise loops over it vectorise; the C library's `expf` is a call per element.
+/// Cephes' `expf`: `x = n ln 2 + r` with `|r| ≤ ln 2 / 2` (ln 2 in two parts, so `r` is
+/// exact), a degree-7 polynomial for `e^r`, and `2^n` built in the exponent bits.
+#[inline(always)]
+pub fn exp(x: f32) -> f32 {
+    // 1.5 × 2^23: adding and subtracting it rounds to the nearest integer without a call.
+    const ROUND: f32 = 12_582_912.0;
+    let x = x.clamp(-87.3, 88.7);
+    let n = (x * std::f32::consts::LOG2_E + ROUND) - ROUND;
+    let r = x - n * 0.693_359_4 + n * 2.121_944_4e-4;
+    let mut p = 1.987_569_1e-4_f32;
+    p = p * r + 1.398_199_9e-3;
+    p = p * r + 8.333_452e-3;
+    p = p * r + 4.166_579_6e-2;
+    p = p * r + 0.166_666_65;
+    p = p * r + 0.5;
+    let er = p * r * r + r + 1.0;
+    er * f32::from_bits(((n as i32 + 127) as u32) << 23)
 }
 
 /// Copies a row of an embedding table (any float format) into `out` as f32.
@@ -507,6 +529,9 @@ mod tests {
             (37, 10, 15),
             (768, 50, 8),
             (100, 7, 70),
+            // Input slices (with a tail slice), and the padded copy of 4 KiB-long rows.
+            (1100, 9, 12),
+            (2048, 5, 10),
         ] {
             let wf = rnd(n_in * n_out, 1);
             let x = rnd(n_in * t, 2);
@@ -567,6 +592,24 @@ mod tests {
                 assert!((a[j][r] - b[j][r]).abs() < 1e-4 && (a[j][r] - want).abs() < 1e-4);
             }
         }
+    }
+
+    #[test]
+    fn exp_is_within_two_ulp() {
+        let mut worst = 0f64;
+        let mut x = -87.0f32;
+        while x < 88.0 {
+            let want = (x as f64).exp();
+            let got = exp(x) as f64;
+            worst = worst.max(((got - want) / want).abs());
+            x += 0.0137;
+        }
+        assert!(worst < 2.5e-7, "max relative error {worst}");
+        assert!(exp(f32::NAN).is_nan());
+        assert_eq!(exp(0.0), 1.0);
+        assert!(exp(-200.0) < 1.3e-38 && exp(-200.0) >= 0.0);
+        assert!(exp(100.0).is_infinite() || exp(100.0) > 1e38);
+        assert!((sigmoid(0.0) - 0.5).abs() < 1e-7 && sigmoid(-100.0) < 1e-30);
     }
 
     #[test]

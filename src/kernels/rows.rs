@@ -7,7 +7,7 @@
 //! vector 3. A task owns a run of row blocks and, for each group of 8 inputs, sweeps all of
 //! them: the group's inputs stay in L1 and the task's weight rows in L2.
 
-use super::{Matrix, SendPtr, PAR_MIN_WORK};
+use super::{Layout, Matrix, SendPtr, PAR_MIN_WORK};
 use crate::checkpoint::FloatData;
 use rayon::prelude::*;
 
@@ -28,7 +28,7 @@ pub fn available() -> bool {
     super::dot::has_avx512()
 }
 
-/// `y[ti, o] = x[ti] · W[o]` for an `[out, in]` float matrix and `t` input rows, or `false`
+/// `y[ti] = x[ti] @ W` for a float matrix and `t` input rows, or `false`
 /// (nothing written) where the format or the CPU is not served here.
 pub(crate) fn product(w: &Matrix, x: &[f32], t: usize, y: &mut [f32]) -> bool {
     if !available() {
@@ -42,29 +42,82 @@ pub(crate) fn product(w: &Matrix, x: &[f32], t: usize, y: &mut [f32]) -> bool {
     };
     let (n_in, n_out) = (w.n_in, w.n_out);
     assert!(w.data.len() >= n_in * n_out && x.len() >= t * n_in && y.len() >= t * n_out);
+    if w.layout == Layout::InOut {
+        in_out(ptr, fmt, n_in, n_out, x, t, y);
+        return true;
+    }
+    // Input rows whose length is a multiple of 4 KiB (the 3072-wide inputs of the channel
+    // mix's value matrix) all fall in the same L1 cache sets: 8 of them plus the weight rows
+    // overflow a set's ways and the input loads miss (f32 weights: 64 → 112 GFLOP/s with a
+    // copy). They are copied to rows 64 bytes longer; other widths are used in place, where
+    // the copy would only cost.
+    if n_in % 1024 != 0 || t == 1 {
+        rows_out_in(ptr, fmt, n_in, n_out, x, n_in, t, y);
+        return true;
+    }
+    let stride = n_in + 16;
+    XPACK.with(|cell| {
+        let mut buf = cell.borrow_mut();
+        if buf.len() < t * stride {
+            buf.resize(t * stride, 0.0);
+        }
+        for (dst, src) in buf.chunks_mut(stride).zip(x.chunks(n_in)).take(t) {
+            dst[..n_in].copy_from_slice(src);
+        }
+        rows_out_in(ptr, fmt, n_in, n_out, &buf, stride, t, y);
+    });
+    true
+}
+
+thread_local! {
+    /// The calling thread's padded copy of the inputs (kept, so no allocation once grown).
+    static XPACK: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// The `[out, in]` product with inputs `xs` apart in `x`.
+#[allow(clippy::too_many_arguments)]
+fn rows_out_in(
+    ptr: *const u8,
+    fmt: u8,
+    n_in: usize,
+    n_out: usize,
+    x: &[f32],
+    xs: usize,
+    t: usize,
+    y: &mut [f32],
+) {
+    assert!(xs >= n_in && x.len() >= (t - 1) * xs + n_in);
     let wp = SendPtr(ptr as *mut f32);
     let yp = SendPtr(y.as_mut_ptr());
     let xp = SendPtr(x.as_ptr() as *mut f32);
     let blocks = n_out.div_ceil(ROWS);
+    // Several input groups reuse the task's weight rows: cut the inputs into slices of
+    // K_BLOCK so that a group's slice stays in L1 across the task's blocks (partial sums
+    // accumulate in y). One group reads every weight once anyway: no slicing.
+    let kb = if t > COLS { K_BLOCK } else { n_in };
     let task = |tk: usize| {
         let b0 = tk * BLOCKS_PER_TASK;
         let b1 = (b0 + BLOCKS_PER_TASK).min(blocks);
-        let mut t0 = 0;
-        while t0 < t {
-            // Groups of 8, then 4, 2, 1: each size is its own compiled tile.
-            let tt = match t - t0 {
-                r if r >= 8 => 8,
-                r if r >= 4 => 4,
-                r if r >= 2 => 2,
-                _ => 1,
+        let mut k0 = 0;
+        while k0 < n_in {
+            let k = Span {
+                start: k0,
+                len: kb.min(n_in - k0),
+                add: k0 > 0,
             };
-            for b in b0..b1 {
-                // SAFETY: the block's rows are < n_out (missing rows of the last block
-                // repeat its first row and are not written), the inputs t0..t0+tt < t,
-                // and the outputs (t0.., rows of this task) are written by this task only.
-                unsafe { block(wp, fmt, n_in, n_out, b * ROWS, xp, t0, tt, yp) };
+            let mut t0 = 0;
+            while t0 < t {
+                let tt = group(t - t0);
+                for b in b0..b1 {
+                    // SAFETY: the block's rows are < n_out (missing rows of the last block
+                    // repeat its first row and are not written), the inputs t0..t0+tt < t,
+                    // the slice inside n_in, and the outputs (t0.., rows of this task) are
+                    // written by this task only.
+                    unsafe { block(wp, fmt, n_in, n_out, b * ROWS, xp, xs, t0, tt, k, yp) };
+                }
+                t0 += tt;
             }
-            t0 += tt;
+            k0 += kb;
         }
     };
     let tasks = blocks.div_ceil(BLOCKS_PER_TASK);
@@ -73,8 +126,85 @@ pub(crate) fn product(w: &Matrix, x: &[f32], t: usize, y: &mut [f32]) -> bool {
     } else {
         (0..tasks).for_each(task);
     }
-    true
 }
+
+/// Input elements per slice when several input groups share the weights: 8 inputs × 512
+/// floats are 16 KiB, half the L1 cache.
+const K_BLOCK: usize = 512;
+
+/// A slice of the input dimension; `add`: accumulate into the outputs (not the first slice).
+#[derive(Clone, Copy)]
+struct Span {
+    start: usize,
+    len: usize,
+    add: bool,
+}
+
+/// Inputs per group, largest first: each size is its own compiled tile.
+fn group(left: usize) -> usize {
+    match left {
+        r if r >= 8 => 8,
+        r if r >= 4 => 4,
+        r if r >= 2 => 2,
+        _ => 1,
+    }
+}
+
+/// The `[in, out]` layout (the small LoRA matrices of v6/v7): a tile is 48 output columns ×
+/// up to 8 inputs, each weight row segment loaded once and multiplied by every input's
+/// broadcast element. Tasks are (column block, input group) pairs, so a prompt chunk spreads
+/// over the threads even where the matrix has one or two column blocks.
+fn in_out(w: *const u8, fmt: u8, n_in: usize, n_out: usize, x: &[f32], t: usize, y: &mut [f32]) {
+    let wp = SendPtr(w as *mut f32);
+    let yp = SendPtr(y.as_mut_ptr());
+    let xp = SendPtr(x.as_ptr() as *mut f32);
+    let blocks = n_out.div_ceil(COLS_IO);
+    let groups = t.div_ceil(COLS);
+    let task = |i: usize| {
+        let (b, g) = (i % blocks, i / blocks);
+        let t0 = g * COLS;
+        let mut j0 = t0;
+        while j0 < (t0 + COLS).min(t) {
+            let tt = group((t0 + COLS).min(t) - j0);
+            // In bounds: rows j0 + j < t of x and y.
+            let xs = |j: usize| xp.get().wrapping_add((j0 + j) * n_in) as *const f32;
+            let ys = |j: usize| yp.get().wrapping_add((j0 + j) * n_out);
+            macro_rules! run {
+                ($tt:literal) => {{
+                    let xs: [*const f32; $tt] = std::array::from_fn(xs);
+                    let ys: [*mut f32; $tt] = std::array::from_fn(ys);
+                    let o0 = b * COLS_IO;
+                    let wq = wp.get() as *const u8;
+                    // SAFETY: rows j0.. < t of x and y, columns o0.. masked to n_out; this
+                    // task alone writes its (input group, column block) of y.
+                    unsafe {
+                        match fmt {
+                            F32 => tile_io::<F32, $tt>(wq, n_in, n_out, o0, xs, ys),
+                            BF16 => tile_io::<BF16, $tt>(wq, n_in, n_out, o0, xs, ys),
+                            _ => tile_io::<F16, $tt>(wq, n_in, n_out, o0, xs, ys),
+                        }
+                    }
+                }};
+            }
+            match tt {
+                8 => run!(8),
+                4 => run!(4),
+                2 => run!(2),
+                _ => run!(1),
+            }
+            j0 += tt;
+        }
+    };
+    let tasks = blocks * groups;
+    if t * n_in * n_out >= PAR_MIN_WORK && tasks > 1 {
+        (0..tasks).into_par_iter().for_each(task);
+    } else {
+        (0..tasks).for_each(task);
+    }
+}
+
+/// Output columns per `[in, out]` tile (three vectors of 16).
+const COLS_IO: usize = 48;
 
 /// One row block × one input group: picks the compiled tile and stores its results.
 ///
@@ -89,25 +219,28 @@ unsafe fn block(
     n_out: usize,
     o0: usize,
     x: SendPtr,
+    xs: usize,
     t0: usize,
     tt: usize,
+    k: Span,
     y: SendPtr,
 ) {
     let rows = (n_out - o0).min(ROWS);
     let esize = if fmt == F32 { 4 } else { 2 };
     let base = w.get() as *const u8;
-    let wr: [*const u8; ROWS] =
-        std::array::from_fn(|r| base.add((o0 + if r < rows { r } else { 0 }) * n_in * esize));
-    let xr = |j: usize| x.get().add((t0 + j) * n_in) as *const f32;
+    let wr: [*const u8; ROWS] = std::array::from_fn(|r| {
+        base.add(((o0 + if r < rows { r } else { 0 }) * n_in + k.start) * esize)
+    });
+    let xr = |j: usize| x.get().add((t0 + j) * xs + k.start) as *const f32;
     let mut out = [[0f32; ROWS]; COLS];
     macro_rules! run {
         ($tt:literal) => {{
             let xs: [*const f32; $tt] = std::array::from_fn(xr);
             let o: &mut [[f32; ROWS]; $tt] = (&mut out[..$tt]).try_into().expect("tile size");
             match fmt {
-                F32 => tile::<F32, $tt>(wr, n_in, xs, o),
-                BF16 => tile::<BF16, $tt>(wr, n_in, xs, o),
-                _ => tile::<F16, $tt>(wr, n_in, xs, o),
+                F32 => tile::<F32, $tt>(wr, k.len, n_in, xs, o),
+                BF16 => tile::<BF16, $tt>(wr, k.len, n_in, xs, o),
+                _ => tile::<F16, $tt>(wr, k.len, n_in, xs, o),
             }
         }};
     }
@@ -119,7 +252,8 @@ unsafe fn block(
     }
     for (j, oj) in out.iter().enumerate().take(tt) {
         for (r, v) in oj.iter().enumerate().take(rows) {
-            *y.get().add((t0 + j) * n_out + o0 + r) = *v;
+            let yo = y.get().add((t0 + j) * n_out + o0 + r);
+            *yo = if k.add { *yo + *v } else { *v };
         }
     }
 }
@@ -155,12 +289,14 @@ unsafe fn load<const F: u8>(p: *const u8, i: usize, mask: Option<__mmask16>) -> 
     }
 }
 
-/// `out[j][r] = w[r] · x[j]` for 3 weight rows of format `F` and `TT` inputs of `n` floats.
+/// `out[j][r] = w[r] · x[j]` for 3 weight rows of format `F` and `TT` inputs of `n` floats;
+/// the rows are `stride` elements apart in the matrix.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c,fma")]
 unsafe fn tile<const F: u8, const TT: usize>(
     w: [*const u8; ROWS],
     n: usize,
+    stride: usize,
     x: [*const f32; TT],
     out: &mut [[f32; ROWS]; TT],
 ) {
@@ -168,7 +304,7 @@ unsafe fn tile<const F: u8, const TT: usize>(
     // The next block's rows follow these three in memory: fetching them while this block
     // computes keeps the weight stream from DRAM going (a decode batch reads each weight once).
     let esize = if F == F32 { 4 } else { 2 };
-    let ahead = ROWS * n * esize;
+    let ahead = ROWS * stride * esize;
     let mut c = 0;
     while c + 16 <= n {
         for &wr in &w {
@@ -208,10 +344,70 @@ unsafe fn tile<const F: u8, const TT: usize>(
     }
 }
 
+/// `y[j][o0..o0 + 48] = x[j] @ W[:, o0..o0 + 48]` for an `[in, out]` matrix of format `F`
+/// and `TT` inputs; columns at or past `n_out` are neither read nor written.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c,fma")]
+unsafe fn tile_io<const F: u8, const TT: usize>(
+    w: *const u8,
+    n_in: usize,
+    n_out: usize,
+    o0: usize,
+    x: [*const f32; TT],
+    y: [*mut f32; TT],
+) {
+    let esize = if F == F32 { 4 } else { 2 };
+    let mut masks = [0u16; 3];
+    for (v, m) in masks.iter_mut().enumerate() {
+        let lo = o0 + 16 * v;
+        *m = if lo >= n_out {
+            0
+        } else if lo + 16 <= n_out {
+            0xffff
+        } else {
+            ((1u32 << (n_out - lo)) - 1) as u16
+        };
+    }
+    let mut acc = [[_mm512_setzero_ps(); 3]; TT];
+    for i in 0..n_in {
+        let row = w.add((i * n_out + o0) * esize);
+        let wv = [
+            load::<F>(row, 0, Some(masks[0])),
+            load::<F>(row, 16, Some(masks[1])),
+            load::<F>(row, 32, Some(masks[2])),
+        ];
+        for j in 0..TT {
+            let xb = _mm512_set1_ps(*x[j].add(i));
+            for v in 0..3 {
+                acc[j][v] = _mm512_fmadd_ps(wv[v], xb, acc[j][v]);
+            }
+        }
+    }
+    for j in 0..TT {
+        for v in 0..3 {
+            _mm512_mask_storeu_ps(y[j].add(o0 + 16 * v), masks[v], acc[j][v]);
+        }
+    }
+}
+
+/// Never called: [`available`] is false off x86-64.
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn tile_io<const F: u8, const TT: usize>(
+    _: *const u8,
+    _: usize,
+    _: usize,
+    _: usize,
+    _: [*const f32; TT],
+    _: [*mut f32; TT],
+) {
+    unreachable!("AVX-512 tile off x86-64")
+}
+
 /// Never called: [`available`] is false off x86-64.
 #[cfg(not(target_arch = "x86_64"))]
 unsafe fn tile<const F: u8, const TT: usize>(
     _: [*const u8; ROWS],
+    _: usize,
     _: usize,
     _: [*const f32; TT],
     _: &mut [[f32; ROWS]; TT],

@@ -78,12 +78,11 @@ unsafe fn wkv5_avx2(
     wkv5_body(s, r, k, v, w, u, y)
 }
 
-/// The AVX-512 build of [`wkv7_body`] for head sizes that are multiples of 16: a state row
+/// The AVX-512 build of [`wkv7_body`] for head sizes of 16, 32, 64 or 128: a state row
 /// stays in registers from its first use to its store, and the two row reductions use the
 /// vector unit's tree sum rather than the portable body's serial one (whose latency, twice per
 /// row, dominated the scan).
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx2,fma")]
 #[allow(clippy::too_many_arguments)]
 unsafe fn wkv7_avx512(
     s: &mut [f32],
@@ -95,22 +94,38 @@ unsafe fn wkv7_avx512(
     b: &[f32],
     y: &mut [f32],
 ) {
+    match r.len() / 16 {
+        1 => wkv7_avx512_m::<1>(s, r, w, k, v, kk, b, y),
+        2 => wkv7_avx512_m::<2>(s, r, w, k, v, kk, b, y),
+        4 => wkv7_avx512_m::<4>(s, r, w, k, v, kk, b, y),
+        _ => wkv7_avx512_m::<8>(s, r, w, k, v, kk, b, y),
+    }
+}
+
+/// [`wkv7_avx512`] for a head of `16 * M` values: the per-head vectors are arrays of `M`
+/// registers (a run-time length would put them on the stack).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn wkv7_avx512_m<const M: usize>(
+    s: &mut [f32],
+    r: &[f32],
+    w: &[f32],
+    k: &[f32],
+    v: &[f32],
+    kk: &[f32],
+    b: &[f32],
+    y: &mut [f32],
+) {
     use std::arch::x86_64::*;
-    const MAX: usize = 256 / 16;
-    let n = r.len();
-    let m = n / 16;
-    assert!(n.is_multiple_of(16) && m <= MAX && s.len() >= n * n);
+    let n = 16 * M;
+    assert!(r.len() == n && s.len() >= n * n);
     assert!([w, k, kk, b].iter().all(|z| z.len() >= n) && v.len() >= n && y.len() >= n);
     let ld = |z: &[f32], c: usize| _mm512_loadu_ps(z.as_ptr().add(16 * c));
     let zero = _mm512_setzero_ps();
-    let (mut vr, mut vw, mut vk, mut vkk, mut vb) = (
-        [zero; MAX],
-        [zero; MAX],
-        [zero; MAX],
-        [zero; MAX],
-        [zero; MAX],
-    );
-    for c in 0..m {
+    let (mut vr, mut vw, mut vk, mut vkk, mut vb) =
+        ([zero; M], [zero; M], [zero; M], [zero; M], [zero; M]);
+    for c in 0..M {
         vr[c] = ld(r, c);
         vw[c] = ld(w, c);
         vk[c] = ld(k, c);
@@ -121,15 +136,15 @@ unsafe fn wkv7_avx512(
     for i in 0..n {
         let row = sp.add(i * n);
         let mut acc = _mm512_setzero_ps();
-        let mut x = [zero; MAX];
-        for c in 0..m {
+        let mut x = [zero; M];
+        for c in 0..M {
             x[c] = _mm512_loadu_ps(row.add(16 * c));
             acc = _mm512_fmadd_ps(x[c], vkk[c], acc);
         }
         let sa = _mm512_set1_ps(-_mm512_reduce_add_ps(acc));
         let vi = _mm512_set1_ps(v[i]);
         let mut yacc = _mm512_setzero_ps();
-        for c in 0..m {
+        for c in 0..M {
             let z = _mm512_fmadd_ps(
                 x[c],
                 vw[c],
@@ -156,7 +171,7 @@ pub fn wkv7_head(
 ) {
     #[cfg(target_arch = "x86_64")]
     {
-        if has_avx512() && r.len().is_multiple_of(16) {
+        if has_avx512() && matches!(r.len(), 16 | 32 | 64 | 128) {
             // SAFETY: the CPU supports the enabled features; bounds are asserted inside.
             return unsafe { wkv7_avx512(s, r, w, k, v, kk, b, y) };
         }
@@ -247,7 +262,7 @@ mod tests {
             for (_, f) in builds.into_iter().filter(|b| b.0) {
                 let mut s3 = s0.clone();
                 let mut y3 = vec![0.0; n];
-                // SAFETY: the CPU has the build's features; n is a multiple of 16.
+                // SAFETY: the CPU has the build's features; n is 64.
                 unsafe { f(&mut s3, &r, &w, &k, &v, &kk, &b, &mut y3) };
                 for (a, c) in s3.iter().zip(&s2).chain(y3.iter().zip(&y2)) {
                     assert!((a - c).abs() < 1e-5);

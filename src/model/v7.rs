@@ -204,15 +204,19 @@ impl V7 {
             matmul(&l.w.down, xw, t, &mut lo[..t * dw]);
             lo[..t * dw].iter_mut().for_each(|z| *z = z.tanh());
             matmul(&l.w.up, &lo[..t * dw], t, w);
-            for (i, z) in w.iter_mut().enumerate() {
-                *z = (-0.606531 * sigmoid(l.w0[i % c] + *z)).exp();
+            for wr in w.chunks_mut(c) {
+                for (z, w0) in wr.iter_mut().zip(&l.w0) {
+                    *z = kernels::exp(-0.606531 * sigmoid(w0 + *z));
+                }
             }
             // In-context learning rate a = sigmoid(a0 + xa A1 A2).
             let da = l.a.rank();
             matmul(&l.a.down, xa, t, &mut lo[..t * da]);
             matmul(&l.a.up, &lo[..t * da], t, a);
-            for (i, z) in a.iter_mut().enumerate() {
-                *z = sigmoid(l.a0[i % c] + *z);
+            for ar in a.chunks_mut(c) {
+                for (z, a0) in ar.iter_mut().zip(&l.a0) {
+                    *z = sigmoid(a0 + *z);
+                }
             }
             // Gate g = sigmoid(xg G1) G2.
             let dg = l.g.rank();
@@ -240,8 +244,11 @@ impl V7 {
                     let dv = lora.rank();
                     matmul(&lora.down, xv, t, &mut lo[..t * dv]);
                     matmul(&lora.up, &lo[..t * dv], t, xr);
-                    for i in 0..t * c {
-                        v[i] += (vf[i] - v[i]) * sigmoid(v0[i % c] + xr[i]);
+                    let rows = v.chunks_mut(c).zip(vf.chunks(c)).zip(xr.chunks(c));
+                    for ((vr, fr), mr) in rows {
+                        for j in 0..c {
+                            vr[j] += (fr[j] - vr[j]) * sigmoid(v0[j] + mr[j]);
+                        }
                     }
                 }
             }
