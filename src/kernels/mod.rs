@@ -30,7 +30,9 @@ pub fn set_threads(n: Option<usize>) -> crate::Result<()> {
 
 /// Which instruction set the kernels use on this machine.
 pub fn simd_level() -> &'static str {
-    if has_avx2() {
+    if dot::has_avx512() {
+        "avx512+avx2+fma+f16c"
+    } else if has_avx2() {
         "avx2+fma+f16c"
     } else {
         "portable"
