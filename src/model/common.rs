@@ -170,15 +170,14 @@ fn wkv5(
             let wo = w_at(ti) + h * n;
             // SAFETY: head h of token ti owns y[o..o+n]; no other task touches it.
             let yh = unsafe { std::slice::from_raw_parts_mut(yp.get().add(o), n) };
-            kernels::wkv::wkv5_head(
-                s,
-                &r[o..o + n],
-                &k[o..o + n],
-                &v[o..o + n],
-                &w[wo..wo + n],
-                &u[h * n..(h + 1) * n],
-                yh,
-            );
+            let x = kernels::wkv::Wkv5In {
+                r: &r[o..o + n],
+                k: &k[o..o + n],
+                v: &v[o..o + n],
+                w: &w[wo..wo + n],
+                u: &u[h * n..(h + 1) * n],
+            };
+            kernels::wkv::wkv5_head(s, &x, yh);
         }
     };
     if t > 1 && nh > 1 {

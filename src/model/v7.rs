@@ -333,16 +333,15 @@ fn wkv7(
             }
             // SAFETY: head h of token ti owns y[o..o+n]; no other task touches it.
             let yh = unsafe { std::slice::from_raw_parts_mut(yp.get().add(o), n) };
-            kernels::wkv::wkv7_head(
-                s,
-                &r[seg.clone()],
-                &w[seg.clone()],
-                &k[seg.clone()],
-                &v[seg.clone()],
-                &kk[seg],
-                &b[..n],
-                yh,
-            );
+            let x = kernels::wkv::Wkv7In {
+                r: &r[seg.clone()],
+                w: &w[seg.clone()],
+                k: &k[seg.clone()],
+                v: &v[seg.clone()],
+                kk: &kk[seg],
+                b: &b[..n],
+            };
+            kernels::wkv::wkv7_head(s, &x, yh);
         }
     };
     if t > 1 && nh > 1 {
