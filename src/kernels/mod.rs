@@ -557,6 +557,44 @@ mod tests {
         }
     }
 
+    /// Several rows with int8/q4 weights: each row as the one-row (integer) path computes it,
+    /// up to rounding, whichever path runs (the AVX-512 tile over dequantized weights and
+    /// rounded inputs, or the integer kernels), and within the inputs' int8 rounding of the
+    /// exact product.
+    #[test]
+    fn quantized_products_of_several_rows() {
+        use crate::checkpoint::WeightFormat;
+        for &(n_in, n_out, t) in &[(64, 5, 2), (96, 7, 9), (2048, 4, 3), (128, 10, 70)] {
+            let wf = rnd(n_in * n_out, 31);
+            let x = rnd(n_in * t, 32);
+            let base = FloatData::F32(crate::checkpoint::Shared::from_vec(wf));
+            for f in [WeightFormat::Int8, WeightFormat::Q4] {
+                let data = f.convert(&base, n_in).expect("quantizes");
+                let want = naive(&data.to_f32(), n_in, n_out, Layout::OutIn, &x, t);
+                let m = Matrix {
+                    n_in,
+                    n_out,
+                    layout: Layout::OutIn,
+                    data,
+                };
+                let mut y = vec![f32::NAN; t * n_out];
+                matmul(&m, &x, t, &mut y);
+                let mut one = vec![f32::NAN; n_out];
+                for ti in 0..t {
+                    matmul(&m, &x[ti * n_in..(ti + 1) * n_in], 1, &mut one);
+                    for o in 0..n_out {
+                        let (a, b) = (y[ti * n_out + o], one[o]);
+                        assert!((a - b).abs() <= 1e-5 * (1.0 + b.abs()), "{f:?}: {a} vs {b}");
+                    }
+                }
+                let scale = 1.0 + (n_in as f32).sqrt() * 0.1;
+                for (a, b) in y.iter().zip(&want) {
+                    assert!((a - b).abs() <= 2e-2 * scale, "{f:?}: {a} vs {b}");
+                }
+            }
+        }
+    }
+
     #[test]
     fn simd_and_portable_dots_agree() {
         let a = rnd(1000, 3);

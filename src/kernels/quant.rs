@@ -200,9 +200,7 @@ impl QuantizedX {
             .zip(self.q.chunks_exact_mut(QBLOCK))
             .zip(&mut self.d)
         {
-            let amax = b.iter().fold(0f32, |m, v| m.max(v.abs()));
-            let s = amax / 127.0;
-            let inv = if s > 0.0 { 1.0 / s } else { 0.0 };
+            let (s, inv) = block_scale(b);
             *d = s;
             for (qi, v) in q.iter_mut().zip(b) {
                 *qi = rint(v * inv) as i8;
@@ -224,6 +222,27 @@ impl QuantizedX {
             for (g, c) in dst.chunks_exact(4).zip(c.iter_mut()) {
                 *c = -8 * g.iter().map(|&v| v as i32).sum::<i32>();
             }
+        }
+    }
+}
+
+/// An activation block's int8 scale `max|x| / 127` and its inverse (0 for a zero block).
+#[inline(always)]
+fn block_scale(b: &[f32]) -> (f32, f32) {
+    let amax = b.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let s = amax / 127.0;
+    (s, if s > 0.0 { 1.0 / s } else { 0.0 })
+}
+
+/// `x` as the integer kernels see it: every block of 32 quantized to int8 as
+/// [`QuantizedX::set`] does, and scaled back. Float products over these values and dequantized
+/// weights give a quantized matrix's results up to rounding, whichever path computes them, so
+/// a sequence's tokens do not depend on the batch it runs in.
+pub fn round_as_quantized(x: &[f32], out: &mut [f32]) {
+    for (b, o) in x.chunks_exact(QBLOCK).zip(out.chunks_exact_mut(QBLOCK)) {
+        let (s, inv) = block_scale(b);
+        for (oi, v) in o.iter_mut().zip(b) {
+            *oi = s * (rint(v * inv) as i8) as f32;
         }
     }
 }

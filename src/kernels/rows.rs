@@ -8,7 +8,7 @@
 //! them: the group's inputs stay in L1 and the task's weight rows in L2.
 
 use super::{Layout, Matrix, SendPtr, PAR_MIN_WORK};
-use crate::checkpoint::FloatData;
+use crate::checkpoint::{FloatData, QBlocks, QBLOCK};
 use rayon::prelude::*;
 
 /// Weight rows per register tile.
@@ -34,15 +34,17 @@ pub(crate) fn product(w: &Matrix, x: &[f32], t: usize, y: &mut [f32]) -> bool {
     if !available() {
         return false;
     }
-    let (ptr, fmt) = match &w.data {
-        FloatData::F32(v) => (v.as_ptr() as *const u8, F32),
-        FloatData::BF16(v) => (v.as_ptr() as *const u8, BF16),
-        FloatData::F16(v) => (v.as_ptr() as *const u8, F16),
-        _ => return false,
-    };
     let (n_in, n_out) = (w.n_in, w.n_out);
     assert!(w.data.len() >= n_in * n_out && x.len() >= t * n_in && y.len() >= t * n_out);
-    if w.layout == Layout::InOut {
+    let src = match &w.data {
+        FloatData::F32(v) => Src::Float(v.as_ptr() as *const u8, F32),
+        FloatData::BF16(v) => Src::Float(v.as_ptr() as *const u8, BF16),
+        FloatData::F16(v) => Src::Float(v.as_ptr() as *const u8, F16),
+        FloatData::Q8(b) if w.layout == Layout::OutIn => Src::Quant(b, false),
+        FloatData::Q4(b) if w.layout == Layout::OutIn => Src::Quant(b, true),
+        _ => return false,
+    };
+    if let (Layout::InOut, Src::Float(ptr, fmt)) = (w.layout, src) {
         in_out(ptr, fmt, n_in, n_out, x, t, y);
         return true;
     }
@@ -50,21 +52,28 @@ pub(crate) fn product(w: &Matrix, x: &[f32], t: usize, y: &mut [f32]) -> bool {
     // mix's value matrix) all fall in the same L1 cache sets: 8 of them plus the weight rows
     // overflow a set's ways and the input loads miss (f32 weights: 64 → 112 GFLOP/s with a
     // copy). They are copied to rows 64 bytes longer; other widths are used in place, where
-    // the copy would only cost.
-    if n_in % 1024 != 0 || t == 1 {
-        rows_out_in(ptr, fmt, n_in, n_out, x, n_in, t, y);
+    // the copy would only cost. Quantized weights always take a copy: the inputs rounded as
+    // the integer path rounds them (see `quant::round_as_quantized`).
+    let quant = matches!(src, Src::Quant(..));
+    let aliased = n_in.is_multiple_of(1024);
+    if !quant && (!aliased || t == 1) {
+        rows_out_in(src, n_in, n_out, x, n_in, t, y);
         return true;
     }
-    let stride = n_in + 16;
+    let stride = if aliased { n_in + 16 } else { n_in };
     XPACK.with(|cell| {
         let mut buf = cell.borrow_mut();
         if buf.len() < t * stride {
             buf.resize(t * stride, 0.0);
         }
-        for (dst, src) in buf.chunks_mut(stride).zip(x.chunks(n_in)).take(t) {
-            dst[..n_in].copy_from_slice(src);
+        for (dst, row) in buf.chunks_mut(stride).zip(x.chunks(n_in)).take(t) {
+            if quant {
+                super::quant::round_as_quantized(row, &mut dst[..n_in]);
+            } else {
+                dst[..n_in].copy_from_slice(row);
+            }
         }
-        rows_out_in(ptr, fmt, n_in, n_out, &buf, stride, t, y);
+        rows_out_in(src, n_in, n_out, &buf, stride, t, y);
     });
     true
 }
@@ -72,13 +81,29 @@ pub(crate) fn product(w: &Matrix, x: &[f32], t: usize, y: &mut [f32]) -> bool {
 thread_local! {
     /// The calling thread's padded copy of the inputs (kept, so no allocation once grown).
     static XPACK: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// Each thread's dequantized weight rows of its current task.
+    static DEQ: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
+
+/// Where the weights of an `[out, in]` product come from.
+#[derive(Clone, Copy)]
+enum Src<'a> {
+    /// Float rows read in place: base pointer and element format.
+    Float(*const u8, u8),
+    /// int8 (`false`) or q4 (`true`) blocks, dequantized to f32 a task's rows at a time:
+    /// the rows are reused by every input, so widening them once costs little next to the
+    /// products (a prompt chunk, a decode batch), and the float tile does the arithmetic.
+    Quant(&'a QBlocks, bool),
+}
+
+// SAFETY: the pointer of `Float` is a shared read-only view of weights that outlive the call.
+unsafe impl Send for Src<'_> {}
+unsafe impl Sync for Src<'_> {}
 
 /// The `[out, in]` product with inputs `xs` apart in `x`.
 #[allow(clippy::too_many_arguments)]
 fn rows_out_in(
-    ptr: *const u8,
-    fmt: u8,
+    src: Src<'_>,
     n_in: usize,
     n_out: usize,
     x: &[f32],
@@ -87,7 +112,6 @@ fn rows_out_in(
     y: &mut [f32],
 ) {
     assert!(xs >= n_in && x.len() >= (t - 1) * xs + n_in);
-    let wp = SendPtr(ptr as *mut f32);
     let yp = SendPtr(y.as_mut_ptr());
     let xp = SendPtr(x.as_ptr() as *mut f32);
     let blocks = n_out.div_ceil(ROWS);
@@ -95,9 +119,8 @@ fn rows_out_in(
     // K_BLOCK so that a group's slice stays in L1 across the task's blocks (partial sums
     // accumulate in y). One group reads every weight once anyway: no slicing.
     let kb = if t > COLS { K_BLOCK } else { n_in };
-    let task = |tk: usize| {
-        let b0 = tk * BLOCKS_PER_TASK;
-        let b1 = (b0 + BLOCKS_PER_TASK).min(blocks);
+    // Blocks b0..b1 from weights at `base` (of format `fmt`) whose first row is row `r0`.
+    let run = |base: SendPtr, fmt: u8, r0: usize, b0: usize, b1: usize| {
         let mut k0 = 0;
         while k0 < n_in {
             let k = Span {
@@ -113,11 +136,41 @@ fn rows_out_in(
                     // repeat its first row and are not written), the inputs t0..t0+tt < t,
                     // the slice inside n_in, and the outputs (t0.., rows of this task) are
                     // written by this task only.
-                    unsafe { block(wp, fmt, n_in, n_out, b * ROWS, xp, xs, t0, tt, k, yp) };
+                    unsafe {
+                        block(
+                            base,
+                            fmt,
+                            n_in,
+                            n_out,
+                            (b * ROWS, r0),
+                            xp,
+                            xs,
+                            t0,
+                            tt,
+                            k,
+                            yp,
+                        )
+                    };
                 }
                 t0 += tt;
             }
             k0 += kb;
+        }
+    };
+    let task = |tk: usize| {
+        let b0 = tk * BLOCKS_PER_TASK;
+        let b1 = (b0 + BLOCKS_PER_TASK).min(blocks);
+        match src {
+            Src::Float(ptr, fmt) => run(SendPtr(ptr as *mut f32), fmt, 0, b0, b1),
+            Src::Quant(q, four) => DEQ.with(|cell| {
+                let (r0, r1) = (b0 * ROWS, (b1 * ROWS).min(n_out));
+                let mut buf = cell.borrow_mut();
+                if buf.len() < (r1 - r0) * n_in {
+                    buf.resize((r1 - r0) * n_in, 0.0);
+                }
+                dequant(q, four, r0 * n_in, &mut buf[..(r1 - r0) * n_in]);
+                run(SendPtr(buf.as_mut_ptr()), F32, r0, b0, b1)
+            }),
         }
     };
     let tasks = blocks.div_ceil(BLOCKS_PER_TASK);
@@ -206,18 +259,19 @@ fn in_out(w: *const u8, fmt: u8, n_in: usize, n_out: usize, x: &[f32], t: usize,
 /// Output columns per `[in, out]` tile (three vectors of 16).
 const COLS_IO: usize = 48;
 
-/// One row block × one input group: picks the compiled tile and stores its results.
+/// One row block (first row `o0`) × one input group: picks the compiled tile and stores its
+/// results.
 ///
 /// # Safety
-/// `w` holds `n_out × n_in` elements of format `fmt`, `x` `(t0 + tt) × n_in` floats, `y`
-/// `(t0 + tt) × n_out` floats; AVX-512 is available.
+/// `w` holds rows `r0..` (up to the block's last) of `n_in` elements of format `fmt`, `x`
+/// `t0 + tt` rows `xs` apart, `y` `(t0 + tt) × n_out` floats; AVX-512 is available.
 #[allow(clippy::too_many_arguments)]
 unsafe fn block(
     w: SendPtr,
     fmt: u8,
     n_in: usize,
     n_out: usize,
-    o0: usize,
+    (o0, r0): (usize, usize),
     x: SendPtr,
     xs: usize,
     t0: usize,
@@ -229,7 +283,7 @@ unsafe fn block(
     let esize = if fmt == F32 { 4 } else { 2 };
     let base = w.get() as *const u8;
     let wr: [*const u8; ROWS] = std::array::from_fn(|r| {
-        base.add(((o0 + if r < rows { r } else { 0 }) * n_in + k.start) * esize)
+        base.add(((o0 - r0 + if r < rows { r } else { 0 }) * n_in + k.start) * esize)
     });
     let xr = |j: usize| x.get().add((t0 + j) * xs + k.start) as *const f32;
     let mut out = [[0f32; ROWS]; COLS];
@@ -256,6 +310,53 @@ unsafe fn block(
             *yo = if k.add { *yo + *v } else { *v };
         }
     }
+}
+
+/// Widens quantized weights from element `start` (a block boundary) into `out`.
+fn dequant(q: &QBlocks, four: bool, start: usize, out: &mut [f32]) {
+    let (b0, nb) = (start / QBLOCK, out.len() / QBLOCK);
+    assert!(start.is_multiple_of(QBLOCK) && out.len().is_multiple_of(QBLOCK));
+    assert!(q.d.len() >= b0 + nb);
+    let bytes = if four { QBLOCK / 2 } else { QBLOCK };
+    assert!(q.q.len() >= (b0 + nb) * bytes);
+    // SAFETY: AVX-512 is available (the caller is the tile's path); bounds asserted above.
+    unsafe { dequant_avx512(q.q.as_ptr().add(b0 * bytes), &q.d[b0..b0 + nb], four, out) }
+}
+
+/// 32 weights per block: int8 values (or 4-bit ones, low nibbles first, offset by 8) times the
+/// block's scale.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2")]
+unsafe fn dequant_avx512(q: *const u8, d: &[f32], four: bool, out: &mut [f32]) {
+    let o = out.as_mut_ptr();
+    let eight = _mm512_set1_epi32(8);
+    let m15 = _mm_set1_epi8(15);
+    for (b, &db) in d.iter().enumerate() {
+        let dv = _mm512_set1_ps(db);
+        let (lo, hi) = if four {
+            let v = _mm_loadu_si128(q.add(b * 16) as *const __m128i);
+            let lo = _mm512_cvtepu8_epi32(_mm_and_si128(v, m15));
+            let hi = _mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(v, 4), m15));
+            (_mm512_sub_epi32(lo, eight), _mm512_sub_epi32(hi, eight))
+        } else {
+            let v = _mm256_loadu_si256(q.add(b * 32) as *const __m256i);
+            (
+                _mm512_cvtepi8_epi32(_mm256_castsi256_si128(v)),
+                _mm512_cvtepi8_epi32(_mm256_extracti128_si256(v, 1)),
+            )
+        };
+        _mm512_storeu_ps(o.add(b * 32), _mm512_mul_ps(_mm512_cvtepi32_ps(lo), dv));
+        _mm512_storeu_ps(
+            o.add(b * 32 + 16),
+            _mm512_mul_ps(_mm512_cvtepi32_ps(hi), dv),
+        );
+    }
+}
+
+/// Never called: [`available`] is false off x86-64.
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn dequant_avx512(_: *const u8, _: &[f32], _: bool, _: &mut [f32]) {
+    unreachable!("AVX-512 dequantization off x86-64")
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -438,7 +539,7 @@ mod tests {
     }
 
     #[test]
-    fn quantized_weights_are_not_taken() {
+    fn quantized_weights_are_taken_where_available() {
         let m = Matrix {
             n_in: 32,
             n_out: 2,
@@ -448,6 +549,6 @@ mod tests {
                 .unwrap(),
         };
         let mut y = vec![0.0; 4];
-        assert!(!product(&m, &rnd(64, 2), 2, &mut y));
+        assert_eq!(product(&m, &rnd(64, 2), 2, &mut y), available());
     }
 }
