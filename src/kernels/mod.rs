@@ -76,6 +76,16 @@ thread_local! {
     static QXS: std::cell::RefCell<Vec<quant::QuantizedX>> = Default::default();
 }
 
+/// Takes a thread's work buffer out of its cell (leaving an empty one) for the length of a
+/// call; the caller puts it back. A thread waiting for its parallel tasks may run another
+/// job of the pool that makes the same call: it then finds the cell empty and grows a
+/// buffer of its own, where holding the cell's borrow across the wait would panic.
+pub(crate) fn take_local<T: Default>(
+    key: &'static std::thread::LocalKey<std::cell::RefCell<T>>,
+) -> T {
+    key.with(|cell| std::mem::take(&mut *cell.borrow_mut()))
+}
+
 /// Work per call below which threads cost more than they save.
 pub(crate) const PAR_MIN_WORK: usize = 1 << 18;
 
@@ -200,17 +210,16 @@ fn matmul_out_in(w: &Matrix, x: &[f32], t: usize, y: &mut [f32]) {
     if t == 1 {
         if let FloatData::Q8(b) | FloatData::Q4(b) = &w.data {
             let four = matches!(w.data, FloatData::Q4(_));
-            QX.with(|cell| {
-                let mut qx = cell.borrow_mut();
-                qx.set(x);
-                let qx = &*qx;
-                let row = |(o, yo): (usize, &mut f32)| *yo = quant::dot_qq(b, four, o * n_in, qx);
-                if work >= PAR_MIN_WORK {
-                    y.par_iter_mut().enumerate().with_min_len(16).for_each(row);
-                } else {
-                    y.iter_mut().enumerate().for_each(row);
-                }
-            });
+            let mut qx = take_local(&QX);
+            qx.set(x);
+            let q = &qx;
+            let row = |(o, yo): (usize, &mut f32)| *yo = quant::dot_qq(b, four, o * n_in, q);
+            if work >= PAR_MIN_WORK {
+                y.par_iter_mut().enumerate().with_min_len(16).for_each(row);
+            } else {
+                y.iter_mut().enumerate().for_each(row);
+            }
+            QX.with(|cell| *cell.borrow_mut() = qx);
             return;
         }
         let row = |(o, yo): (usize, &mut f32)| *yo = dot_row(&w.data, o * n_in, x);
@@ -225,29 +234,28 @@ fn matmul_out_in(w: &Matrix, x: &[f32], t: usize, y: &mut [f32]) {
     // row (a few hundred bytes, still in L1) is dotted with all of them on the integer path.
     if let FloatData::Q8(b) | FloatData::Q4(b) = &w.data {
         let four = matches!(w.data, FloatData::Q4(_));
-        QXS.with(|cell| {
-            let mut qxs = cell.borrow_mut();
-            if qxs.len() < t {
-                qxs.resize_with(t, Default::default);
+        let mut all = take_local(&QXS);
+        if all.len() < t {
+            all.resize_with(t, Default::default);
+        }
+        for (q, xr) in all.iter_mut().zip(x.chunks(n_in)) {
+            q.set(xr);
+        }
+        let qxs = &all[..t];
+        let yp = SendPtr(y.as_mut_ptr());
+        let row = |o: usize| {
+            for (ti, q) in qxs.iter().enumerate() {
+                let v = quant::dot_qq(b, four, o * n_in, q);
+                // SAFETY: element (ti, o) is written only by the task owning row o.
+                unsafe { *yp.get().add(ti * n_out + o) = v };
             }
-            for (q, xr) in qxs.iter_mut().zip(x.chunks(n_in)) {
-                q.set(xr);
-            }
-            let qxs = &qxs[..t];
-            let yp = SendPtr(y.as_mut_ptr());
-            let row = |o: usize| {
-                for (ti, q) in qxs.iter().enumerate() {
-                    let v = quant::dot_qq(b, four, o * n_in, q);
-                    // SAFETY: element (ti, o) is written only by the task owning row o.
-                    unsafe { *yp.get().add(ti * n_out + o) = v };
-                }
-            };
-            if work >= PAR_MIN_WORK {
-                (0..n_out).into_par_iter().with_min_len(16).for_each(row);
-            } else {
-                (0..n_out).for_each(row);
-            }
-        });
+        };
+        if work >= PAR_MIN_WORK {
+            (0..n_out).into_par_iter().with_min_len(16).for_each(row);
+        } else {
+            (0..n_out).for_each(row);
+        }
+        QXS.with(|cell| *cell.borrow_mut() = all);
         return;
     }
     // Several inputs (a decode batch): blocks of 4 weight rows are widened to f32 once into a

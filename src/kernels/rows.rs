@@ -61,20 +61,19 @@ pub(crate) fn product(w: &Matrix, x: &[f32], t: usize, y: &mut [f32]) -> bool {
         return true;
     }
     let stride = if aliased { n_in + 16 } else { n_in };
-    XPACK.with(|cell| {
-        let mut buf = cell.borrow_mut();
-        if buf.len() < t * stride {
-            buf.resize(t * stride, 0.0);
+    let mut buf = super::take_local(&XPACK);
+    if buf.len() < t * stride {
+        buf.resize(t * stride, 0.0);
+    }
+    for (dst, row) in buf.chunks_mut(stride).zip(x.chunks(n_in)).take(t) {
+        if quant {
+            super::quant::round_as_quantized(row, &mut dst[..n_in]);
+        } else {
+            dst[..n_in].copy_from_slice(row);
         }
-        for (dst, row) in buf.chunks_mut(stride).zip(x.chunks(n_in)).take(t) {
-            if quant {
-                super::quant::round_as_quantized(row, &mut dst[..n_in]);
-            } else {
-                dst[..n_in].copy_from_slice(row);
-            }
-        }
-        rows_out_in(src, n_in, n_out, &buf, stride, t, y);
-    });
+    }
+    rows_out_in(src, n_in, n_out, &buf, stride, t, y);
+    XPACK.with(|cell| *cell.borrow_mut() = buf);
     true
 }
 
