@@ -1,5 +1,6 @@
-//! Products of a few input rows (a decode batch, a prompt chunk) with `[out, in]` float
-//! weights, AVX-512 register tiles reading the stored format directly.
+//! Products of several input rows (a decode batch, a prompt chunk) with float weights, AVX-512
+//! register tiles reading the stored format directly; int8/q4 weights are dequantized a
+//! task's rows at a time and go through the same tiles.
 //!
 //! A tile is 3 weight rows × up to 8 inputs: 24 accumulators, 3 weight vectors and one input
 //! vector fill 28 of the 32 vector registers, so every weight loaded (and widened from
@@ -33,6 +34,9 @@ pub fn available() -> bool {
 pub(crate) fn product(w: &Matrix, x: &[f32], t: usize, y: &mut [f32]) -> bool {
     if !available() {
         return false;
+    }
+    if t == 0 {
+        return true;
     }
     let (n_in, n_out) = (w.n_in, w.n_out);
     assert!(w.data.len() >= n_in * n_out && x.len() >= t * n_in && y.len() >= t * n_out);
@@ -100,7 +104,6 @@ unsafe impl Send for Src<'_> {}
 unsafe impl Sync for Src<'_> {}
 
 /// The `[out, in]` product with inputs `xs` apart in `x`.
-#[allow(clippy::too_many_arguments)]
 fn rows_out_in(
     src: Src<'_>,
     n_in: usize,
