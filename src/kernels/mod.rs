@@ -157,6 +157,20 @@ fn matmul_gemm(w: &Matrix, x: &[f32], t: usize, y: &mut [f32]) {
         }
     };
     // rhs is W^T ([k, n]) for [out, in] storage, W itself for [in, out] storage.
+    // Quantized weights see their inputs rounded as the integer one-row path rounds them, so
+    // a row's result does not depend on how many rows share the call.
+    let rounded;
+    let x = match &w.data {
+        FloatData::Q8(_) | FloatData::Q4(_) => {
+            let mut r = vec![0f32; t * k];
+            for (o, xr) in r.chunks_mut(k).zip(x.chunks(k)) {
+                quant::round_as_quantized(xr, o);
+            }
+            rounded = r;
+            &rounded[..]
+        }
+        _ => x,
+    };
     let (rhs_rs, rhs_cs) = match w.layout {
         Layout::OutIn => (1isize, k as isize),
         Layout::InOut => (n as isize, 1isize),
