@@ -52,17 +52,20 @@ fn ragged_batch_equals_separate_runs_for_every_generation() {
             .collect();
         let mut scratch = Scratch::default();
         let got = model.forward_batch(&mut items, &mut scratch);
+        // A batch orders some sums differently from one sequence alone (several-row kernels
+        // against the matrix-vector one), so the two agree to rounding, far inside the
+        // fixtures' tolerance: 2 % of it (the portable kernels come closest, about 1 %).
         for i in 0..5 {
             let g = got[i].as_ref().unwrap();
             assert_eq!(g.len(), expect[i].len(), "{gen} item {i}");
             let r = common::tol_ratio(g, &expect[i]);
             assert!(
-                r <= 0.01,
+                r <= 0.02,
                 "{gen} item {i}: logits differ ({r} of tolerance)"
             );
             for j in 0..states[i].len() {
                 let r = common::tol_ratio(states[i].tensor(j), expect_states[i].tensor(j));
-                assert!(r <= 0.01, "{gen} item {i} state {j}: {r}");
+                assert!(r <= 0.02, "{gen} item {i} state {j}: {r}");
             }
         }
     }
