@@ -162,10 +162,9 @@ fn matmul_gemm(w: &Matrix, x: &[f32], t: usize, y: &mut [f32]) {
     let rounded;
     let x = match &w.data {
         FloatData::Q8(_) | FloatData::Q4(_) => {
+            // Rows of a quantized matrix are whole blocks, so the rows round as one run.
             let mut r = vec![0f32; t * k];
-            for (o, xr) in r.chunks_mut(k).zip(x.chunks(k)) {
-                quant::round_as_quantized(xr, o);
-            }
+            quant::round_as_quantized(&x[..t * k], &mut r);
             rounded = r;
             &rounded[..]
         }

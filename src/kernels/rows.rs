@@ -29,8 +29,9 @@ pub fn available() -> bool {
     super::dot::has_avx512()
 }
 
-/// `y[ti] = x[ti] @ W` for a float matrix and `t` input rows, or `false`
-/// (nothing written) where the format or the CPU is not served here.
+/// `y[ti] = x[ti] @ W` for `t` input rows (float weights of either layout, int8/q4 weights
+/// of the `[out, in]` one), or `false` (nothing written) where the format, layout or CPU is
+/// not served here.
 pub(crate) fn product(w: &Matrix, x: &[f32], t: usize, y: &mut [f32]) -> bool {
     if !available() {
         return false;

@@ -340,8 +340,8 @@ pub(crate) fn token_shift(
     slot: usize,
     mut f: impl FnMut(usize, &[f32], &[f32]),
 ) {
-    let mut o = 0;
     for s in seqs.iter_mut() {
+        let o = s.row0;
         let prev_state = &mut s.state.tensors[slot];
         for ti in 0..s.n {
             let r = o + ti;
@@ -354,7 +354,18 @@ pub(crate) fn token_shift(
             f(r, cur, prev);
         }
         prev_state.copy_from_slice(&xn[(o + s.n - 1) * c..(o + s.n) * c]);
-        o += s.n;
+    }
+}
+
+impl Seq<'_> {
+    /// The rows of the batch's activations whose logits this sequence asked for.
+    fn logit_rows(&self) -> std::ops::Range<usize> {
+        let end = self.row0 + self.n;
+        match self.which {
+            Logits::None => end..end,
+            Logits::Last => end - 1..end,
+            Logits::All => self.row0..end,
+        }
     }
 }
 
@@ -570,54 +581,36 @@ impl Io {
         let v = self.head.n_out;
         // A lone sequence gets its logits written straight into its output.
         if let [s] = seqs {
-            let rows = match s.which {
-                Logits::None => return,
-                Logits::Last => (s.n - 1)..s.n,
-                Logits::All => 0..s.n,
-            };
+            let rows = s.logit_rows();
+            if rows.is_empty() {
+                return;
+            }
             let r = rows.len();
             let xn = buf(xn, r * c);
             self.ln_out.rows(&x[rows.start * c..rows.end * c], xn);
             kernels::matmul(&self.head, xn, r, &mut s.out[..r * v]);
             return;
         }
-        let mut o = 0;
-        let mut r = 0;
-        let total: usize = seqs
-            .iter()
-            .map(|s| match s.which {
-                Logits::None => 0,
-                Logits::Last => 1,
-                Logits::All => s.n,
-            })
-            .sum();
+        let total: usize = seqs.iter().map(|s| s.logit_rows().len()).sum();
         if total == 0 {
             return;
         }
         let xn = buf(xn, total * c);
+        let mut r = 0;
         for s in seqs.iter() {
-            let rows = match s.which {
-                Logits::None => o..o,
-                Logits::Last => (o + s.n - 1)..(o + s.n),
-                Logits::All => o..(o + s.n),
-            };
+            let rows = s.logit_rows();
             let k = rows.len();
             self.ln_out.rows(
                 &x[rows.start * c..rows.end * c],
                 &mut xn[r * c..(r + k) * c],
             );
             r += k;
-            o += s.n;
         }
         let tmp = buf(tmp, total * v);
         kernels::matmul(&self.head, xn, total, tmp);
         let mut r = 0;
         for s in seqs.iter_mut() {
-            let k = match s.which {
-                Logits::None => 0,
-                Logits::Last => 1,
-                Logits::All => s.n,
-            };
+            let k = s.logit_rows().len();
             s.out[..k * v].copy_from_slice(&tmp[r * v..(r + k) * v]);
             r += k;
         }

@@ -6,7 +6,7 @@
 //! `sigmoid(r) · (relu(k)² W_v)`. See `tests/fixtures/README.md` for the full formulas.
 
 use super::common::{GatedFfn, MixKind};
-use super::{buf, token_shift, Io, Loader, Norm, Scratch, Seq};
+use super::{buf, per_seq, token_shift, Io, Loader, Norm, Scratch, Seq};
 use crate::checkpoint::ModelInfo;
 use crate::error::Result;
 use crate::kernels::{matmul, sigmoid, Layout, Matrix};
@@ -102,15 +102,15 @@ impl V4 {
             matmul(&l.wr, xr, t, r);
             matmul(&l.wk, xk, t, k);
             matmul(&l.wv, xv, t, v);
-            // The WKV scan: the only part that runs token by token, per sequence.
-            let mut row0 = 0;
-            for s in seqs.iter_mut() {
+            // The WKV scan: the only part that runs token by token, per sequence (the
+            // sequences of a batch in parallel); it turns each row of r into its output.
+            per_seq(seqs, c, r, |s, rs| {
                 let [_, aa, bb, pp, _] = &mut s.state.tensors[5 * li..5 * li + 5] else {
                     unreachable!("v4 state has 5 tensors per layer")
                 };
-                for ti in row0..row0 + s.n {
-                    let row = ti * c..(ti + 1) * c;
-                    let (kr, vr, rr) = (&k[row.clone()], &v[row.clone()], &mut r[row]);
+                for (ti, rr) in rs.chunks_mut(c).enumerate() {
+                    let row = (s.row0 + ti) * c..(s.row0 + ti + 1) * c;
+                    let (kr, vr) = (&k[row.clone()], &v[row]);
                     for j in 0..c {
                         let (kj, vj) = (kr[j], vr[j]);
                         let ww = l.u[j] + kj;
@@ -128,8 +128,7 @@ impl V4 {
                         rr[j] = sigmoid(rr[j]) * wkv;
                     }
                 }
-                row0 += s.n;
-            }
+            });
             matmul(&l.wo, r, t, o);
             for i in 0..t * c {
                 x[i] += o[i];
