@@ -266,6 +266,11 @@ pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
         // SAFETY: the CPU supports the enabled features (checked above).
         return unsafe { avx2::dot_f32(a, b) };
     }
+    #[cfg(target_arch = "aarch64")]
+    if super::neon::enabled() {
+        // SAFETY: NEON is part of every aarch64 CPU.
+        return unsafe { super::neon::dot_f32(a, b) };
+    }
     dot_f32_body(a, b)
 }
 
@@ -290,6 +295,18 @@ pub fn dot_row(w: &FloatData, start: usize, x: &[f32]) -> f32 {
                 FloatData::Q8(b) => super::quant::dot_q(b, false, start, x),
                 FloatData::Q4(b) => super::quant::dot_q(b, true, start, x),
             };
+        }
+    }
+    #[cfg(target_arch = "aarch64")]
+    if super::neon::enabled() {
+        // SAFETY: NEON is part of every aarch64 CPU.
+        unsafe {
+            match w {
+                FloatData::F32(v) => return super::neon::dot_f32(&v[start..start + n], x),
+                FloatData::BF16(v) => return super::neon::dot_bf16(&v[start..start + n], x),
+                FloatData::F16(v) => return super::neon::dot_f16(&v[start..start + n], x),
+                _ => {}
+            }
         }
     }
     dot_row_portable(w, start, x)
@@ -321,6 +338,18 @@ pub fn axpy_row(w: &FloatData, start: usize, a: f32, y: &mut [f32]) {
                 FloatData::F16(v) => avx2::axpy_f16(a, &v[start..start + n], y),
                 _ => axpy_row_portable(w, start, a, y),
             };
+        }
+    }
+    #[cfg(target_arch = "aarch64")]
+    if super::neon::enabled() {
+        // SAFETY: NEON is part of every aarch64 CPU.
+        unsafe {
+            match w {
+                FloatData::F32(v) => return super::neon::axpy_f32(a, &v[start..start + n], y),
+                FloatData::BF16(v) => return super::neon::axpy_bf16(a, &v[start..start + n], y),
+                FloatData::F16(v) => return super::neon::axpy_f16(a, &v[start..start + n], y),
+                _ => {}
+            }
         }
     }
     axpy_row_portable(w, start, a, y)
@@ -372,6 +401,11 @@ pub fn f16_to_f32(x: &[u16], out: &mut [f32]) {
     if has_avx2() {
         // SAFETY: the CPU supports the enabled features (checked above).
         return unsafe { avx2::f16_to_f32(x, out) };
+    }
+    #[cfg(target_arch = "aarch64")]
+    if super::neon::enabled() {
+        // SAFETY: NEON is part of every aarch64 CPU.
+        return unsafe { super::neon::f16_to_f32(x, out) };
     }
     for (o, h) in out.iter_mut().zip(x) {
         *o = half::f16::from_bits(*h).to_f32();

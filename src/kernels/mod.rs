@@ -9,6 +9,8 @@ use crate::checkpoint::{bf16_to_f32, FloatData};
 use rayon::prelude::*;
 
 mod dot;
+#[cfg(target_arch = "aarch64")]
+mod neon;
 pub mod quant;
 mod rows;
 pub mod wkv;
@@ -35,6 +37,12 @@ pub fn simd_level() -> &'static str {
     } else if has_avx2() {
         "avx2+fma+f16c"
     } else {
+        #[cfg(target_arch = "aarch64")]
+        if neon::has_dotprod() {
+            return "neon+dotprod";
+        } else if neon::enabled() {
+            return "neon";
+        }
         "portable"
     }
 }
@@ -324,6 +332,7 @@ thread_local! {
 }
 
 mod tile {
+    #[cfg(target_arch = "x86_64")]
     use super::dot::has_avx2;
     use super::TILE_ROWS;
 

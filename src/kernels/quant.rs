@@ -2,6 +2,7 @@
 //! it. Generation reads every weight once per token, so fewer bytes per weight is directly
 //! more tokens per second; the scales cost 4 bytes per 32 weights.
 
+#[cfg(target_arch = "x86_64")]
 use super::dot::has_avx2;
 use crate::checkpoint::{QBlocks, Shared, QBLOCK};
 use rayon::prelude::*;
@@ -146,11 +147,11 @@ unsafe fn dot_q4_avx2(q: &[u8], d: &[f32], x: &[f32]) -> f32 {
 /// int8 when `four_bit` is false.
 #[inline]
 pub fn dot_q(b: &QBlocks, four_bit: bool, start: usize, x: &[f32]) -> f32 {
-    let n = x.len();
-    let (b0, nb) = (start / QBLOCK, n / QBLOCK);
-    let d = &b.d[b0..b0 + nb];
     #[cfg(target_arch = "x86_64")]
     if has_avx2() {
+        let n = x.len();
+        let (b0, nb) = (start / QBLOCK, n / QBLOCK);
+        let d = &b.d[b0..b0 + nb];
         // SAFETY: the CPU supports the enabled features.
         unsafe {
             return if four_bit {
@@ -191,6 +192,12 @@ pub struct QuantizedX {
 }
 
 impl QuantizedX {
+    /// The quantized values and their per-block scales (for the NEON kernels' tests).
+    #[cfg(all(test, target_arch = "aarch64"))]
+    pub(crate) fn parts(&self) -> (&[i8], &[f32]) {
+        (&self.q, &self.d)
+    }
+
     /// Quantizes `x` (length a multiple of 32), reusing the buffers.
     pub fn set(&mut self, x: &[f32]) {
         self.q.resize(x.len(), 0);
@@ -492,6 +499,18 @@ pub fn dot_qq(b: &QBlocks, four_bit: bool, start: usize, x: &QuantizedX) -> f32 
         // SAFETY: as above.
         return unsafe { dot_qq_avx2(w, wd, &x.q, &x.d, four_bit) };
     }
+    #[cfg(target_arch = "aarch64")]
+    if super::neon::enabled() {
+        use super::neon;
+        // SAFETY: `SDOT` only where the CPU has it; NEON is part of every aarch64 CPU.
+        return unsafe {
+            if neon::has_dotprod() {
+                neon::dot_qq_sdot(w, wd, &x.q, &x.d, four_bit)
+            } else {
+                neon::dot_qq_mull(w, wd, &x.q, &x.d, four_bit)
+            }
+        };
+    }
     dot_qq_body(w, wd, &x.q, &x.d, four_bit)
 }
 
@@ -515,8 +534,14 @@ mod tests {
 
     #[test]
     fn long_rows_take_every_simd_path() {
-        // 25 blocks: one 16-block step, four pairs and a single tail block.
-        let n = 800;
+        // 25 blocks: a 16-block step, four pairs and a single tail block; 26: five pairs and
+        // no tail; 3: a pair and a tail; 48: three 16-block steps.
+        for n in [800, 832, 96, 1536] {
+            long_row(n);
+        }
+    }
+
+    fn long_row(n: usize) {
         let w = rnd(3 * n, 21);
         let x = rnd(n, 22);
         let mut qx = QuantizedX::default();

@@ -3,7 +3,9 @@
 //! compiled twice, as is and with AVX2/FMA enabled, like the matrix kernels; RWKV-7 also has
 //! an AVX-512 build of its own.
 
-use super::dot::{dot_f32_body as dot, has_avx2, has_avx512};
+use super::dot::dot_f32_body as dot;
+#[cfg(target_arch = "x86_64")]
+use super::dot::{has_avx2, has_avx512};
 
 /// One token's inputs to an RWKV-7 head (each slice one head's `N` values): receptance,
 /// decay, key, value, the normalised key `kk`, and `b[j] = kk[j]·a[j]`.
