@@ -97,6 +97,19 @@ pub(crate) fn take_local<T: Default>(
 /// Work per call below which threads cost more than they save.
 pub(crate) const PAR_MIN_WORK: usize = 1 << 18;
 
+/// Runs `a` and `b`, side by side when the caller is a worker of the thread pool (where a
+/// `rayon::join` is a queue push that another worker may take), one after the other otherwise:
+/// from outside the pool a join would hand both to the pool and wait, which costs more than the
+/// small products it is used for (and allocates).
+pub(crate) fn join_in_pool(a: impl FnOnce() + Send, b: impl FnOnce() + Send) {
+    if rayon::current_thread_index().is_some() {
+        rayon::join(a, b);
+    } else {
+        a();
+        b();
+    }
+}
+
 /// A raw output pointer that parallel tasks may share, each writing only elements no other
 /// task writes.
 #[derive(Clone, Copy)]
