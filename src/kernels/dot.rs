@@ -1,4 +1,5 @@
-//! Dot products and scaled row additions over each weight format, portable and AVX2.
+//! Dot products and scaled row additions over each weight format, portable and AVX2 (the NEON
+//! twins are in `neon.rs`).
 //!
 //! The portable bodies are written so that LLVM vectorises them (independent accumulators,
 //! fixed-width chunks); the AVX2 twins are the same bodies compiled with the wider instruction

@@ -4,6 +4,9 @@
 //! Each inner loop is written once as portable code and compiled twice: as is, and inside a
 //! function with AVX2/FMA/F16C enabled, chosen at run time ([`simd_level`]). The two are the
 //! same source, so they compute the same sums up to the order the vector unit adds them.
+//! Hand-written kernels sit beside them where the compiler's vectorisation falls short: the
+//! AVX-512 tiles (`rows`), the integer dot products (`quant`), and NEON on aarch64 (`neon`);
+//! tests hold each to its portable twin.
 
 use crate::checkpoint::{bf16_to_f32, FloatData};
 use rayon::prelude::*;
