@@ -16,8 +16,9 @@ mod dot;
 mod neon;
 pub mod quant;
 mod rows;
+pub mod sgemm;
 pub mod wkv;
-pub use dot::{axpy_row, bf16_to_f32_slice, dot_row, f16_to_f32, has_avx2};
+pub use dot::{axpy_row, bf16_to_f32_slice, dot_row, f16_to_f32, has_avx2, has_avx512};
 
 /// Sets the number of worker threads of the kernels' pool (once per process, before any work).
 pub fn set_threads(n: Option<usize>) -> crate::Result<()> {

@@ -5,7 +5,9 @@ pub mod ops;
 
 pub use model::{Dims, TrainModel};
 pub mod data;
+pub mod fused;
 pub mod optim;
 pub mod run;
+mod scan;
 
 pub use run::{train, TrainConfig};

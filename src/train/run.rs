@@ -1,6 +1,7 @@
 //! `rwkv train`: the training loop, checkpoints, resumption, metrics and the loss plot.
 
 use super::data::{self, Tokens};
+use super::fused::{Fused7, Work};
 use super::model::{Ce, Dims, TrainModel};
 use super::optim::{lr_at, AdamConfig, Slot};
 use crate::checkpoint::{write_safetensors, Checkpoint, Generation, OutTensor};
@@ -336,6 +337,8 @@ struct Trainer {
     step: u64,
     rng: Rng,
     adam: AdamConfig,
+    /// The hand-written RWKV-7 pass and one work area per shard (RWKV-4 uses the graph).
+    fused: Option<(Fused7, Vec<std::sync::Mutex<Option<Work>>>)>,
 }
 
 impl Trainer {
@@ -364,6 +367,18 @@ impl Trainer {
             eps: 1e-18,
             weight_decay: cfg.weight_decay,
         };
+        // `RWKV_TRAIN_GRAPH=1` trains through the candle graph instead (to compare the two).
+        let fused = (model.dims.arch != Generation::V4
+            && std::env::var_os("RWKV_TRAIN_GRAPH").is_none())
+        .then(|| {
+            let (names, shapes): (Vec<String>, Vec<Vec<usize>>) = model
+                .vars()
+                .map(|(n, v)| (n.to_string(), v.as_tensor().dims().to_vec()))
+                .unzip();
+            Fused7::new(&names, &shapes, model.dims.head_size).ok()
+        })
+        .flatten()
+        .map(|f| (f, Vec::new()));
         Trainer {
             rng: Rng::new(cfg.seed ^ 0x5eed_da7a),
             cfg,
@@ -371,6 +386,7 @@ impl Trainer {
             slots,
             step: 0,
             adam,
+            fused,
         }
     }
 
@@ -505,6 +521,12 @@ impl Trainer {
                 c.train.copy(s + 1, s + ctx + 1, &mut tgt);
             }
             let (inp, tgt) = (&inp, &tgt);
+            if let Some((f, works)) = &mut self.fused {
+                let (l, g) = fused_step(f, works, model, &bounds, inp, tgt, ctx, l2wrap)?;
+                loss_sum += l;
+                add_grads(&mut grads, g);
+                continue;
+            }
             let parts: Vec<Result<(f64, Vec<Vec<f32>>)>> = bounds
                 .par_iter()
                 .map(|&(w0, w1)| {
@@ -531,13 +553,7 @@ impl Trainer {
             for part in parts {
                 let (l, g) = part?;
                 loss_sum += l;
-                if grads.is_empty() {
-                    grads = g;
-                } else {
-                    for (a, b) in grads.iter_mut().zip(&g) {
-                        a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
-                    }
-                }
+                add_grads(&mut grads, g);
             }
         }
         let loss = loss_sum / self.cfg.accum as f64;
@@ -582,6 +598,80 @@ impl Trainer {
         }
         Ok((loss, norm, lr))
     }
+}
+
+/// Adds one part's gradients into the running sum (which starts empty).
+fn add_grads(sum: &mut Vec<Vec<f32>>, g: Vec<Vec<f32>>) {
+    if sum.is_empty() {
+        *sum = g;
+    } else {
+        for (a, b) in sum.iter_mut().zip(&g) {
+            a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
+        }
+    }
+}
+
+/// One micro-batch through the hand-written pass: each shard of windows runs on its own thread
+/// with its own work area; returns the mean loss and the gradients summed in shard order.
+#[allow(clippy::too_many_arguments)]
+fn fused_step(
+    f: &Fused7,
+    works: &mut Vec<std::sync::Mutex<Option<Work>>>,
+    model: &TrainModel,
+    bounds: &[(usize, usize)],
+    inp: &[u32],
+    tgt: &[u32],
+    ctx: usize,
+    l2wrap: f64,
+) -> Result<(f64, Vec<Vec<f32>>)> {
+    works.resize_with(bounds.len(), Default::default);
+    let rows = bounds.last().map_or(0, |b| b.1) * ctx;
+    let scale = 1.0 / rows.max(1) as f32;
+    // Read locks on every parameter for the length of the pass; the shards share the slices.
+    let guards: Vec<_> = model
+        .vars()
+        .map(|(_, v)| v.as_tensor().storage_and_layout())
+        .collect();
+    let params = guards
+        .iter()
+        .map(|(g, l)| match (&**g, l.contiguous_offsets()) {
+            (candle_core::Storage::Cpu(cs), Some((a, b))) => Ok(&cs.as_slice::<f32>().ce()?[a..b]),
+            _ => Err(Error::Internal(
+                "training parameters must be contiguous f32 on the CPU".into(),
+            )),
+        })
+        .collect::<Result<Vec<&[f32]>>>()?;
+    let parts: Vec<Result<(f64, Vec<Vec<f32>>)>> = bounds
+        .par_iter()
+        .zip(works.par_iter())
+        .map(|(&(w0, w1), work)| {
+            let mut slot = work.lock().unwrap_or_else(|e| e.into_inner());
+            if slot.as_ref().map(|w| w.shape()) != Some((w1 - w0, ctx)) {
+                *slot = Some(f.work(w1 - w0, ctx));
+            }
+            let w = slot.as_mut().expect("just made");
+            let mut g = f.zero_grads();
+            let (r0, r1) = (w0 * ctx, w1 * ctx);
+            let l = f.accumulate(
+                &params,
+                &inp[r0..r1],
+                &tgt[r0..r1],
+                scale,
+                l2wrap as f32,
+                w,
+                &mut g,
+            )?;
+            Ok((l * scale as f64, g))
+        })
+        .collect();
+    let mut loss = 0.0;
+    let mut grads: Vec<Vec<f32>> = Vec::new();
+    for part in parts {
+        let (l, g) = part?;
+        loss += l;
+        add_grads(&mut grads, g);
+    }
+    Ok((loss, grads))
 }
 
 /// Keeps freed memory in the allocator instead of returning it to the system: every op of every

@@ -1,0 +1,124 @@
+//! Training benchmark on one thread: the matrix products of one shard of the tiny-Shakespeare
+//! recipe (6 windows of 64 tokens, width 128, LoRA rank 32, vocabulary 256) through both
+//! product kernels, in GFLOP/s, then the whole hand-written RWKV-7 forward and backward pass
+//! of that shard, in milliseconds and tokens per second.
+//!
+//! ```sh
+//! cargo bench --bench train
+//! TRAIN_BENCH=pass cargo bench --bench train     # the whole pass only (to profile it)
+//! ```
+
+use rwkv::checkpoint::Generation;
+use rwkv::init::{init_tensors, InitSpec, Rng};
+use rwkv::kernels::sgemm::{gemm, gemm_crate};
+use rwkv::train::fused::Fused7;
+use std::time::Instant;
+
+fn rnd(n: usize, seed: u64) -> Vec<f32> {
+    let mut r = Rng::new(seed);
+    (0..n).map(|_| r.uniform() as f32 - 0.5).collect()
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+type Product =
+    fn(usize, usize, usize, &mut [f32], bool, &[f32], (usize, usize), &[f32], (usize, usize));
+
+fn main() {
+    let (rows, c, f, r, v) = (384, 128, 512, 32, 256);
+    // (what, m, n, k, A transposed, B transposed, accumulate), as the training pass calls them.
+    let shapes: &[(&str, usize, usize, usize, bool, bool, bool)] = &[
+        ("x·Wᵀ      C→C", rows, c, c, false, true, false),
+        ("x·Wᵀ      C→4C", rows, f, c, false, true, false),
+        ("x·Wᵀ      4C→C", rows, c, f, false, true, true),
+        ("x·Wᵀ      C→V", rows, v, c, false, true, false),
+        ("x·A       C→r", rows, r, c, false, false, false),
+        ("x·A       r→C", rows, c, r, false, false, true),
+        ("dy·W      C→C", rows, c, c, false, false, false),
+        ("dy·W      4C→C", rows, c, f, false, false, false),
+        ("dyᵀ·x     C×C", c, c, rows, true, false, true),
+        ("dyᵀ·x     4C×C", f, c, rows, true, false, true),
+        ("dyᵀ·x     C×4C", c, f, rows, true, false, true),
+        ("xᵀ·dy     C×r", c, r, rows, true, false, true),
+        ("dy·Aᵀ     r→C", rows, c, r, false, true, false),
+    ];
+    // `TRAIN_BENCH=pass` runs only the whole pass (to profile it).
+    let only_pass = std::env::var("TRAIN_BENCH").is_ok_and(|v| v == "pass");
+    if !only_pass {
+        println!("product (m×n×k)                 sgemm GFLOP/s   gemm crate GFLOP/s");
+    }
+    for &(what, m, n, k, ta, tb, acc) in shapes.iter().filter(|_| !only_pass) {
+        let a = rnd(m * k, 1);
+        let b = rnd(k * n, 2);
+        let mut out = vec![0f32; m * n];
+        let sa = if ta { (1, m) } else { (k, 1) };
+        let sb = if tb { (1, k) } else { (n, 1) };
+        let flop = 2.0 * (m * n * k) as f64;
+        let reps = (2e8 / flop).ceil() as usize;
+        let mut res = [0f64; 2];
+        for (g, prod) in res.iter_mut().zip([gemm as Product, gemm_crate as Product]) {
+            let mut ts = Vec::new();
+            for _ in 0..7 {
+                let t = Instant::now();
+                for _ in 0..reps {
+                    prod(m, n, k, &mut out, acc, &a, sa, &b, sb);
+                }
+                ts.push(t.elapsed().as_secs_f64() / reps as f64);
+            }
+            *g = flop / median(ts) / 1e9;
+        }
+        println!(
+            "{what:<15} {m:>4}×{n:>3}×{k:>3} {:>14.1} {:>20.1}",
+            res[0], res[1]
+        );
+        std::hint::black_box(&out);
+    }
+
+    // The whole pass over one shard of the recipe.
+    let spec = InitSpec {
+        arch: Generation::V7,
+        n_layer: 4,
+        n_embd: c,
+        vocab: v,
+        head_size: 32,
+        seed: 1,
+    };
+    let ts = init_tensors(&spec).unwrap();
+    let names: Vec<String> = ts.iter().map(|t| t.0.clone()).collect();
+    let shapes: Vec<Vec<usize>> = ts.iter().map(|t| t.1.clone()).collect();
+    // Random values everywhere (the initial zero projections would make parts of it trivial).
+    let vals: Vec<Vec<f32>> = ts
+        .iter()
+        .enumerate()
+        .map(|(i, t)| {
+            rnd(t.2.len(), 10 + i as u64)
+                .iter()
+                .map(|x| x * 0.2)
+                .collect()
+        })
+        .collect();
+    let p: Vec<&[f32]> = vals.iter().map(|v| v.as_slice()).collect();
+    let fu = Fused7::new(&names, &shapes, 32).unwrap();
+    let (bs, t) = (6, 64);
+    let mut work = fu.work(bs, t);
+    let mut g = fu.zero_grads();
+    let mut rng = Rng::new(5);
+    let toks: Vec<u32> = (0..bs * t).map(|_| (rng.next_u64() % 256) as u32).collect();
+    let tgts: Vec<u32> = (0..bs * t).map(|_| (rng.next_u64() % 256) as u32).collect();
+    let mut times = Vec::new();
+    for _ in 0..if only_pass { 300 } else { 30 } {
+        let s = Instant::now();
+        fu.accumulate(&p, &toks, &tgts, 1.0 / 768.0, 1e-4, &mut work, &mut g)
+            .unwrap();
+        times.push(s.elapsed().as_secs_f64());
+    }
+    let ms = median(times) * 1e3;
+    println!(
+        "forward + backward, 4 layers × 128, {bs} windows × {t} tokens, one thread: {ms:.2} ms \
+         ({:.0} tokens/s)",
+        (bs * t) as f64 / ms * 1e3
+    );
+}

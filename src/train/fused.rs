@@ -1,0 +1,1179 @@
+//! RWKV-7 training without a graph: one hand-written forward and backward pass over a shard of
+//! windows, with every buffer allocated once and reused from step to step.
+//!
+//! The candle model ([`super::TrainModel`]) builds an autograd graph of about thirty ops per
+//! block; on the small shapes training runs at (a few hundred rows of width 128) each op's
+//! fresh buffers, zero-filling and bookkeeping cost more than its arithmetic. This pass does the
+//! same computation as `TrainModel::loss` followed by `backward` (the same formulas, the same
+//! WKV kernels of [`super::ops`]), in place: the matrix products go straight to `gemm` with
+//! strides instead of transposed copies, the element-wise chains are single loops, and the
+//! activations the backward pass needs are kept in a [`Work`] that lives as long as the trainer.
+//! `tests::matches_the_graph` checks every gradient against the candle model's.
+
+// Index loops over several parallel per-channel arrays read more clearly than zipped iterators.
+#![allow(clippy::needless_range_loop)]
+
+use super::ops::{dispatch, Heads, Wkv7Out};
+use super::scan;
+use crate::error::{Error, Result};
+use crate::kernels::exp;
+use std::collections::HashMap;
+
+/// LayerNorm epsilon (RWKV-LM's `nn.LayerNorm` default).
+const LN_EPS: f32 = 1e-5;
+/// GroupNorm epsilon of the time-mixing output (RWKV-7: `64e-5`).
+const GN_EPS: f64 = 64e-5;
+
+/// Where one block's parameters are in the parameter list.
+struct Block {
+    ln1: (usize, usize),
+    ln2: (usize, usize),
+    /// `x_r, x_w, x_k, x_v, x_a, x_g`.
+    mix: [usize; 6],
+    wr: usize,
+    wk: usize,
+    wv: usize,
+    wo: usize,
+    w0: usize,
+    w1: usize,
+    w2: usize,
+    a0: usize,
+    a1: usize,
+    a2: usize,
+    /// The value-residual gate (blocks after the first).
+    v: Option<(usize, usize, usize)>,
+    g1: usize,
+    g2: usize,
+    k_k: usize,
+    k_a: usize,
+    r_k: usize,
+    lnx: (usize, usize),
+    fmix: usize,
+    fk: usize,
+    fv: usize,
+}
+
+/// The shapes of an RWKV-7 model and where its parameters are, for the hand-written pass.
+pub struct Fused7 {
+    c: usize,
+    n: usize,
+    h: usize,
+    vocab: usize,
+    ffn: usize,
+    /// LoRA ranks of the decay, in-context rate, value gate and output gate.
+    ranks: [usize; 4],
+    emb: usize,
+    ln0: (usize, usize),
+    ln_out: (usize, usize),
+    head: usize,
+    blocks: Vec<Block>,
+    lens: Vec<usize>,
+}
+
+impl Fused7 {
+    /// Finds every tensor of an RWKV-7 model of width `c` and head size `n` among `names` /
+    /// `shapes` (the training model's variables, in order) and checks its shape.
+    pub fn new(names: &[String], shapes: &[Vec<usize>], n: usize) -> Result<Fused7> {
+        let index: HashMap<&str, usize> = names
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (s.as_str(), i))
+            .collect();
+        let find = |name: &str| -> Result<usize> {
+            index
+                .get(name)
+                .copied()
+                .ok_or_else(|| Error::bad(format!("tensor {name} is missing")))
+        };
+        let numel = |i: usize| shapes[i].iter().product::<usize>();
+        let emb = find("emb.weight")?;
+        let (vocab, c) = match shapes[emb].as_slice() {
+            [v, c] => (*v, *c),
+            s => return Err(Error::bad(format!("emb.weight has shape {s:?}"))),
+        };
+        if n == 0 || c % n != 0 || n > 256 {
+            return Err(Error::bad(format!(
+                "head size {n} does not divide width {c} (or is above 256)"
+            )));
+        }
+        let n_layer = (0..)
+            .take_while(|i| index.contains_key(format!("blocks.{i}.ln1.weight").as_str()))
+            .count();
+        let rank = |name: &str| -> Result<usize> {
+            let i = find(name)?;
+            match shapes[i].as_slice() {
+                [a, r] if *a == c => Ok(*r),
+                s => Err(Error::bad(format!(
+                    "{name} has shape {s:?}, not [{c}, rank]"
+                ))),
+            }
+        };
+        let ranks = [
+            rank("blocks.0.att.w1")?,
+            rank("blocks.0.att.a1")?,
+            if n_layer > 1 {
+                rank("blocks.1.att.v1")?
+            } else {
+                0
+            },
+            rank("blocks.0.att.g1")?,
+        ];
+        let ffn = match shapes[find("blocks.0.ffn.key.weight")?].as_slice() {
+            [f, cc] if *cc == c => *f,
+            s => return Err(Error::bad(format!("ffn.key.weight has shape {s:?}"))),
+        };
+        let mut blocks = Vec::new();
+        for i in 0..n_layer {
+            let p = |s: &str| -> Result<usize> {
+                let ix = find(&format!("blocks.{i}.{s}"))?;
+                Ok(ix)
+            };
+            let ln = |s: &str| -> Result<(usize, usize)> {
+                Ok((p(&format!("{s}.weight"))?, p(&format!("{s}.bias"))?))
+            };
+            let b = Block {
+                ln1: ln("ln1")?,
+                ln2: ln("ln2")?,
+                mix: [
+                    p("att.x_r")?,
+                    p("att.x_w")?,
+                    p("att.x_k")?,
+                    p("att.x_v")?,
+                    p("att.x_a")?,
+                    p("att.x_g")?,
+                ],
+                wr: p("att.receptance.weight")?,
+                wk: p("att.key.weight")?,
+                wv: p("att.value.weight")?,
+                wo: p("att.output.weight")?,
+                w0: p("att.w0")?,
+                w1: p("att.w1")?,
+                w2: p("att.w2")?,
+                a0: p("att.a0")?,
+                a1: p("att.a1")?,
+                a2: p("att.a2")?,
+                v: if i > 0 {
+                    Some((p("att.v0")?, p("att.v1")?, p("att.v2")?))
+                } else {
+                    None
+                },
+                g1: p("att.g1")?,
+                g2: p("att.g2")?,
+                k_k: p("att.k_k")?,
+                k_a: p("att.k_a")?,
+                r_k: p("att.r_k")?,
+                lnx: ln("att.ln_x")?,
+                fmix: p("ffn.x_k")?,
+                fk: p("ffn.key.weight")?,
+                fv: p("ffn.value.weight")?,
+            };
+            let [rw, ra, rv, rg] = ranks;
+            let want: Vec<(usize, usize)> = vec![
+                (b.ln1.0, c),
+                (b.ln1.1, c),
+                (b.ln2.0, c),
+                (b.ln2.1, c),
+                (b.wr, c * c),
+                (b.wk, c * c),
+                (b.wv, c * c),
+                (b.wo, c * c),
+                (b.w0, c),
+                (b.w1, c * rw),
+                (b.w2, rw * c),
+                (b.a0, c),
+                (b.a1, c * ra),
+                (b.a2, ra * c),
+                (b.g1, c * rg),
+                (b.g2, rg * c),
+                (b.k_k, c),
+                (b.k_a, c),
+                (b.r_k, c),
+                (b.lnx.0, c),
+                (b.lnx.1, c),
+                (b.fmix, c),
+                (b.fk, ffn * c),
+                (b.fv, c * ffn),
+            ];
+            let vs =
+                b.v.map(|(v0, v1, v2)| [(v0, c), (v1, c * rv), (v2, rv * c)]);
+            for (ix, len) in want
+                .into_iter()
+                .chain(b.mix.iter().map(|&m| (m, c)))
+                .chain(vs.into_iter().flatten())
+            {
+                if numel(ix) != len {
+                    return Err(Error::bad(format!(
+                        "{} has shape {:?}, not {len} values",
+                        names[ix], shapes[ix]
+                    )));
+                }
+            }
+            blocks.push(b);
+        }
+        if n_layer == 0 {
+            return Err(Error::bad("the model has no blocks (blocks.0.ln1.weight)"));
+        }
+        let ln0 = (find("blocks.0.ln0.weight")?, find("blocks.0.ln0.bias")?);
+        let ln_out = (find("ln_out.weight")?, find("ln_out.bias")?);
+        let head = find("head.weight")?;
+        for (ix, len) in [
+            (ln0.0, c),
+            (ln0.1, c),
+            (ln_out.0, c),
+            (ln_out.1, c),
+            (head, vocab * c),
+        ] {
+            if numel(ix) != len {
+                return Err(Error::bad(format!(
+                    "{} has shape {:?}, not {len} values",
+                    names[ix], shapes[ix]
+                )));
+            }
+        }
+        Ok(Fused7 {
+            c,
+            n,
+            h: c / n,
+            vocab,
+            ffn,
+            ranks,
+            emb,
+            ln0,
+            ln_out,
+            head,
+            blocks,
+            lens: shapes.iter().map(|s| s.iter().product()).collect(),
+        })
+    }
+
+    /// Zeroed gradient buffers, one per parameter.
+    pub fn zero_grads(&self) -> Vec<Vec<f32>> {
+        self.lens.iter().map(|&l| vec![0.0; l]).collect()
+    }
+
+    /// A work area for shards of `bs` windows of `t` tokens.
+    pub fn work(&self, bs: usize, t: usize) -> Work {
+        let (c, m, f, v) = (self.c, bs * t, self.ffn, self.vocab);
+        let z = |k: usize| vec![0f32; k];
+        let [rw, ra, rv, rg] = self.ranks;
+        let layers = self
+            .blocks
+            .iter()
+            .map(|_| Acts {
+                hat1: z(m * c),
+                rstd1: z(m),
+                xn1: z(m * c),
+                mixed: z(6 * m * c),
+                acts: z(6 * m * c),
+                tw: z(m * rw),
+                ha: z(m * ra),
+                hv: z(m * rv),
+                hg: z(m * rg),
+                vpre: z(m * c),
+                vgate: z(m * c),
+                y: z(m * c),
+                prep: scan::Prep::default(),
+                o: z(m * c),
+                hat2: z(m * c),
+                rstd2: z(m),
+                xn2: z(m * c),
+                xk2: z(m * c),
+                hpre: z(m * f),
+                h: z(m * f),
+            })
+            .collect();
+        let rmax = self.ranks.iter().copied().max().unwrap_or(0);
+        Work {
+            bs,
+            t,
+            x0: z(m * c),
+            x: z(m * c),
+            hat0: z(m * c),
+            rstd0: z(m),
+            hat_o: z(m * c),
+            rstd_o: z(m),
+            xo: z(m * c),
+            logits: z(m * v),
+            layers,
+            dx: z(m * c),
+            dxn: z(m * c),
+            dy: z(m * c),
+            dvf: z(m * c),
+            dmixed: z(6 * m * c),
+            dacts: z(6 * m * c),
+            dh: z(m * f),
+            dlo: z(m * rmax),
+            wp: z(5 * c),
+            dwp: z(5 * c),
+            small: z(6 * c),
+            scratch: Vec::new(),
+            sgrads: scan::Grads::default(),
+        }
+    }
+
+    /// Runs the forward and backward pass over `bs` windows of `t` tokens: returns the sum of
+    /// the rows' cross-entropies and adds `scale ×` its gradient (with RWKV-LM's L2Wrap term
+    /// of `l2wrap · scale` per row) into `g`. `p` holds every parameter's values, in order.
+    #[allow(clippy::too_many_arguments)]
+    pub fn accumulate(
+        &self,
+        p: &[&[f32]],
+        tokens: &[u32],
+        targets: &[u32],
+        scale: f32,
+        l2wrap: f32,
+        w: &mut Work,
+        g: &mut [Vec<f32>],
+    ) -> Result<f64> {
+        let (bs, t) = (w.bs, w.t);
+        let m = bs * t;
+        if tokens.len() != m || targets.len() != m {
+            return Err(Error::bad(format!(
+                "{} tokens and {} targets do not make {bs} windows of {t}",
+                tokens.len(),
+                targets.len()
+            )));
+        }
+        if p.len() != self.lens.len() || g.len() != self.lens.len() {
+            return Err(Error::Internal("parameter count changed".into()));
+        }
+        for (i, (a, b)) in p.iter().zip(g.iter()).enumerate() {
+            if a.len() != self.lens[i] || b.len() != self.lens[i] {
+                return Err(Error::Internal(format!("parameter {i} changed size")));
+            }
+        }
+        let v = self.vocab;
+        if let Some(&bad) = tokens.iter().chain(targets).find(|&&x| x as usize >= v) {
+            return Err(Error::bad(format!(
+                "token id {bad} is outside the vocabulary of {v}"
+            )));
+        }
+        self.forward(p, tokens, w);
+        let loss = dispatch!(cross_entropy(
+            &mut w.logits,
+            targets,
+            v,
+            scale,
+            l2wrap * scale
+        ));
+        self.backward(p, tokens, w, g);
+        Ok(loss)
+    }
+
+    fn forward(&self, p: &[&[f32]], tokens: &[u32], w: &mut Work) {
+        let (c, t, f) = (self.c, w.t, self.ffn);
+        let m = w.bs * t;
+        let mc = m * c;
+        let [rw, ra, rv, rg] = self.ranks;
+        let heads = Heads {
+            b: w.bs,
+            t,
+            h: self.h,
+            n: self.n,
+        };
+        for (r, &tok) in tokens.iter().enumerate() {
+            let tok = tok as usize;
+            w.x0[r * c..(r + 1) * c].copy_from_slice(&p[self.emb][tok * c..(tok + 1) * c]);
+        }
+        layer_norm(
+            &w.x0,
+            p[self.ln0.0],
+            p[self.ln0.1],
+            &mut w.x,
+            &mut w.hat0,
+            &mut w.rstd0,
+        );
+        for (li, bk) in self.blocks.iter().enumerate() {
+            let (first, rest) = w.layers.split_at_mut(li);
+            let a = &mut rest[0];
+            let vfirst = first.first().map(|l0| &l0.acts[3 * mc..4 * mc]);
+            layer_norm(
+                &w.x,
+                p[bk.ln1.0],
+                p[bk.ln1.1],
+                &mut a.xn1,
+                &mut a.hat1,
+                &mut a.rstd1,
+            );
+            let mixes = bk.mix.map(|i| p[i]);
+            shift_fwd(&a.xn1, t, &mixes, &mut a.mixed);
+            let mx = |k: usize| &a.mixed[k * mc..(k + 1) * mc];
+            let (ar, rest) = a.acts.split_at_mut(mc);
+            let (aw, rest) = rest.split_at_mut(mc);
+            let (ak, rest) = rest.split_at_mut(mc);
+            let (av, rest) = rest.split_at_mut(mc);
+            let (aa, ag) = rest.split_at_mut(mc);
+            lin(mx(0), p[bk.wr], m, c, c, ar, false);
+            lin(mx(2), p[bk.wk], m, c, c, ak, false);
+            // Decay logits w0 + tanh(xw W1) W2 (the decay itself is formed inside the WKV).
+            mm(mx(1), p[bk.w1], m, c, rw, &mut a.tw, false);
+            map_tanh(&mut a.tw);
+            bias_rows(aw, p[bk.w0]);
+            mm(&a.tw, p[bk.w2], m, rw, c, aw, true);
+            // In-context learning rate sigmoid(a0 + xa A1 A2).
+            mm(mx(4), p[bk.a1], m, c, ra, &mut a.ha, false);
+            bias_rows(aa, p[bk.a0]);
+            mm(&a.ha, p[bk.a2], m, ra, c, aa, true);
+            map_sigmoid(aa);
+            // Value, mixed towards the first block's value by sigmoid(v0 + xv V1 V2).
+            match (vfirst, bk.v) {
+                (Some(vf), Some((v0, v1, v2))) => {
+                    lin(mx(3), p[bk.wv], m, c, c, &mut a.vpre, false);
+                    mm(mx(3), p[v1], m, c, rv, &mut a.hv, false);
+                    bias_rows(&mut a.vgate, p[v0]);
+                    mm(&a.hv, p[v2], m, rv, c, &mut a.vgate, true);
+                    map_sigmoid(&mut a.vgate);
+                    dispatch!(v_mix(&a.vpre, vf, &a.vgate, av));
+                }
+                _ => lin(mx(3), p[bk.wv], m, c, c, av, false),
+            }
+            // Output gate sigmoid(xg G1) G2.
+            mm(mx(5), p[bk.g1], m, c, rg, &mut a.hg, false);
+            map_sigmoid(&mut a.hg);
+            mm(&a.hg, p[bk.g2], m, rg, c, ag, false);
+            self.pack_wkv(p, bk, &mut w.wp);
+            let sh = self.scan_shape(heads);
+            scan::forward(
+                sh,
+                &a.acts,
+                p[bk.k_k],
+                p[bk.k_a],
+                &mut a.y,
+                &mut a.prep,
+                &mut w.scratch,
+            );
+            Wkv7Out {
+                d: heads,
+                eps: GN_EPS,
+            }
+            .fwd_serial(&a.y, &a.acts, &w.wp, &mut a.o);
+            lin(&a.o, p[bk.wo], m, c, c, &mut w.x, true);
+            // Channel mixing: relu(xk Wk)² Wv.
+            layer_norm(
+                &w.x,
+                p[bk.ln2.0],
+                p[bk.ln2.1],
+                &mut a.xn2,
+                &mut a.hat2,
+                &mut a.rstd2,
+            );
+            shift_fwd(&a.xn2, t, &[p[bk.fmix]], &mut a.xk2);
+            lin(&a.xk2, p[bk.fk], m, c, f, &mut a.hpre, false);
+            dispatch!(relu_sq(&a.hpre, &mut a.h));
+            lin(&a.h, p[bk.fv], m, f, c, &mut w.x, true);
+        }
+        layer_norm(
+            &w.x,
+            p[self.ln_out.0],
+            p[self.ln_out.1],
+            &mut w.xo,
+            &mut w.hat_o,
+            &mut w.rstd_o,
+        );
+        lin(&w.xo, p[self.head], m, c, self.vocab, &mut w.logits, false);
+    }
+
+    fn scan_shape(&self, h: Heads) -> scan::Shape {
+        scan::Shape {
+            b: h.b,
+            t: h.t,
+            h: h.h,
+            n: h.n,
+        }
+    }
+
+    /// `[k_k, k_a, r_k, ln_x.weight, ln_x.bias]`, the parameter rows of the WKV ops.
+    fn pack_wkv(&self, p: &[&[f32]], bk: &Block, wp: &mut [f32]) {
+        let c = self.c;
+        for (i, ix) in [bk.k_k, bk.k_a, bk.r_k, bk.lnx.0, bk.lnx.1]
+            .into_iter()
+            .enumerate()
+        {
+            wp[i * c..(i + 1) * c].copy_from_slice(p[ix]);
+        }
+    }
+
+    fn backward(&self, p: &[&[f32]], tokens: &[u32], w: &mut Work, g: &mut [Vec<f32>]) {
+        let (c, t, f, v) = (self.c, w.t, self.ffn, self.vocab);
+        let m = w.bs * t;
+        let mc = m * c;
+        let [rw, ra, rv, rg] = self.ranks;
+        let heads = Heads {
+            b: w.bs,
+            t,
+            h: self.h,
+            n: self.n,
+        };
+        // Head and final norm: w.logits holds d(logits).
+        lin_dw(&w.logits, &w.xo, m, v, c, &mut g[self.head]);
+        lin_dx(&w.logits, p[self.head], m, v, c, &mut w.dxn, false);
+        {
+            let (gw, gb) = two(g, self.ln_out.0, self.ln_out.1);
+            layer_norm_back(
+                &w.dxn,
+                &w.hat_o,
+                &w.rstd_o,
+                p[self.ln_out.0],
+                &mut w.dx,
+                false,
+                gw,
+                gb,
+            );
+        }
+        w.dvf.iter_mut().for_each(|z| *z = 0.0);
+        for (li, bk) in self.blocks.iter().enumerate().rev() {
+            let a = &w.layers[li];
+            let vfirst = (li > 0).then(|| &w.layers[0].acts[3 * mc..4 * mc]);
+            // Channel mixing.
+            lin_dw(&w.dx, &a.h, m, c, f, &mut g[bk.fv]);
+            lin_dx(&w.dx, p[bk.fv], m, c, f, &mut w.dh, false);
+            dispatch!(relu_sq_back(&a.hpre, &mut w.dh));
+            lin_dw(&w.dh, &a.xk2, m, f, c, &mut g[bk.fk]);
+            lin_dx(&w.dh, p[bk.fk], m, f, c, &mut w.dmixed[..mc], false);
+            shift_back(
+                &a.xn2,
+                t,
+                &[p[bk.fmix]],
+                &w.dmixed[..mc],
+                &mut w.dxn,
+                &mut w.small[..c],
+            );
+            add(&mut g[bk.fmix], &w.small[..c]);
+            {
+                let (gw, gb) = two(g, bk.ln2.0, bk.ln2.1);
+                layer_norm_back(
+                    &w.dxn,
+                    &a.hat2,
+                    &a.rstd2,
+                    p[bk.ln2.0],
+                    &mut w.dx,
+                    true,
+                    gw,
+                    gb,
+                );
+            }
+            // Time mixing: output projection, then the WKV ops' own backward passes.
+            lin_dw(&w.dx, &a.o, m, c, c, &mut g[bk.wo]);
+            lin_dx(&w.dx, p[bk.wo], m, c, c, &mut w.dxn, false);
+            self.pack_wkv(p, bk, &mut w.wp);
+            w.dwp.iter_mut().for_each(|z| *z = 0.0);
+            Wkv7Out {
+                d: heads,
+                eps: GN_EPS,
+            }
+            .bwd_serial(
+                &a.y,
+                &a.acts,
+                &w.wp,
+                &w.dxn,
+                &mut w.dy,
+                &mut w.dacts,
+                &mut w.dwp,
+                &mut w.scratch,
+            );
+            let (dk_k, rest) = w.dwp.split_at_mut(c);
+            scan::backward(
+                self.scan_shape(heads),
+                &a.acts,
+                p[bk.k_k],
+                p[bk.k_a],
+                &a.prep,
+                &w.dy,
+                &mut w.dacts,
+                dk_k,
+                &mut rest[..c],
+                &mut w.sgrads,
+            );
+            for (i, ix) in [bk.k_k, bk.k_a, bk.r_k, bk.lnx.0, bk.lnx.1]
+                .into_iter()
+                .enumerate()
+            {
+                add(&mut g[ix], &w.dwp[i * c..(i + 1) * c]);
+            }
+            let mx = |k: usize| &a.mixed[k * mc..(k + 1) * mc];
+            let ac = |k: usize| &a.acts[k * mc..(k + 1) * mc];
+            let (dr, rest) = w.dacts.split_at_mut(mc);
+            let (dw, rest) = rest.split_at_mut(mc);
+            let (dk, rest) = rest.split_at_mut(mc);
+            let (dv, rest) = rest.split_at_mut(mc);
+            let (da, dg) = rest.split_at_mut(mc);
+            let (dm0, rest) = w.dmixed.split_at_mut(mc);
+            let (dm1, rest) = rest.split_at_mut(mc);
+            let (dm2, rest) = rest.split_at_mut(mc);
+            let (dm3, rest) = rest.split_at_mut(mc);
+            let (dm4, dm5) = rest.split_at_mut(mc);
+            // Receptance and key.
+            lin_dw(dr, mx(0), m, c, c, &mut g[bk.wr]);
+            lin_dx(dr, p[bk.wr], m, c, c, dm0, false);
+            lin_dw(dk, mx(2), m, c, c, &mut g[bk.wk]);
+            lin_dx(dk, p[bk.wk], m, c, c, dm2, false);
+            // Decay logits: w0 + tanh(xw W1) W2.
+            col_sums(dw, &mut g[bk.w0]);
+            mm_db(&a.tw, dw, m, rw, c, &mut g[bk.w2]);
+            mm_dx(dw, p[bk.w2], m, rw, c, &mut w.dlo[..m * rw], false);
+            dispatch!(tanh_back(&a.tw, &mut w.dlo[..m * rw]));
+            mm_db(mx(1), &w.dlo[..m * rw], m, c, rw, &mut g[bk.w1]);
+            mm_dx(&w.dlo[..m * rw], p[bk.w1], m, c, rw, dm1, false);
+            // In-context learning rate: sigmoid(a0 + xa A1 A2).
+            dispatch!(sigmoid_back(ac(4), da));
+            col_sums(da, &mut g[bk.a0]);
+            mm_db(&a.ha, da, m, ra, c, &mut g[bk.a2]);
+            mm_dx(da, p[bk.a2], m, ra, c, &mut w.dlo[..m * ra], false);
+            mm_db(mx(4), &w.dlo[..m * ra], m, c, ra, &mut g[bk.a1]);
+            mm_dx(&w.dlo[..m * ra], p[bk.a1], m, c, ra, dm4, false);
+            // Value.
+            match (vfirst, bk.v) {
+                (Some(vf), Some((v0, v1, v2))) => {
+                    // v = vpre + (vf - vpre)·gate: dv splits into vpre, v_first and the gate.
+                    dispatch!(v_mix_back(&a.vpre, vf, &a.vgate, dv, &mut w.dvf, &mut w.dy));
+                    col_sums(&w.dy, &mut g[v0]);
+                    mm_db(&a.hv, &w.dy, m, rv, c, &mut g[v2]);
+                    mm_dx(&w.dy, p[v2], m, rv, c, &mut w.dlo[..m * rv], false);
+                    mm_db(mx(3), &w.dlo[..m * rv], m, c, rv, &mut g[v1]);
+                    mm_dx(&w.dlo[..m * rv], p[v1], m, c, rv, dm3, false);
+                    lin_dw(dv, mx(3), m, c, c, &mut g[bk.wv]);
+                    lin_dx(dv, p[bk.wv], m, c, c, dm3, true);
+                }
+                _ => {
+                    // The first block's value is also every later block's v_first.
+                    add(dv, &w.dvf);
+                    lin_dw(dv, mx(3), m, c, c, &mut g[bk.wv]);
+                    lin_dx(dv, p[bk.wv], m, c, c, dm3, false);
+                }
+            }
+            // Output gate: sigmoid(xg G1) G2.
+            mm_db(&a.hg, dg, m, rg, c, &mut g[bk.g2]);
+            mm_dx(dg, p[bk.g2], m, rg, c, &mut w.dlo[..m * rg], false);
+            dispatch!(sigmoid_back(&a.hg, &mut w.dlo[..m * rg]));
+            mm_db(mx(5), &w.dlo[..m * rg], m, c, rg, &mut g[bk.g1]);
+            mm_dx(&w.dlo[..m * rg], p[bk.g1], m, c, rg, dm5, false);
+            // The six token shifts, then ln1.
+            let mixes = bk.mix.map(|i| p[i]);
+            shift_back(&a.xn1, t, &mixes, &w.dmixed, &mut w.dxn, &mut w.small);
+            for (k, &ix) in bk.mix.iter().enumerate() {
+                add(&mut g[ix], &w.small[k * c..(k + 1) * c]);
+            }
+            let (gw, gb) = two(g, bk.ln1.0, bk.ln1.1);
+            layer_norm_back(
+                &w.dxn,
+                &a.hat1,
+                &a.rstd1,
+                p[bk.ln1.0],
+                &mut w.dx,
+                true,
+                gw,
+                gb,
+            );
+        }
+        {
+            let (gw, gb) = two(g, self.ln0.0, self.ln0.1);
+            layer_norm_back(
+                &w.dx,
+                &w.hat0,
+                &w.rstd0,
+                p[self.ln0.0],
+                &mut w.dxn,
+                false,
+                gw,
+                gb,
+            );
+        }
+        let ge = &mut g[self.emb];
+        for (r, &tok) in tokens.iter().enumerate() {
+            let tok = tok as usize;
+            add(&mut ge[tok * c..(tok + 1) * c], &w.dxn[r * c..(r + 1) * c]);
+        }
+    }
+}
+
+/// One block's saved activations.
+struct Acts {
+    hat1: Vec<f32>,
+    rstd1: Vec<f32>,
+    xn1: Vec<f32>,
+    /// The six token-shifted inputs `[6, M, C]`: r, w, k, v, a, g.
+    mixed: Vec<f32>,
+    /// `[6, M, C]`: receptance, decay logits, key, value, in-context rate, gate (the layout of
+    /// the WKV ops' `acts`).
+    acts: Vec<f32>,
+    tw: Vec<f32>,
+    ha: Vec<f32>,
+    hv: Vec<f32>,
+    hg: Vec<f32>,
+    vpre: Vec<f32>,
+    vgate: Vec<f32>,
+    y: Vec<f32>,
+    prep: scan::Prep,
+    o: Vec<f32>,
+    hat2: Vec<f32>,
+    rstd2: Vec<f32>,
+    xn2: Vec<f32>,
+    xk2: Vec<f32>,
+    hpre: Vec<f32>,
+    h: Vec<f32>,
+}
+
+/// Every buffer of one shard's forward and backward pass, allocated once.
+pub struct Work {
+    bs: usize,
+    t: usize,
+    x0: Vec<f32>,
+    x: Vec<f32>,
+    hat0: Vec<f32>,
+    rstd0: Vec<f32>,
+    hat_o: Vec<f32>,
+    rstd_o: Vec<f32>,
+    xo: Vec<f32>,
+    logits: Vec<f32>,
+    layers: Vec<Acts>,
+    dx: Vec<f32>,
+    dxn: Vec<f32>,
+    dy: Vec<f32>,
+    dvf: Vec<f32>,
+    dmixed: Vec<f32>,
+    dacts: Vec<f32>,
+    dh: Vec<f32>,
+    dlo: Vec<f32>,
+    wp: Vec<f32>,
+    dwp: Vec<f32>,
+    small: Vec<f32>,
+    scratch: Vec<f32>,
+    sgrads: scan::Grads,
+}
+
+impl Work {
+    /// Windows per shard and tokens per window this work area was made for.
+    pub fn shape(&self) -> (usize, usize) {
+        (self.bs, self.t)
+    }
+}
+
+/// Two distinct gradient buffers at once.
+fn two(g: &mut [Vec<f32>], i: usize, j: usize) -> (&mut [f32], &mut [f32]) {
+    assert_ne!(i, j);
+    if i < j {
+        let (a, b) = g.split_at_mut(j);
+        (&mut a[i], &mut b[0])
+    } else {
+        let (a, b) = g.split_at_mut(i);
+        (&mut b[0], &mut a[j])
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Matrix products on the calling thread, transposes expressed as strides.
+
+use crate::kernels::sgemm::gemm;
+
+/// `y [m, n] (+)= x [m, k] · Wᵀ` for a `[n, k]` (`[out, in]`) weight.
+fn lin(x: &[f32], wt: &[f32], m: usize, k: usize, n: usize, y: &mut [f32], acc: bool) {
+    gemm(m, n, k, y, acc, x, (k, 1), wt, (1, k));
+}
+
+/// `dx [m, k] (+)= dy [m, n] · W` for a `[n, k]` weight.
+fn lin_dx(dy: &[f32], wt: &[f32], m: usize, n: usize, k: usize, dx: &mut [f32], acc: bool) {
+    gemm(m, k, n, dx, acc, dy, (n, 1), wt, (k, 1));
+}
+
+/// `dW [n, k] += dyᵀ · x`.
+fn lin_dw(dy: &[f32], x: &[f32], m: usize, n: usize, k: usize, dw: &mut [f32]) {
+    gemm(n, k, m, dw, true, dy, (1, n), x, (k, 1));
+}
+
+/// `y [m, n] (+)= x [m, k] · B` for a `[k, n]` (`[in, out]`, LoRA) matrix.
+fn mm(x: &[f32], b: &[f32], m: usize, k: usize, n: usize, y: &mut [f32], acc: bool) {
+    gemm(m, n, k, y, acc, x, (k, 1), b, (n, 1));
+}
+
+/// `dx [m, k] (+)= dy [m, n] · Bᵀ`.
+fn mm_dx(dy: &[f32], b: &[f32], m: usize, k: usize, n: usize, dx: &mut [f32], acc: bool) {
+    gemm(m, k, n, dx, acc, dy, (n, 1), b, (1, n));
+}
+
+/// `dB [k, n] += xᵀ · dy`.
+fn mm_db(x: &[f32], dy: &[f32], m: usize, k: usize, n: usize, db: &mut [f32]) {
+    gemm(k, n, m, db, true, x, (1, k), dy, (n, 1));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Element-wise kernels (compiled for AVX2/FMA where present through `dispatch!`).
+
+/// `tanh` from one exponential (2 ulp in `exp`; absolute error about 1e-7 near zero).
+#[inline(always)]
+fn tanh(x: f32) -> f32 {
+    let e = exp(2.0 * x.clamp(-15.0, 15.0));
+    (e - 1.0) / (e + 1.0)
+}
+
+#[inline(always)]
+fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + exp(-x))
+}
+
+/// `x ← tanh(x)`.
+fn map_tanh(x: &mut [f32]) {
+    #[inline(always)]
+    fn body(x: &mut [f32]) {
+        x.iter_mut().for_each(|z| *z = tanh(*z));
+    }
+    dispatch!(body(x))
+}
+
+/// `x ← sigmoid(x)`.
+fn map_sigmoid(x: &mut [f32]) {
+    #[inline(always)]
+    fn body(x: &mut [f32]) {
+        x.iter_mut().for_each(|z| *z = sigmoid(*z));
+    }
+    dispatch!(body(x))
+}
+
+/// Every row of `y` set to `b`.
+fn bias_rows(y: &mut [f32], b: &[f32]) {
+    for row in y.chunks_exact_mut(b.len()) {
+        row.copy_from_slice(b);
+    }
+}
+
+/// `y += x`.
+fn add(y: &mut [f32], x: &[f32]) {
+    #[inline(always)]
+    fn body(y: &mut [f32], x: &[f32]) {
+        y.iter_mut().zip(x).for_each(|(a, b)| *a += *b);
+    }
+    dispatch!(body(y, x))
+}
+
+/// `s += Σ rows of x`.
+fn col_sums(x: &[f32], s: &mut [f32]) {
+    #[inline(always)]
+    fn body(x: &[f32], s: &mut [f32]) {
+        let c = s.len();
+        for row in x.chunks_exact(c) {
+            s.iter_mut().zip(row).for_each(|(a, b)| *a += *b);
+        }
+    }
+    dispatch!(body(x, s))
+}
+
+#[inline(always)]
+fn relu_sq(x: &[f32], y: &mut [f32]) {
+    y.iter_mut().zip(x).for_each(|(y, &x)| {
+        let r = x.max(0.0);
+        *y = r * r
+    });
+}
+
+#[inline(always)]
+fn relu_sq_back(x: &[f32], d: &mut [f32]) {
+    d.iter_mut()
+        .zip(x)
+        .for_each(|(d, &x)| *d *= 2.0 * x.max(0.0));
+}
+
+/// `d ← d · (1 - y²)` for `y = tanh(x)`.
+#[inline(always)]
+fn tanh_back(y: &[f32], d: &mut [f32]) {
+    d.iter_mut().zip(y).for_each(|(d, &y)| *d *= 1.0 - y * y);
+}
+
+/// `d ← d · y(1 - y)` for `y = sigmoid(x)`.
+#[inline(always)]
+fn sigmoid_back(y: &[f32], d: &mut [f32]) {
+    d.iter_mut().zip(y).for_each(|(d, &y)| *d *= y * (1.0 - y));
+}
+
+/// `v = vpre + (vf - vpre)·gate`.
+#[inline(always)]
+fn v_mix(vpre: &[f32], vf: &[f32], gate: &[f32], v: &mut [f32]) {
+    for i in 0..v.len() {
+        v[i] = vpre[i] + (vf[i] - vpre[i]) * gate[i];
+    }
+}
+
+/// The backward pass of [`v_mix`] followed by the gate's sigmoid: `dv` becomes the gradient
+/// of `vpre`, `dvf` gains that of `v_first`, `dgate` is set to that of the gate's logits.
+#[inline(always)]
+fn v_mix_back(
+    vpre: &[f32],
+    vf: &[f32],
+    gate: &[f32],
+    dv: &mut [f32],
+    dvf: &mut [f32],
+    dgate: &mut [f32],
+) {
+    for i in 0..dv.len() {
+        let (d, s) = (dv[i], gate[i]);
+        dvf[i] += d * s;
+        dgate[i] = d * (vf[i] - vpre[i]) * s * (1.0 - s);
+        dv[i] = d * (1.0 - s);
+    }
+}
+
+/// Layer norm of every row: `out = x̂·w + b`, keeping `x̂` and `1/σ` for the backward pass.
+fn layer_norm(x: &[f32], w: &[f32], b: &[f32], out: &mut [f32], hat: &mut [f32], rstd: &mut [f32]) {
+    #[inline(always)]
+    fn body(x: &[f32], w: &[f32], b: &[f32], out: &mut [f32], hat: &mut [f32], rstd: &mut [f32]) {
+        let c = w.len();
+        let inv = 1.0 / c as f32;
+        for (r, ((xr, or), hr)) in x
+            .chunks_exact(c)
+            .zip(out.chunks_exact_mut(c))
+            .zip(hat.chunks_exact_mut(c))
+            .enumerate()
+        {
+            let mu = xr.iter().sum::<f32>() * inv;
+            let var = xr.iter().map(|&v| (v - mu) * (v - mu)).sum::<f32>() * inv;
+            let rs = 1.0 / (var + LN_EPS).sqrt();
+            rstd[r] = rs;
+            for j in 0..c {
+                let h = (xr[j] - mu) * rs;
+                hr[j] = h;
+                or[j] = h * w[j] + b[j];
+            }
+        }
+    }
+    dispatch!(body(x, w, b, out, hat, rstd))
+}
+
+/// The backward pass of [`layer_norm`]: `dx (+)= ∂/∂x`, `dw += Σ dout·x̂`, `db += Σ dout`.
+#[allow(clippy::too_many_arguments)]
+fn layer_norm_back(
+    dout: &[f32],
+    hat: &[f32],
+    rstd: &[f32],
+    w: &[f32],
+    dx: &mut [f32],
+    acc: bool,
+    dw: &mut [f32],
+    db: &mut [f32],
+) {
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    fn body(
+        dout: &[f32],
+        hat: &[f32],
+        rstd: &[f32],
+        w: &[f32],
+        dx: &mut [f32],
+        acc: bool,
+        dw: &mut [f32],
+        db: &mut [f32],
+    ) {
+        let c = w.len();
+        let inv = 1.0 / c as f32;
+        for (r, ((gr, hr), dr)) in dout
+            .chunks_exact(c)
+            .zip(hat.chunks_exact(c))
+            .zip(dx.chunks_exact_mut(c))
+            .enumerate()
+        {
+            let (mut s1, mut s2) = (0f32, 0f32);
+            for j in 0..c {
+                let dn = gr[j] * w[j];
+                s1 += dn;
+                s2 += dn * hr[j];
+                dw[j] += gr[j] * hr[j];
+                db[j] += gr[j];
+            }
+            let (m1, m2, rs) = (s1 * inv, s2 * inv, rstd[r]);
+            for j in 0..c {
+                let d = (gr[j] * w[j] - m1 - hr[j] * m2) * rs;
+                dr[j] = if acc { dr[j] + d } else { d };
+            }
+        }
+    }
+    dispatch!(body(dout, hat, rstd, w, dx, acc, dw, db))
+}
+
+/// Token shift and mix (RWKV-5 to 7): `out_k[r] = x[r] + (x[r-1] - x[r])·mix_k`, with a zero
+/// row before the first token of each window of `t` rows.
+fn shift_fwd(x: &[f32], t: usize, mixes: &[&[f32]], out: &mut [f32]) {
+    #[inline(always)]
+    fn body(x: &[f32], t: usize, mixes: &[&[f32]], out: &mut [f32]) {
+        let c = mixes[0].len();
+        let n = x.len();
+        for (k, mix) in mixes.iter().enumerate() {
+            let o = &mut out[k * n..(k + 1) * n];
+            for r in 0..n / c {
+                let cur = &x[r * c..(r + 1) * c];
+                let or = &mut o[r * c..(r + 1) * c];
+                if r % t == 0 {
+                    for j in 0..c {
+                        or[j] = cur[j] - cur[j] * mix[j];
+                    }
+                } else {
+                    let prev = &x[(r - 1) * c..r * c];
+                    for j in 0..c {
+                        or[j] = cur[j] + (prev[j] - cur[j]) * mix[j];
+                    }
+                }
+            }
+        }
+    }
+    dispatch!(body(x, t, mixes, out))
+}
+
+/// The backward pass of [`shift_fwd`]: sets `dx`, writes `Σ_r dout_k·(x[r-1] - x[r])` into
+/// `dmix [K, C]`.
+fn shift_back(
+    x: &[f32],
+    t: usize,
+    mixes: &[&[f32]],
+    dout: &[f32],
+    dx: &mut [f32],
+    dmix: &mut [f32],
+) {
+    #[inline(always)]
+    fn body(x: &[f32], t: usize, mixes: &[&[f32]], dout: &[f32], dx: &mut [f32], dmix: &mut [f32]) {
+        let c = mixes[0].len();
+        let n = x.len();
+        let rows = n / c;
+        dx.iter_mut().for_each(|z| *z = 0.0);
+        dmix.iter_mut().for_each(|z| *z = 0.0);
+        for (k, mix) in mixes.iter().enumerate() {
+            let g = &dout[k * n..(k + 1) * n];
+            let dm = &mut dmix[k * c..(k + 1) * c];
+            for r in 0..rows {
+                let cur = &x[r * c..(r + 1) * c];
+                let gr = &g[r * c..(r + 1) * c];
+                let dr = &mut dx[r * c..(r + 1) * c];
+                for j in 0..c {
+                    dr[j] += gr[j] * (1.0 - mix[j]);
+                }
+                if r % t == 0 {
+                    for j in 0..c {
+                        dm[j] -= gr[j] * cur[j];
+                    }
+                } else {
+                    let prev = &x[(r - 1) * c..r * c];
+                    for j in 0..c {
+                        dm[j] += gr[j] * (prev[j] - cur[j]);
+                    }
+                    let dp = &mut dx[(r - 1) * c..r * c];
+                    for j in 0..c {
+                        dp[j] += gr[j] * mix[j];
+                    }
+                }
+            }
+        }
+    }
+    dispatch!(body(x, t, mixes, dout, dx, dmix))
+}
+
+/// Cross-entropy of every row of `logits [M, V]` against `targets`; returns the sum over rows
+/// (in f64) and overwrites the logits with `scale ×` the gradient, plus RWKV-LM's L2Wrap term
+/// `l2 · max` on each row's largest logit.
+#[inline(always)]
+fn cross_entropy(logits: &mut [f32], targets: &[u32], v: usize, scale: f32, l2: f32) -> f64 {
+    let mut total = 0f64;
+    for (row, &tg) in logits.chunks_exact_mut(v).zip(targets) {
+        let (mut mx, mut arg) = (row[0], 0);
+        for (i, &z) in row.iter().enumerate() {
+            if z > mx {
+                mx = z;
+                arg = i;
+            }
+        }
+        let target = row[tg as usize];
+        let mut s = 0f32;
+        for z in row.iter_mut() {
+            *z = exp(*z - mx);
+            s += *z;
+        }
+        total += (s.ln() + mx - target) as f64;
+        let k = scale / s;
+        row.iter_mut().for_each(|z| *z *= k);
+        row[tg as usize] -= scale;
+        row[arg] += l2 * mx;
+    }
+    total
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::checkpoint::Generation;
+    use crate::init::{init_tensors, InitSpec, Rng};
+    use crate::train::TrainModel;
+    use candle_core::DType;
+
+    /// The hand-written pass gives the candle graph's loss and every gradient, on a model
+    /// whose weights are all random (so that no gradient is trivially zero), with windows
+    /// that end inside a WKV chunk and several heads: head sizes 16 and 32 through the vector
+    /// scan (where the CPU has it), 32 and 24 through the portable one.
+    #[test]
+    fn matches_the_graph() {
+        for (head, portable) in [(16, false), (32, false), (32, true), (24, true)] {
+            super::scan::PORTABLE.with(|p| p.set(portable));
+            compare(head);
+        }
+        super::scan::PORTABLE.with(|p| p.set(false));
+    }
+
+    fn compare(head: usize) {
+        let spec = InitSpec {
+            arch: Generation::V7,
+            n_layer: 3,
+            n_embd: 96,
+            vocab: 50,
+            head_size: head,
+            seed: 7,
+        };
+        let mut rng = Rng::new(3);
+        let mut ts = init_tensors(&spec).unwrap();
+        for (name, _, data) in ts.iter_mut() {
+            let s = if name.contains("ln") && name.ends_with("weight") {
+                1.0
+            } else {
+                0.0
+            };
+            for x in data.iter_mut() {
+                *x = s + (rng.normal() * 0.3) as f32;
+            }
+        }
+        let names: Vec<String> = ts.iter().map(|t| t.0.clone()).collect();
+        let shapes: Vec<Vec<usize>> = ts.iter().map(|t| t.1.clone()).collect();
+        let vals: Vec<Vec<f32>> = ts.iter().map(|t| t.2.clone()).collect();
+        let model = TrainModel::from_tensors(ts, DType::F64).unwrap();
+        let (bs, t) = (2, 21);
+        let toks: Vec<u32> = (0..bs * t).map(|_| (rng.next_u64() % 50) as u32).collect();
+        let tgts: Vec<u32> = (0..bs * t).map(|_| (rng.next_u64() % 50) as u32).collect();
+        let l2wrap = 1e-4;
+        let loss = model.loss(&toks, &tgts, bs, t, l2wrap).unwrap();
+        let want_loss = loss.to_scalar::<f64>().unwrap();
+        let gs = loss.backward().unwrap();
+
+        let f = Fused7::new(&names, &shapes, head).unwrap();
+        let mut work = f.work(bs, t);
+        let mut g = f.zero_grads();
+        let p: Vec<&[f32]> = vals.iter().map(|v| v.as_slice()).collect();
+        let scale = 1.0 / (bs * t) as f32;
+        let sum = f
+            .accumulate(&p, &toks, &tgts, scale, l2wrap as f32, &mut work, &mut g)
+            .unwrap();
+        let got_loss = sum / (bs * t) as f64;
+        assert!(
+            (got_loss - want_loss).abs() < 1e-5 * want_loss.abs(),
+            "loss {got_loss} vs {want_loss}"
+        );
+        let mut worst = (0f64, String::new());
+        for ((name, var), got) in model.vars().zip(&g) {
+            let want: Vec<f64> = match gs.get(var.as_tensor()) {
+                Some(t) => t.flatten_all().unwrap().to_vec1::<f64>().unwrap(),
+                None => vec![0.0; got.len()],
+            };
+            let scale = want.iter().fold(0f64, |a, b| a.max(b.abs())).max(1e-8);
+            let err = want
+                .iter()
+                .zip(got)
+                .fold(0f64, |a, (w, g)| a.max((w - *g as f64).abs()))
+                / scale;
+            if err > worst.0 {
+                worst = (err, name.to_string());
+            }
+        }
+        eprintln!("head size {head}: largest relative gradient error {worst:?}");
+        assert!(worst.0 < 1e-4, "largest relative gradient error {worst:?}");
+    }
+}

@@ -1,0 +1,660 @@
+//! The RWKV-7 WKV scan of the hand-written training pass ([`super::fused`]): the same
+//! computation and backward pass as [`super::ops::Wkv7`], restructured for speed.
+//!
+//! - The per-token quantities (`kk = normalize(k·k_k)`, `kk·a`, the modified key, the decay)
+//!   are computed for every row in one vectorised pass before the scan, and their gradients in
+//!   one pass after it, instead of once per head and token inside the scan (and again in the
+//!   backward pass).
+//! - The scan keeps the forward pass's `sa = S·(-kk)` of every token, so the backward pass
+//!   recomputes only the states inside one 16-token chunk from its checkpoint.
+//! - With AVX-512 and a head size that is a multiple of 16, each state row is one to four
+//!   vector registers and a token's step over a head is a run of fused multiply-adds with two
+//!   horizontal sums per row (forward) or per row of the state gradient (backward).
+
+// Index loops over several parallel per-channel arrays read more clearly than zipped iterators.
+#![allow(clippy::needless_range_loop)]
+
+use super::ops::{dispatch, WKV_CHUNK, W_SCALE};
+use crate::kernels::exp;
+
+/// The per-token quantities of every row `[M, C]`, kept from the forward to the backward pass.
+#[derive(Default)]
+pub(crate) struct Prep {
+    /// `kk = k·k_k / ‖k·k_k‖` per head.
+    pub kk: Vec<f32>,
+    /// `kk·a`.
+    pub b: Vec<f32>,
+    /// `k·(1 + (a-1)·k_a)`.
+    pub kmod: Vec<f32>,
+    /// `sigmoid(w)`.
+    pub sig: Vec<f32>,
+    /// `exp(-e^-0.5·sigmoid(w))`.
+    pub dec: Vec<f32>,
+    /// `max(‖k·k_k‖, 1e-12)` per row and head `[M, H]`.
+    pub norm: Vec<f32>,
+    /// `sa = S_prev·(-kk)` of every token.
+    pub sa: Vec<f32>,
+    /// States at the start of every chunk of every head.
+    pub ck: Vec<f32>,
+}
+
+/// Shapes: `b` windows of `t` tokens, `h` heads of size `n`.
+#[derive(Clone, Copy)]
+pub(crate) struct Shape {
+    pub b: usize,
+    pub t: usize,
+    pub h: usize,
+    pub n: usize,
+}
+
+impl Shape {
+    fn c(&self) -> usize {
+        self.h * self.n
+    }
+    fn nck(&self) -> usize {
+        self.t.div_ceil(WKV_CHUNK)
+    }
+}
+
+#[cfg(test)]
+thread_local! {
+    /// Set by tests to run the portable scan on a machine with AVX-512.
+    pub(crate) static PORTABLE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Whether the vector scan runs for head size `n`.
+pub(crate) fn simd(n: usize) -> bool {
+    #[cfg(test)]
+    if PORTABLE.with(|p| p.get()) {
+        return false;
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        crate::kernels::has_avx512() && matches!(n, 16 | 32 | 64)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = n;
+        false
+    }
+}
+
+/// The forward scan: from the planes `r, w, k, v, a` of `acts [6, M, C]` and `k_k`, `k_a`,
+/// makes `y [M, C]` and fills `p` for [`backward`].
+pub(crate) fn forward(
+    d: Shape,
+    acts: &[f32],
+    k_k: &[f32],
+    k_a: &[f32],
+    y: &mut [f32],
+    p: &mut Prep,
+    scratch: &mut Vec<f32>,
+) {
+    let (c, n) = (d.c(), d.n);
+    let mc = d.b * d.t * c;
+    let pl = |i: usize| &acts[i * mc..(i + 1) * mc];
+    for v in [
+        &mut p.kk,
+        &mut p.b,
+        &mut p.kmod,
+        &mut p.sig,
+        &mut p.dec,
+        &mut p.sa,
+    ] {
+        v.resize(mc, 0.0);
+    }
+    p.norm.resize(d.b * d.t * d.h, 0.0);
+    dispatch!(prepare(
+        n,
+        pl(1),
+        pl(2),
+        pl(4),
+        k_k,
+        k_a,
+        &mut p.kk,
+        &mut p.b,
+        &mut p.kmod,
+        &mut p.sig,
+        &mut p.dec,
+        &mut p.norm
+    ));
+    let nn = n * n;
+    p.ck.resize(d.b * d.h * d.nck() * nn, 0.0);
+    scratch.resize(nn, 0.0);
+    let Prep {
+        kk,
+        b,
+        kmod,
+        dec,
+        sa,
+        ck,
+        ..
+    } = p;
+    let ins = Ins {
+        r: pl(0),
+        v: pl(3),
+        kk,
+        b,
+        kmod,
+        dec,
+    };
+    for bi in 0..d.b {
+        for hi in 0..d.h {
+            let o = bi * d.t * c + hi * n;
+            let task = bi * d.h + hi;
+            let ck = &mut ck[task * d.nck() * nn..(task + 1) * d.nck() * nn];
+            let io = Io { t: d.t, c, o, n };
+            #[cfg(target_arch = "x86_64")]
+            if simd(n) {
+                // SAFETY: AVX-512F was detected; the kernel checks `io` against the slices.
+                unsafe {
+                    match n {
+                        16 => avx512::fwd::<1>(io, &ins, sa, y, ck, scratch),
+                        32 => avx512::fwd::<2>(io, &ins, sa, y, ck, scratch),
+                        _ => avx512::fwd::<4>(io, &ins, sa, y, ck, scratch),
+                    }
+                }
+                continue;
+            }
+            dispatch!(fwd_head(io, &ins, sa, y, ck, scratch));
+        }
+    }
+}
+
+/// What the forward scan reads, `[M, C]` planes.
+struct Ins<'a> {
+    r: &'a [f32],
+    v: &'a [f32],
+    kk: &'a [f32],
+    b: &'a [f32],
+    kmod: &'a [f32],
+    dec: &'a [f32],
+}
+
+/// One head of one window: its first value is at `o` in `[M, C]` planes, tokens `c` apart.
+#[derive(Clone, Copy)]
+struct Io {
+    t: usize,
+    c: usize,
+    o: usize,
+    n: usize,
+}
+
+impl Io {
+    /// Offset of token `ti`.
+    #[inline(always)]
+    fn at(&self, ti: usize) -> usize {
+        self.o + ti * self.c
+    }
+}
+
+/// The per-token quantities of every row (see [`Prep`]).
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn prepare(
+    n: usize,
+    w: &[f32],
+    k: &[f32],
+    a: &[f32],
+    k_k: &[f32],
+    k_a: &[f32],
+    kk: &mut [f32],
+    b: &mut [f32],
+    kmod: &mut [f32],
+    sig: &mut [f32],
+    dec: &mut [f32],
+    norm: &mut [f32],
+) {
+    let c = k_k.len();
+    for (g, base) in (0..w.len()).step_by(n).enumerate() {
+        let ch = base % c;
+        let s = base..base + n;
+        let mut ss = 0f32;
+        for j in 0..n {
+            let x = k[base + j] * k_k[ch + j];
+            kk[base + j] = x;
+            ss += x * x;
+        }
+        // F.normalize: x / max(‖x‖, 1e-12).
+        let nm = ss.sqrt().max(1e-12);
+        norm[g] = nm;
+        let inv = 1.0 / nm;
+        for j in s {
+            let q = j - base + ch;
+            kk[j] *= inv;
+            b[j] = kk[j] * a[j];
+            kmod[j] = k[j] * (1.0 + (a[j] - 1.0) * k_a[q]);
+            let sg = 1.0 / (1.0 + exp(-w[j]));
+            sig[j] = sg;
+            dec[j] = exp(-(W_SCALE as f32) * sg);
+        }
+    }
+}
+
+/// The portable forward scan of one head (any head size).
+#[inline(always)]
+fn fwd_head(io: Io, x: &Ins<'_>, sa: &mut [f32], y: &mut [f32], ck: &mut [f32], s: &mut [f32]) {
+    let n = io.n;
+    let nn = n * n;
+    s.iter_mut().for_each(|z| *z = 0.0);
+    for ti in 0..io.t {
+        if ti % WKV_CHUNK == 0 {
+            let q = ti / WKV_CHUNK;
+            ck[q * nn..(q + 1) * nn].copy_from_slice(&s[..nn]);
+        }
+        let o = io.at(ti);
+        let (kk, b, km, dec, rr) = (
+            &x.kk[o..o + n],
+            &x.b[o..o + n],
+            &x.kmod[o..o + n],
+            &x.dec[o..o + n],
+            &x.r[o..o + n],
+        );
+        for i in 0..n {
+            let row = &mut s[i * n..(i + 1) * n];
+            let mut acc = 0f32;
+            for j in 0..n {
+                acc -= row[j] * kk[j];
+            }
+            sa[o + i] = acc;
+            let vi = x.v[o + i];
+            let mut yy = 0f32;
+            for j in 0..n {
+                row[j] = row[j] * dec[j] + acc * b[j] + vi * km[j];
+                yy += row[j] * rr[j];
+            }
+            y[o + i] = yy;
+        }
+    }
+}
+
+/// The gradients the scan produces per token, `[M, C]` each, before the pass through the
+/// per-token quantities.
+#[derive(Default)]
+pub(crate) struct Grads {
+    dkk: Vec<f32>,
+    db: Vec<f32>,
+    dkmod: Vec<f32>,
+    ddec: Vec<f32>,
+    /// Chunk states and the state gradient.
+    states: Vec<f32>,
+}
+
+/// The backward pass of [`forward`]: adds the gradients of `r, w, k, v, a` into the first five
+/// planes of `dacts [6, M, C]`, and those of `k_k`, `k_a` into `dk_k`, `dk_a`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn backward(
+    d: Shape,
+    acts: &[f32],
+    k_k: &[f32],
+    k_a: &[f32],
+    p: &Prep,
+    gy: &[f32],
+    dacts: &mut [f32],
+    dk_k: &mut [f32],
+    dk_a: &mut [f32],
+    gr: &mut Grads,
+) {
+    let (c, n) = (d.c(), d.n);
+    let mc = d.b * d.t * c;
+    let nn = n * n;
+    for v in [&mut gr.dkk, &mut gr.db, &mut gr.dkmod, &mut gr.ddec] {
+        v.resize(mc, 0.0);
+    }
+    gr.states.resize((WKV_CHUNK + 2) * nn, 0.0);
+    let pl = |i: usize| &acts[i * mc..(i + 1) * mc];
+    let (dr, rest) = dacts.split_at_mut(mc);
+    let (dw, rest) = rest.split_at_mut(mc);
+    let (dk, rest) = rest.split_at_mut(mc);
+    let (dv, rest) = rest.split_at_mut(mc);
+    let da = &mut rest[..mc];
+    for bi in 0..d.b {
+        for hi in 0..d.h {
+            let o = bi * d.t * c + hi * n;
+            let task = bi * d.h + hi;
+            let ck = &p.ck[task * d.nck() * nn..(task + 1) * d.nck() * nn];
+            let io = Io { t: d.t, c, o, n };
+            let outs = Outs {
+                dr: &mut *dr,
+                dv: &mut *dv,
+                dkk: &mut gr.dkk,
+                db: &mut gr.db,
+                dkmod: &mut gr.dkmod,
+                ddec: &mut gr.ddec,
+            };
+            #[cfg(target_arch = "x86_64")]
+            if simd(n) {
+                // SAFETY: AVX-512F was detected; `Io` stays inside the planes.
+                unsafe {
+                    match n {
+                        16 => avx512::bwd::<1>(io, pl(0), pl(3), p, gy, ck, outs, &mut gr.states),
+                        32 => avx512::bwd::<2>(io, pl(0), pl(3), p, gy, ck, outs, &mut gr.states),
+                        _ => avx512::bwd::<4>(io, pl(0), pl(3), p, gy, ck, outs, &mut gr.states),
+                    }
+                }
+                continue;
+            }
+            dispatch!(bwd_head(io, pl(0), pl(3), p, gy, ck, outs, &mut gr.states));
+        }
+    }
+    dispatch!(through_prep(
+        n,
+        pl(2),
+        pl(4),
+        k_k,
+        k_a,
+        p,
+        gr,
+        dw,
+        dk,
+        da,
+        dk_k,
+        dk_a
+    ));
+}
+
+/// Where the backward scan writes: `dr`, `dv` are added to; the others are set.
+struct Outs<'a> {
+    dr: &'a mut [f32],
+    dv: &'a mut [f32],
+    dkk: &'a mut [f32],
+    db: &'a mut [f32],
+    dkmod: &'a mut [f32],
+    ddec: &'a mut [f32],
+}
+
+/// The portable backward scan of one head (any head size).
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn bwd_head(
+    io: Io,
+    r: &[f32],
+    v: &[f32],
+    p: &Prep,
+    gy: &[f32],
+    ck: &[f32],
+    out: Outs<'_>,
+    scr: &mut [f32],
+) {
+    let n = io.n;
+    let nn = n * n;
+    let (states, ds) = scr.split_at_mut((WKV_CHUNK + 1) * nn);
+    let ds = &mut ds[..nn];
+    ds.iter_mut().for_each(|z| *z = 0.0);
+    for q in (0..io.t.div_ceil(WKV_CHUNK)).rev() {
+        let (t0, t1) = (q * WKV_CHUNK, ((q + 1) * WKV_CHUNK).min(io.t));
+        states[..nn].copy_from_slice(&ck[q * nn..(q + 1) * nn]);
+        for ti in t0..t1 {
+            let li = ti - t0;
+            let o = io.at(ti);
+            let (prev, next) = states.split_at_mut((li + 1) * nn);
+            let prev = &prev[li * nn..];
+            for i in 0..n {
+                let (sai, vi) = (p.sa[o + i], v[o + i]);
+                for j in 0..n {
+                    next[i * n + j] =
+                        prev[i * n + j] * p.dec[o + j] + sai * p.b[o + j] + vi * p.kmod[o + j];
+                }
+            }
+        }
+        for ti in (t0..t1).rev() {
+            let li = ti - t0;
+            let o = io.at(ti);
+            let sprev = &states[li * nn..(li + 1) * nn];
+            let scur = &states[(li + 1) * nn..(li + 2) * nn];
+            for j in 0..n {
+                out.dkk[o + j] = 0.0;
+                out.db[o + j] = 0.0;
+                out.dkmod[o + j] = 0.0;
+                out.ddec[o + j] = 0.0;
+            }
+            for i in 0..n {
+                let (dyi, vi, sai) = (gy[o + i], v[o + i], p.sa[o + i]);
+                let row = &mut ds[i * n..(i + 1) * n];
+                let (mut dvi, mut dsai) = (0f32, 0f32);
+                for j in 0..n {
+                    let dd = row[j] + dyi * r[o + j];
+                    out.dr[o + j] += scur[i * n + j] * dyi;
+                    out.ddec[o + j] += dd * sprev[i * n + j];
+                    out.db[o + j] += dd * sai;
+                    out.dkmod[o + j] += dd * vi;
+                    dvi += dd * p.kmod[o + j];
+                    dsai += dd * p.b[o + j];
+                    row[j] = dd;
+                }
+                out.dv[o + i] += dvi;
+                for j in 0..n {
+                    out.dkk[o + j] -= dsai * sprev[i * n + j];
+                    row[j] = row[j] * p.dec[o + j] - dsai * p.kk[o + j];
+                }
+            }
+        }
+    }
+}
+
+/// From the gradients of `kk, kk·a, kmod, decay` to those of `w, k, a` (set) and of `k_k`,
+/// `k_a` (added), through the normalisation and the decay activation.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn through_prep(
+    n: usize,
+    k: &[f32],
+    a: &[f32],
+    k_k: &[f32],
+    k_a: &[f32],
+    p: &Prep,
+    gr: &Grads,
+    dw: &mut [f32],
+    dk: &mut [f32],
+    da: &mut [f32],
+    dk_k: &mut [f32],
+    dk_a: &mut [f32],
+) {
+    let c = k_k.len();
+    for (g, base) in (0..k.len()).step_by(n).enumerate() {
+        let ch = base % c;
+        let mut dot = 0f32;
+        for j in base..base + n {
+            dot += (gr.dkk[j] + gr.db[j] * a[j]) * p.kk[j];
+        }
+        let nm = p.norm[g];
+        let unclamped = nm > 1e-12;
+        let inv = 1.0 / nm;
+        for j in base..base + n {
+            let q = j - base + ch;
+            let dkk = gr.dkk[j] + gr.db[j] * a[j];
+            let dkm = gr.dkmod[j];
+            da[j] += gr.db[j] * p.kk[j] + dkm * k[j] * k_a[q];
+            dk_a[q] += dkm * k[j] * (a[j] - 1.0);
+            let draw = if unclamped {
+                (dkk - p.kk[j] * dot) * inv
+            } else {
+                dkk * inv
+            };
+            dk[j] += dkm * (1.0 + (a[j] - 1.0) * k_a[q]) + draw * k_k[q];
+            dk_k[q] += draw * k[j];
+            let sg = p.sig[j];
+            dw[j] += gr.ddec[j] * p.dec[j] * (-(W_SCALE as f32)) * sg * (1.0 - sg);
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use super::{Ins, Io, Outs, Prep, WKV_CHUNK};
+    use std::arch::x86_64::*;
+
+    /// The forward scan of one head of size `16·Z`.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn fwd<const Z: usize>(
+        io: Io,
+        x: &Ins<'_>,
+        sa: &mut [f32],
+        y: &mut [f32],
+        ck: &mut [f32],
+        s: &mut [f32],
+    ) {
+        let n = 16 * Z;
+        let nn = n * n;
+        let last = io.at(io.t - 1) + n;
+        for q in [x.r, x.v, x.kk, x.b, x.kmod, x.dec, &*sa, &*y] {
+            assert!(last <= q.len());
+        }
+        assert!(s.len() >= nn && ck.len() >= io.t.div_ceil(WKV_CHUNK) * nn);
+        let s = s.as_mut_ptr();
+        std::ptr::write_bytes(s, 0, nn);
+        let ld = |x: &[f32], o: usize| -> [__m512; Z] {
+            std::array::from_fn(|z| _mm512_loadu_ps(x.as_ptr().add(o + 16 * z)))
+        };
+        for ti in 0..io.t {
+            if ti % WKV_CHUNK == 0 {
+                let q = ti / WKV_CHUNK;
+                std::ptr::copy_nonoverlapping(s, ck.as_mut_ptr().add(q * nn), nn);
+            }
+            let o = io.at(ti);
+            let kk = ld(x.kk, o);
+            let (b, km, dec, rr) = (ld(x.b, o), ld(x.kmod, o), ld(x.dec, o), ld(x.r, o));
+            for i in 0..n {
+                let row = s.add(i * n);
+                let mut acc = _mm512_setzero_ps();
+                for z in 0..Z {
+                    acc = _mm512_fmadd_ps(_mm512_loadu_ps(row.add(16 * z)), kk[z], acc);
+                }
+                let sai = -_mm512_reduce_add_ps(acc);
+                *sa.get_unchecked_mut(o + i) = sai;
+                let (sav, vi) = (
+                    _mm512_set1_ps(sai),
+                    _mm512_set1_ps(*x.v.get_unchecked(o + i)),
+                );
+                let mut yacc = _mm512_setzero_ps();
+                for z in 0..Z {
+                    let st = _mm512_loadu_ps(row.add(16 * z));
+                    let st = _mm512_fmadd_ps(
+                        st,
+                        dec[z],
+                        _mm512_fmadd_ps(sav, b[z], _mm512_mul_ps(vi, km[z])),
+                    );
+                    _mm512_storeu_ps(row.add(16 * z), st);
+                    yacc = _mm512_fmadd_ps(st, rr[z], yacc);
+                }
+                *y.get_unchecked_mut(o + i) = _mm512_reduce_add_ps(yacc);
+            }
+        }
+    }
+
+    /// The backward scan of one head of size `16·Z` (see `bwd_head`).
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn bwd<const Z: usize>(
+        io: Io,
+        r: &[f32],
+        v: &[f32],
+        p: &Prep,
+        gy: &[f32],
+        ck: &[f32],
+        out: Outs<'_>,
+        scr: &mut [f32],
+    ) {
+        let n = 16 * Z;
+        let nn = n * n;
+        let last = io.at(io.t - 1) + n;
+        for x in [r, v, gy, &p.sa, &p.kk, &p.b, &p.kmod, &p.dec] {
+            assert!(last <= x.len());
+        }
+        for x in [
+            &*out.dr,
+            &*out.dv,
+            &*out.dkk,
+            &*out.db,
+            &*out.dkmod,
+            &*out.ddec,
+        ] {
+            assert!(last <= x.len());
+        }
+        assert!(scr.len() >= (WKV_CHUNK + 2) * nn && ck.len() >= io.t.div_ceil(WKV_CHUNK) * nn);
+        let states = scr.as_mut_ptr();
+        let ds = states.add((WKV_CHUNK + 1) * nn);
+        std::ptr::write_bytes(ds, 0, nn);
+        let ld = |x: &[f32], o: usize| -> [__m512; Z] {
+            std::array::from_fn(|z| _mm512_loadu_ps(x.as_ptr().add(o + 16 * z)))
+        };
+        let st = |x: *mut f32, o: usize, val: [__m512; Z]| {
+            for z in 0..Z {
+                _mm512_storeu_ps(x.add(o + 16 * z), val[z]);
+            }
+        };
+        for q in (0..io.t.div_ceil(WKV_CHUNK)).rev() {
+            let (t0, t1) = (q * WKV_CHUNK, ((q + 1) * WKV_CHUNK).min(io.t));
+            std::ptr::copy_nonoverlapping(ck.as_ptr().add(q * nn), states, nn);
+            for ti in t0..t1 {
+                let li = ti - t0;
+                let o = io.at(ti);
+                let (prev, next) = (states.add(li * nn), states.add((li + 1) * nn));
+                let (b, km, dec) = (ld(&p.b, o), ld(&p.kmod, o), ld(&p.dec, o));
+                for i in 0..n {
+                    let sa = _mm512_set1_ps(*p.sa.get_unchecked(o + i));
+                    let vi = _mm512_set1_ps(*v.get_unchecked(o + i));
+                    for z in 0..Z {
+                        let x = _mm512_loadu_ps(prev.add(i * n + 16 * z));
+                        let x = _mm512_fmadd_ps(
+                            x,
+                            dec[z],
+                            _mm512_fmadd_ps(sa, b[z], _mm512_mul_ps(vi, km[z])),
+                        );
+                        _mm512_storeu_ps(next.add(i * n + 16 * z), x);
+                    }
+                }
+            }
+            for ti in (t0..t1).rev() {
+                let li = ti - t0;
+                let o = io.at(ti);
+                let (sprev, scur) = (states.add(li * nn), states.add((li + 1) * nn));
+                let (rr, kk, b, km, dec) = (
+                    ld(r, o),
+                    ld(&p.kk, o),
+                    ld(&p.b, o),
+                    ld(&p.kmod, o),
+                    ld(&p.dec, o),
+                );
+                let zero = [_mm512_setzero_ps(); Z];
+                let (mut dr, mut ddec, mut db, mut dkm, mut dkk) = (zero, zero, zero, zero, zero);
+                for i in 0..n {
+                    let dyi = _mm512_set1_ps(*gy.get_unchecked(o + i));
+                    let vi = _mm512_set1_ps(*v.get_unchecked(o + i));
+                    let sai = _mm512_set1_ps(*p.sa.get_unchecked(o + i));
+                    let row = ds.add(i * n);
+                    let mut pv = _mm512_setzero_ps();
+                    let mut ps = _mm512_setzero_ps();
+                    let mut dd = zero;
+                    for z in 0..Z {
+                        let d = _mm512_fmadd_ps(dyi, rr[z], _mm512_loadu_ps(row.add(16 * z)));
+                        dd[z] = d;
+                        let sc = _mm512_loadu_ps(scur.add(i * n + 16 * z));
+                        let sp = _mm512_loadu_ps(sprev.add(i * n + 16 * z));
+                        dr[z] = _mm512_fmadd_ps(sc, dyi, dr[z]);
+                        ddec[z] = _mm512_fmadd_ps(d, sp, ddec[z]);
+                        db[z] = _mm512_fmadd_ps(d, sai, db[z]);
+                        dkm[z] = _mm512_fmadd_ps(d, vi, dkm[z]);
+                        pv = _mm512_fmadd_ps(d, km[z], pv);
+                        ps = _mm512_fmadd_ps(d, b[z], ps);
+                    }
+                    *out.dv.get_unchecked_mut(o + i) += _mm512_reduce_add_ps(pv);
+                    let dsa = _mm512_set1_ps(_mm512_reduce_add_ps(ps));
+                    for z in 0..Z {
+                        let sp = _mm512_loadu_ps(sprev.add(i * n + 16 * z));
+                        dkk[z] = _mm512_fnmadd_ps(dsa, sp, dkk[z]);
+                        let nd = _mm512_fnmadd_ps(dsa, kk[z], _mm512_mul_ps(dd[z], dec[z]));
+                        _mm512_storeu_ps(row.add(16 * z), nd);
+                    }
+                }
+                let old = ld(out.dr, o);
+                let dr: [__m512; Z] = std::array::from_fn(|z| _mm512_add_ps(old[z], dr[z]));
+                st(out.dr.as_mut_ptr(), o, dr);
+                st(out.ddec.as_mut_ptr(), o, ddec);
+                st(out.db.as_mut_ptr(), o, db);
+                st(out.dkmod.as_mut_ptr(), o, dkm);
+                st(out.dkk.as_mut_ptr(), o, dkk);
+            }
+        }
+    }
+}
