@@ -9,17 +9,12 @@
 //! this CPU's peak on these shapes (its packing and edge handling are tuned for larger
 //! matrices); without AVX-512 it is still what runs.
 
-use std::cell::RefCell;
-
+#[cfg(target_arch = "x86_64")]
 thread_local! {
     /// Packing buffers, reused by every call on this thread.
-    static PACK: RefCell<(Vec<f32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
+    static PACK: std::cell::RefCell<(Vec<f32>, Vec<f32>)> =
+        const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
 }
-
-/// Rows of `A` per register tile.
-const MR: usize = 12;
-/// Columns of `B` per register tile.
-const NR: usize = 32;
 
 /// `c [m, n] (+)= A·B` on the calling thread, where `A[i][l] = a[i·ars + l·acs]`,
 /// `B[l][j] = b[l·brs + j·bcs]` and `c` is row-major with `n` columns; with `acc` the product
@@ -136,8 +131,12 @@ fn trivial(
 
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
-    use super::{MR, NR};
     use std::arch::x86_64::*;
+
+    /// Rows of `A` per register tile.
+    const MR: usize = 12;
+    /// Columns of `B` per register tile.
+    const NR: usize = 32;
 
     /// Packs `B` into panels of `NR` columns (`[panel][l][NR]`, zero beyond column `n`), then
     /// runs the tile over every panel of `MR` rows of `A` and every panel of `B`.
@@ -241,17 +240,37 @@ mod avx512 {
     ) {
         let mut s0 = [_mm512_setzero_ps(); MR];
         let mut s1 = [_mm512_setzero_ps(); MR];
-        for l in 0..k {
-            let b0 = _mm512_loadu_ps(b.add(l * sb));
-            let b1 = _mm512_loadu_ps(b.add(l * sb + 16));
-            for i in 0..MR {
-                let x = _mm512_set1_ps(if TA {
-                    *a.add(l * sa + i)
-                } else {
-                    *a.add(i * sa + l)
-                });
-                s0[i] = _mm512_fmadd_ps(x, b0, s0[i]);
-                s1[i] = _mm512_fmadd_ps(x, b1, s1[i]);
+        if TA {
+            for l in 0..k {
+                let b0 = _mm512_loadu_ps(b.add(l * sb));
+                let b1 = _mm512_loadu_ps(b.add(l * sb + 16));
+                let al = a.add(l * sa);
+                for i in 0..MR {
+                    let x = _mm512_set1_ps(*al.add(i));
+                    s0[i] = _mm512_fmadd_ps(x, b0, s0[i]);
+                    s1[i] = _mm512_fmadd_ps(x, b1, s1[i]);
+                }
+            }
+        } else {
+            // Rows of A `sa` apart: four base pointers (rows 0, 3, 6, 9) that advance together,
+            // each row then one register offset away (`sa`, `2·sa`), so that every broadcast
+            // is a single addressing mode rather than a chain of pointer additions.
+            let mut p = [a, a.add(3 * sa), a.add(6 * sa), a.add(9 * sa)];
+            let (o1, o2) = (sa, 2 * sa);
+            for l in 0..k {
+                let b0 = _mm512_loadu_ps(b.add(l * sb));
+                let b1 = _mm512_loadu_ps(b.add(l * sb + 16));
+                for (g, base) in p.iter().enumerate() {
+                    for (r, off) in [0, o1, o2].into_iter().enumerate() {
+                        let i = 3 * g + r;
+                        let x = _mm512_set1_ps(*base.add(off));
+                        s0[i] = _mm512_fmadd_ps(x, b0, s0[i]);
+                        s1[i] = _mm512_fmadd_ps(x, b1, s1[i]);
+                    }
+                }
+                for q in p.iter_mut() {
+                    *q = q.add(1);
+                }
             }
         }
         let m0: __mmask16 = if cols >= 16 {

@@ -13,7 +13,7 @@
 // Index loops over several parallel per-channel arrays read more clearly than zipped iterators.
 #![allow(clippy::needless_range_loop)]
 
-use super::ops::{dispatch, Heads, Wkv7Out};
+use super::ops::dispatch;
 use super::scan;
 use crate::error::{Error, Result};
 use crate::kernels::exp;
@@ -91,9 +91,9 @@ impl Fused7 {
             [v, c] => (*v, *c),
             s => return Err(Error::bad(format!("emb.weight has shape {s:?}"))),
         };
-        if n == 0 || c % n != 0 || n > 256 {
+        if n == 0 || c % n != 0 || n > 256 || c > 4096 {
             return Err(Error::bad(format!(
-                "head size {n} does not divide width {c} (or is above 256)"
+                "head size {n} does not divide width {c} (or is above 256, or the width above 4096)"
             )));
         }
         let n_layer = (0..)
@@ -273,6 +273,9 @@ impl Fused7 {
                 vgate: z(m * c),
                 y: z(m * c),
                 prep: scan::Prep::default(),
+                gn_hat: z(m * c),
+                gn_rstd: z(m * self.h),
+                bonus: z(m * self.h),
                 o: z(m * c),
                 hat2: z(m * c),
                 rstd2: z(m),
@@ -303,7 +306,6 @@ impl Fused7 {
             dacts: z(6 * m * c),
             dh: z(m * f),
             dlo: z(m * rmax),
-            wp: z(5 * c),
             dwp: z(5 * c),
             small: z(6 * c),
             scratch: Vec::new(),
@@ -365,12 +367,6 @@ impl Fused7 {
         let m = w.bs * t;
         let mc = m * c;
         let [rw, ra, rv, rg] = self.ranks;
-        let heads = Heads {
-            b: w.bs,
-            t,
-            h: self.h,
-            n: self.n,
-        };
         for (r, &tok) in tokens.iter().enumerate() {
             let tok = tok as usize;
             w.x0[r * c..(r + 1) * c].copy_from_slice(&p[self.emb][tok * c..(tok + 1) * c]);
@@ -431,8 +427,7 @@ impl Fused7 {
             mm(mx(5), p[bk.g1], m, c, rg, &mut a.hg, false);
             map_sigmoid(&mut a.hg);
             mm(&a.hg, p[bk.g2], m, rg, c, ag, false);
-            self.pack_wkv(p, bk, &mut w.wp);
-            let sh = self.scan_shape(heads);
+            let sh = self.scan_shape(w.bs, t);
             scan::forward(
                 sh,
                 &a.acts,
@@ -442,11 +437,19 @@ impl Fused7 {
                 &mut a.prep,
                 &mut w.scratch,
             );
-            Wkv7Out {
-                d: heads,
-                eps: GN_EPS,
-            }
-            .fwd_serial(&a.y, &a.acts, &w.wp, &mut a.o);
+            gn_out(
+                self.n,
+                &a.y,
+                [
+                    &a.acts[..mc],
+                    &a.prep.kmod,
+                    &a.acts[3 * mc..4 * mc],
+                    &a.acts[5 * mc..],
+                ],
+                [p[bk.r_k], p[bk.lnx.0], p[bk.lnx.1]],
+                &mut a.o,
+                [&mut a.gn_hat, &mut a.gn_rstd, &mut a.bonus],
+            );
             lin(&a.o, p[bk.wo], m, c, c, &mut w.x, true);
             // Channel mixing: relu(xk Wk)² Wv.
             layer_norm(
@@ -473,23 +476,12 @@ impl Fused7 {
         lin(&w.xo, p[self.head], m, c, self.vocab, &mut w.logits, false);
     }
 
-    fn scan_shape(&self, h: Heads) -> scan::Shape {
+    fn scan_shape(&self, b: usize, t: usize) -> scan::Shape {
         scan::Shape {
-            b: h.b,
-            t: h.t,
-            h: h.h,
-            n: h.n,
-        }
-    }
-
-    /// `[k_k, k_a, r_k, ln_x.weight, ln_x.bias]`, the parameter rows of the WKV ops.
-    fn pack_wkv(&self, p: &[&[f32]], bk: &Block, wp: &mut [f32]) {
-        let c = self.c;
-        for (i, ix) in [bk.k_k, bk.k_a, bk.r_k, bk.lnx.0, bk.lnx.1]
-            .into_iter()
-            .enumerate()
-        {
-            wp[i * c..(i + 1) * c].copy_from_slice(p[ix]);
+            b,
+            t,
+            h: self.h,
+            n: self.n,
         }
     }
 
@@ -498,12 +490,6 @@ impl Fused7 {
         let m = w.bs * t;
         let mc = m * c;
         let [rw, ra, rv, rg] = self.ranks;
-        let heads = Heads {
-            b: w.bs,
-            t,
-            h: self.h,
-            n: self.n,
-        };
         // Head and final norm: w.logits holds d(logits).
         lin_dw(&w.logits, &w.xo, m, v, c, &mut g[self.head]);
         lin_dx(&w.logits, p[self.head], m, v, c, &mut w.dxn, false);
@@ -555,25 +541,31 @@ impl Fused7 {
             // Time mixing: output projection, then the WKV ops' own backward passes.
             lin_dw(&w.dx, &a.o, m, c, c, &mut g[bk.wo]);
             lin_dx(&w.dx, p[bk.wo], m, c, c, &mut w.dxn, false);
-            self.pack_wkv(p, bk, &mut w.wp);
             w.dwp.iter_mut().for_each(|z| *z = 0.0);
-            Wkv7Out {
-                d: heads,
-                eps: GN_EPS,
+            {
+                let (dr, rest) = w.dacts.split_at_mut(mc);
+                let (dv, dg) = rest[2 * mc..].split_at_mut(mc);
+                let (_, dpar) = w.dwp.split_at_mut(2 * c);
+                let (dr_k, dln) = dpar.split_at_mut(c);
+                let (dlw, dlb) = dln.split_at_mut(c);
+                gn_out_back(
+                    self.n,
+                    &w.dxn,
+                    [&a.gn_hat, &a.gn_rstd, &a.bonus],
+                    [
+                        &a.acts[..mc],
+                        &a.prep.kmod,
+                        &a.acts[3 * mc..4 * mc],
+                        &a.acts[5 * mc..],
+                    ],
+                    [p[bk.r_k], p[bk.lnx.0], p[bk.lnx.1]],
+                    [&mut w.dy, dr, dv, &mut dg[mc..], w.sgrads.dkmod(mc)],
+                    [dr_k, dlw, &mut dlb[..c]],
+                );
             }
-            .bwd_serial(
-                &a.y,
-                &a.acts,
-                &w.wp,
-                &w.dxn,
-                &mut w.dy,
-                &mut w.dacts,
-                &mut w.dwp,
-                &mut w.scratch,
-            );
             let (dk_k, rest) = w.dwp.split_at_mut(c);
             scan::backward(
-                self.scan_shape(heads),
+                self.scan_shape(w.bs, t),
                 &a.acts,
                 p[bk.k_k],
                 p[bk.k_a],
@@ -704,6 +696,10 @@ struct Acts {
     vgate: Vec<f32>,
     y: Vec<f32>,
     prep: scan::Prep,
+    /// The output GroupNorm's normalised `y`, `1/σ` and the bonus `Σ r·kmod·r_k` per head.
+    gn_hat: Vec<f32>,
+    gn_rstd: Vec<f32>,
+    bonus: Vec<f32>,
     o: Vec<f32>,
     hat2: Vec<f32>,
     rstd2: Vec<f32>,
@@ -734,7 +730,6 @@ pub struct Work {
     dacts: Vec<f32>,
     dh: Vec<f32>,
     dlo: Vec<f32>,
-    wp: Vec<f32>,
     dwp: Vec<f32>,
     small: Vec<f32>,
     scratch: Vec<f32>,
@@ -986,6 +981,159 @@ fn layer_norm_back(
     dispatch!(body(dout, hat, rstd, w, dx, acc, dw, db))
 }
 
+/// `Σ x` with sixteen partial sums (one running sum is a serial chain that does not vectorise).
+#[inline(always)]
+fn sum(x: &[f32]) -> f32 {
+    let mut acc = [0f32; 16];
+    let ch = x.chunks_exact(16);
+    let tail: f32 = ch.remainder().iter().sum();
+    for c in ch {
+        for l in 0..16 {
+            acc[l] += c[l];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+/// `Σ a·b·c` with sixteen partial sums.
+#[inline(always)]
+fn dot3(a: &[f32], b: &[f32], c: &[f32]) -> f32 {
+    let n = a.len().min(b.len()).min(c.len());
+    let (a, b, c) = (&a[..n], &b[..n], &c[..n]);
+    let mut acc = [0f32; 16];
+    let mut tail = 0f32;
+    let full = n / 16 * 16;
+    for i in full..n {
+        tail += a[i] * b[i] * c[i];
+    }
+    for ((x, y), z) in a
+        .chunks_exact(16)
+        .zip(b.chunks_exact(16))
+        .zip(c.chunks_exact(16))
+    {
+        for l in 0..16 {
+            acc[l] += x[l] * y[l] * z[l];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+/// The end of RWKV-7 time mixing, per head of size `n`:
+/// `o = (GroupNorm(y)·lw + lb + bonus·v)·g` with `bonus = Σ r·kmod·r_k` (`ins`: r, kmod, v,
+/// g; `par`: r_k, ln_x weight and bias); keeps x̂, 1/σ and the bonus for the backward pass.
+fn gn_out(
+    n: usize,
+    y: &[f32],
+    ins: [&[f32]; 4],
+    par: [&[f32]; 3],
+    o: &mut [f32],
+    keep: [&mut [f32]; 3],
+) {
+    #[inline(always)]
+    fn body(
+        n: usize,
+        y: &[f32],
+        [r, km, v, g]: [&[f32]; 4],
+        [r_k, lw, lb]: [&[f32]; 3],
+        o: &mut [f32],
+        [hat, rstd, bonus]: [&mut [f32]; 3],
+    ) {
+        let c = r_k.len();
+        let inv = 1.0 / n as f32;
+        for (gi, base) in (0..y.len()).step_by(n).enumerate() {
+            let s = base..base + n;
+            let ch = base % c..base % c + n;
+            let ys = &y[s.clone()];
+            let mu = sum(ys) * inv;
+            let hs = &mut hat[s.clone()];
+            for j in 0..n {
+                hs[j] = ys[j] - mu;
+            }
+            let var = scan::dot(hs, hs) * inv;
+            let rs = 1.0 / (var + GN_EPS as f32).sqrt();
+            rstd[gi] = rs;
+            let bo = dot3(&r[s.clone()], &km[s.clone()], &r_k[ch.clone()]);
+            bonus[gi] = bo;
+            let (lw, lb, vs, gs) = (&lw[ch.clone()], &lb[ch], &v[s.clone()], &g[s.clone()]);
+            let os = &mut o[s];
+            for j in 0..n {
+                hs[j] *= rs;
+                os[j] = (hs[j] * lw[j] + lb[j] + bo * vs[j]) * gs[j];
+            }
+        }
+    }
+    dispatch!(body(n, y, ins, par, o, keep))
+}
+
+/// The backward pass of [`gn_out`] from `dout`: sets the gradients of `y, r, v, g, kmod`
+/// (`outs`) and adds those of `r_k` and the ln_x weight and bias (`dpar`).
+fn gn_out_back(
+    n: usize,
+    dout: &[f32],
+    kept: [&[f32]; 3],
+    ins: [&[f32]; 4],
+    par: [&[f32]; 3],
+    outs: [&mut [f32]; 5],
+    dpar: [&mut [f32]; 3],
+) {
+    #[inline(always)]
+    fn body(
+        n: usize,
+        dout: &[f32],
+        [hat, rstd, bonus]: [&[f32]; 3],
+        [r, km, v, g]: [&[f32]; 4],
+        [r_k, lw, lb]: [&[f32]; 3],
+        [dy, dr, dv, dg, dkm]: [&mut [f32]; 5],
+        [dr_k, dlw, dlb]: [&mut [f32]; 3],
+    ) {
+        let c = r_k.len();
+        let inv = 1.0 / n as f32;
+        let mut dn = [0f32; 256];
+        for (gi, base) in (0..dout.len()).step_by(n).enumerate() {
+            let s = base..base + n;
+            let ch = base % c..base % c + n;
+            let (hs, ds, gs, vs) = (
+                &hat[s.clone()],
+                &dout[s.clone()],
+                &g[s.clone()],
+                &v[s.clone()],
+            );
+            let (lw, lb, rk) = (&lw[ch.clone()], &lb[ch.clone()], &r_k[ch.clone()]);
+            let (dlw, dlb, drk) = (&mut dlw[ch.clone()], &mut dlb[ch.clone()], &mut dr_k[ch]);
+            let bo = bonus[gi];
+            let (dgs, dvs) = (&mut dg[s.clone()], &mut dv[s.clone()]);
+            let dn = &mut dn[..n];
+            let mut acc = [0f32; 16];
+            for j in 0..n {
+                let z = hs[j] * lw[j];
+                let dz = ds[j] * gs[j];
+                dgs[j] = ds[j] * (z + lb[j] + bo * vs[j]);
+                dvs[j] = dz * bo;
+                acc[j % 16] += dz * vs[j];
+                dlw[j] += dz * hs[j];
+                dlb[j] += dz;
+                dn[j] = dz * lw[j];
+            }
+            let dbo: f32 = acc.iter().sum();
+            let m1 = sum(dn) * inv;
+            let m2 = scan::dot(dn, hs) * inv;
+            let rs = rstd[gi];
+            let dys = &mut dy[s.clone()];
+            for j in 0..n {
+                dys[j] = (dn[j] - m1 - hs[j] * m2) * rs;
+            }
+            let (rs_, kms) = (&r[s.clone()], &km[s.clone()]);
+            let (drs, dkms) = (&mut dr[s.clone()], &mut dkm[s]);
+            for j in 0..n {
+                drs[j] = dbo * kms[j] * rk[j];
+                dkms[j] = dbo * rs_[j] * rk[j];
+                drk[j] += dbo * rs_[j] * kms[j];
+            }
+        }
+    }
+    dispatch!(body(n, dout, kept, ins, par, outs, dpar))
+}
+
 /// Token shift and mix (RWKV-5 to 7): `out_k[r] = x[r] + (x[r-1] - x[r])·mix_k`, with a zero
 /// row before the first token of each window of `t` rows.
 fn shift_fwd(x: &[f32], t: usize, mixes: &[&[f32]], out: &mut [f32]) {
@@ -1015,7 +1163,7 @@ fn shift_fwd(x: &[f32], t: usize, mixes: &[&[f32]], out: &mut [f32]) {
 }
 
 /// The backward pass of [`shift_fwd`]: sets `dx`, writes `Σ_r dout_k·(x[r-1] - x[r])` into
-/// `dmix [K, C]`.
+/// `dmix [K, C]`. Row by row, so that each row of `dx` is written once from all `K` mixes.
 fn shift_back(
     x: &[f32],
     t: usize,
@@ -1029,30 +1177,30 @@ fn shift_back(
         let c = mixes[0].len();
         let n = x.len();
         let rows = n / c;
-        dx.iter_mut().for_each(|z| *z = 0.0);
+        let zero = [0f32; 4096];
         dmix.iter_mut().for_each(|z| *z = 0.0);
-        for (k, mix) in mixes.iter().enumerate() {
-            let g = &dout[k * n..(k + 1) * n];
-            let dm = &mut dmix[k * c..(k + 1) * c];
-            for r in 0..rows {
-                let cur = &x[r * c..(r + 1) * c];
-                let gr = &g[r * c..(r + 1) * c];
-                let dr = &mut dx[r * c..(r + 1) * c];
+        for r in 0..rows {
+            let cur = &x[r * c..(r + 1) * c];
+            let prev = if r % t == 0 {
+                &zero[..c]
+            } else {
+                &x[(r - 1) * c..r * c]
+            };
+            let has_next = r + 1 < rows && (r + 1) % t != 0;
+            let dr = &mut dx[r * c..(r + 1) * c];
+            dr.iter_mut().for_each(|z| *z = 0.0);
+            for (k, mix) in mixes.iter().enumerate() {
+                let mix = &mix[..c];
+                let g = &dout[k * n + r * c..k * n + (r + 1) * c];
+                let dm = &mut dmix[k * c..(k + 1) * c];
                 for j in 0..c {
-                    dr[j] += gr[j] * (1.0 - mix[j]);
+                    dr[j] += g[j] * (1.0 - mix[j]);
+                    dm[j] += g[j] * (prev[j] - cur[j]);
                 }
-                if r % t == 0 {
+                if has_next {
+                    let gn = &dout[k * n + (r + 1) * c..k * n + (r + 2) * c];
                     for j in 0..c {
-                        dm[j] -= gr[j] * cur[j];
-                    }
-                } else {
-                    let prev = &x[(r - 1) * c..r * c];
-                    for j in 0..c {
-                        dm[j] += gr[j] * (prev[j] - cur[j]);
-                    }
-                    let dp = &mut dx[(r - 1) * c..r * c];
-                    for j in 0..c {
-                        dp[j] += gr[j] * mix[j];
+                        dr[j] += gn[j] * mix[j];
                     }
                 }
             }

@@ -1145,55 +1145,6 @@ impl Wkv7Out {
     }
 }
 
-impl Wkv7Out {
-    /// The forward pass on the calling thread into `o [B, T, C]`.
-    pub(crate) fn fwd_serial<T: Real>(&self, y: &[T], acts: &[T], p: &[T], o: &mut [T]) {
-        let (pl, c) = (self.d.plane(), self.d.c());
-        for (row, orow) in o.chunks_mut(c).enumerate() {
-            let at = |slot: usize| &acts[slot * pl + row * c..slot * pl + (row + 1) * c];
-            let ins = [at(0), at(2), at(3), at(4), at(5)];
-            dispatch!(self.row(&y[row * c..(row + 1) * c], ins, p, orow, None));
-        }
-    }
-
-    /// The backward pass on the calling thread: writes `dy` and the planes of `r, k, v, a, g`
-    /// in `dacts [6, B, T, C]` (the `w` plane is zeroed), adds into `dp [5, C]`. `scratch`
-    /// holds one row's `[6, C]` gradients and the row's unused output.
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) fn bwd_serial<T: Real>(
-        &self,
-        y: &[T],
-        acts: &[T],
-        p: &[T],
-        gout: &[T],
-        dy: &mut [T],
-        dacts: &mut [T],
-        dp: &mut [T],
-        scratch: &mut Vec<T>,
-    ) {
-        let (pl, c) = (self.d.plane(), self.d.c());
-        scratch.resize(7 * c, T::zero());
-        let (drow, o) = scratch.split_at_mut(6 * c);
-        dacts[pl..2 * pl].iter_mut().for_each(|x| *x = T::zero());
-        for row in 0..pl / c {
-            let at = |slot: usize| &acts[slot * pl + row * c..slot * pl + (row + 1) * c];
-            let ins = [at(0), at(2), at(3), at(4), at(5)];
-            let rs = row * c..(row + 1) * c;
-            dispatch!(self.row(
-                &y[rs.clone()],
-                ins,
-                p,
-                o,
-                Some((&gout[rs.clone()], &mut dy[rs.clone()], drow, dp)),
-            ));
-            for slot in [0, 2, 3, 4, 5] {
-                dacts[slot * pl + row * c..slot * pl + (row + 1) * c]
-                    .copy_from_slice(&drow[slot * c..(slot + 1) * c]);
-            }
-        }
-    }
-}
-
 impl CustomOp3 for Wkv7Out {
     fn name(&self) -> &'static str {
         "wkv7-out"

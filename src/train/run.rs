@@ -338,7 +338,7 @@ struct Trainer {
     rng: Rng,
     adam: AdamConfig,
     /// The hand-written RWKV-7 pass and one work area per shard (RWKV-4 uses the graph).
-    fused: Option<(Fused7, Vec<std::sync::Mutex<Option<Work>>>)>,
+    fused: Option<(Fused7, Vec<ShardWork>)>,
 }
 
 impl Trainer {
@@ -522,9 +522,8 @@ impl Trainer {
             }
             let (inp, tgt) = (&inp, &tgt);
             if let Some((f, works)) = &mut self.fused {
-                let (l, g) = fused_step(f, works, model, &bounds, inp, tgt, ctx, l2wrap)?;
-                loss_sum += l;
-                add_grads(&mut grads, g);
+                loss_sum +=
+                    fused_step(f, works, model, &bounds, inp, tgt, ctx, l2wrap, &mut grads)?;
                 continue;
             }
             let parts: Vec<Result<(f64, Vec<Vec<f32>>)>> = bounds
@@ -586,19 +585,31 @@ impl Trainer {
         );
         self.step += 1;
         let vars: Vec<_> = self.model.vars().map(|(_, v)| v.clone()).collect();
-        for ((var, slot), g) in vars.iter().zip(&mut self.slots).zip(&mut grads) {
-            if clip != 1.0 {
-                g.iter_mut().for_each(|x| *x *= clip);
-            }
-            let t = var.as_tensor();
-            let mut p = values(t)?;
-            slot.update(&mut p, g, lr, self.step, &self.adam);
-            var.set(&Tensor::from_vec(p, t.shape(), t.device()).ce()?)
-                .ce()?;
-        }
+        let (step, adam) = (self.step, &self.adam);
+        // Each parameter's update is independent: they run side by side on the pool.
+        vars.par_iter()
+            .zip(self.slots.par_iter_mut())
+            .zip(grads.par_iter_mut())
+            .map(|((var, slot), g)| -> Result<()> {
+                if clip != 1.0 {
+                    g.iter_mut().for_each(|x| *x *= clip);
+                }
+                let t = var.as_tensor();
+                let mut p = values(t)?;
+                slot.update(&mut p, g, lr, step, adam);
+                var.set(&Tensor::from_vec(p, t.shape(), t.device()).ce()?)
+                    .ce()
+            })
+            .collect::<Result<Vec<()>>>()?;
         Ok((loss, norm, lr))
     }
 }
+
+/// Tokens per piece of a shard in the hand-written pass.
+const PIECE_TOKENS: usize = 192;
+
+/// One shard's work area and gradient buffers, kept from step to step.
+type ShardWork = std::sync::Mutex<Option<(Work, Vec<Vec<f32>>)>>;
 
 /// Adds one part's gradients into the running sum (which starts empty).
 fn add_grads(sum: &mut Vec<Vec<f32>>, g: Vec<Vec<f32>>) {
@@ -612,18 +623,20 @@ fn add_grads(sum: &mut Vec<Vec<f32>>, g: Vec<Vec<f32>>) {
 }
 
 /// One micro-batch through the hand-written pass: each shard of windows runs on its own thread
-/// with its own work area; returns the mean loss and the gradients summed in shard order.
+/// with its own work area and gradient buffers; returns the mean loss and adds the gradients,
+/// in shard order, into `grads`.
 #[allow(clippy::too_many_arguments)]
 fn fused_step(
     f: &Fused7,
-    works: &mut Vec<std::sync::Mutex<Option<Work>>>,
+    works: &mut Vec<ShardWork>,
     model: &TrainModel,
     bounds: &[(usize, usize)],
     inp: &[u32],
     tgt: &[u32],
     ctx: usize,
     l2wrap: f64,
-) -> Result<(f64, Vec<Vec<f32>>)> {
+    grads: &mut Vec<Vec<f32>>,
+) -> Result<f64> {
     works.resize_with(bounds.len(), Default::default);
     let rows = bounds.last().map_or(0, |b| b.1) * ctx;
     let scale = 1.0 / rows.max(1) as f32;
@@ -641,37 +654,62 @@ fn fused_step(
             )),
         })
         .collect::<Result<Vec<&[f32]>>>()?;
-    let parts: Vec<Result<(f64, Vec<Vec<f32>>)>> = bounds
+    let mut slots: Vec<_> = works
+        .iter_mut()
+        .map(|w| w.get_mut().unwrap_or_else(|e| e.into_inner()))
+        .collect();
+    // About 192 tokens per piece: the recipe's two threads then keep their activations
+    // (about 15 MB each) in the shared L3 cache.
+    let piece = (PIECE_TOKENS / ctx.max(1)).max(1);
+    let losses: Vec<Result<f64>> = bounds
         .par_iter()
-        .zip(works.par_iter())
-        .map(|(&(w0, w1), work)| {
-            let mut slot = work.lock().unwrap_or_else(|e| e.into_inner());
-            if slot.as_ref().map(|w| w.shape()) != Some((w1 - w0, ctx)) {
-                *slot = Some(f.work(w1 - w0, ctx));
+        .zip(slots.par_iter_mut())
+        .map(|(&(w0, w1), slot)| {
+            let per = piece.min(w1 - w0).max(1);
+            if slot.as_ref().map(|(w, _)| w.shape()) != Some((per, ctx)) {
+                **slot = Some((f.work(per, ctx), f.zero_grads()));
             }
-            let w = slot.as_mut().expect("just made");
-            let mut g = f.zero_grads();
-            let (r0, r1) = (w0 * ctx, w1 * ctx);
-            let l = f.accumulate(
-                &params,
-                &inp[r0..r1],
-                &tgt[r0..r1],
-                scale,
-                l2wrap as f32,
-                w,
-                &mut g,
-            )?;
-            Ok((l * scale as f64, g))
+            let (w, g) = slot.as_mut().expect("just made");
+            g.iter_mut().for_each(|v| v.fill(0.0));
+            // The shard's windows go through in pieces of `per` (what the work area was
+            // made for): smaller pieces keep both threads' activations in the caches.
+            let mut l = 0.0;
+            for p0 in (w0..w1).step_by(per) {
+                let p1 = (p0 + per).min(w1);
+                if w.shape() != (p1 - p0, ctx) {
+                    *w = f.work(p1 - p0, ctx);
+                }
+                let (r0, r1) = (p0 * ctx, p1 * ctx);
+                l += f.accumulate(
+                    &params,
+                    &inp[r0..r1],
+                    &tgt[r0..r1],
+                    scale,
+                    l2wrap as f32,
+                    w,
+                    g,
+                )?;
+            }
+            Ok(l * scale as f64)
         })
         .collect();
     let mut loss = 0.0;
-    let mut grads: Vec<Vec<f32>> = Vec::new();
-    for part in parts {
-        let (l, g) = part?;
-        loss += l;
-        add_grads(&mut grads, g);
+    for l in losses {
+        loss += l?;
     }
-    Ok((loss, grads))
+    if grads.is_empty() {
+        *grads = f.zero_grads();
+    }
+    let shard_grads: Vec<&Vec<Vec<f32>>> = slots
+        .iter()
+        .filter_map(|s| s.as_ref().map(|(_, g)| g))
+        .collect();
+    grads.par_iter_mut().enumerate().for_each(|(i, sum)| {
+        for g in &shard_grads {
+            sum.iter_mut().zip(&g[i]).for_each(|(x, y)| *x += y);
+        }
+    });
+    Ok(loss)
 }
 
 /// Keeps freed memory in the allocator instead of returning it to the system: every op of every

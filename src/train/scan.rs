@@ -47,6 +47,15 @@ pub(crate) struct Shape {
     pub n: usize,
 }
 
+impl Grads {
+    /// The gradient of the modified key, `[M, C]`: set by the caller (from the output's bonus
+    /// term) before [`backward`] adds the scan's part.
+    pub(crate) fn dkmod(&mut self, mc: usize) -> &mut [f32] {
+        self.dkmod.resize(mc, 0.0);
+        &mut self.dkmod
+    }
+}
+
 impl Shape {
     fn c(&self) -> usize {
         self.h * self.n
@@ -144,8 +153,8 @@ pub(crate) fn forward(
             let task = bi * d.h + hi;
             let ck = &mut ck[task * d.nck() * nn..(task + 1) * d.nck() * nn];
             let io = Io { t: d.t, c, o, n };
-            #[cfg(target_arch = "x86_64")]
             if simd(n) {
+                #[cfg(target_arch = "x86_64")]
                 // SAFETY: AVX-512F was detected; the kernel checks `io` against the slices.
                 unsafe {
                     match n {
@@ -188,7 +197,7 @@ impl Io {
     }
 }
 
-/// The per-token quantities of every row (see [`Prep`]).
+/// The per-token quantities of every row (see [`Prep`]), as whole-row sweeps that vectorise.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn prepare(
@@ -206,29 +215,45 @@ fn prepare(
     norm: &mut [f32],
 ) {
     let c = k_k.len();
-    for (g, base) in (0..w.len()).step_by(n).enumerate() {
-        let ch = base % c;
-        let s = base..base + n;
-        let mut ss = 0f32;
-        for j in 0..n {
-            let x = k[base + j] * k_k[ch + j];
-            kk[base + j] = x;
-            ss += x * x;
-        }
-        // F.normalize: x / max(‖x‖, 1e-12).
-        let nm = ss.sqrt().max(1e-12);
-        norm[g] = nm;
-        let inv = 1.0 / nm;
-        for j in s {
-            let q = j - base + ch;
-            kk[j] *= inv;
-            b[j] = kk[j] * a[j];
-            kmod[j] = k[j] * (1.0 + (a[j] - 1.0) * k_a[q]);
-            let sg = 1.0 / (1.0 + exp(-w[j]));
-            sig[j] = sg;
-            dec[j] = exp(-(W_SCALE as f32) * sg);
+    let rows = k.chunks_exact(c).zip(a.chunks_exact(c));
+    for ((kr, ar), (kkr, kmr)) in rows.zip(kk.chunks_exact_mut(c).zip(kmod.chunks_exact_mut(c))) {
+        for j in 0..c {
+            kkr[j] = kr[j] * k_k[j];
+            kmr[j] = kr[j] * (1.0 + (ar[j] - 1.0) * k_a[j]);
         }
     }
+    // F.normalize: x / max(‖x‖, 1e-12), per head.
+    for (seg, nm) in kk.chunks_exact_mut(n).zip(norm.iter_mut()) {
+        *nm = dot(seg, seg).sqrt().max(1e-12);
+        let inv = 1.0 / *nm;
+        seg.iter_mut().for_each(|x| *x *= inv);
+    }
+    for ((b, kk), a) in b.iter_mut().zip(kk.iter()).zip(a) {
+        *b = kk * a;
+    }
+    for ((s, d), w) in sig.iter_mut().zip(dec.iter_mut()).zip(w) {
+        *s = 1.0 / (1.0 + exp(-w));
+        *d = exp(-(W_SCALE as f32) * *s);
+    }
+}
+
+/// `Σ a·b` with sixteen partial sums (one running sum is a serial chain that does not
+/// vectorise).
+#[inline(always)]
+pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let n = a.len().min(b.len());
+    let (a, b) = (&a[..n], &b[..n]);
+    let mut acc = [0f32; 16];
+    let mut tail = 0f32;
+    for i in n / 16 * 16..n {
+        tail += a[i] * b[i];
+    }
+    for (x, y) in a.chunks_exact(16).zip(b.chunks_exact(16)) {
+        for l in 0..16 {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
 }
 
 /// The portable forward scan of one head (any head size).
@@ -280,8 +305,9 @@ pub(crate) struct Grads {
     states: Vec<f32>,
 }
 
-/// The backward pass of [`forward`]: adds the gradients of `r, w, k, v, a` into the first five
-/// planes of `dacts [6, M, C]`, and those of `k_k`, `k_a` into `dk_k`, `dk_a`.
+/// The backward pass of [`forward`]: adds the gradients of `r` and `v` into planes 0 and 3 of
+/// `dacts [6, M, C]`, sets those of `w, k, a` (planes 1, 2, 4) including what reaches the
+/// modified key through [`Grads::dkmod`], and adds those of `k_k`, `k_a` into `dk_k`, `dk_a`.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn backward(
     d: Shape,
@@ -298,9 +324,10 @@ pub(crate) fn backward(
     let (c, n) = (d.c(), d.n);
     let mc = d.b * d.t * c;
     let nn = n * n;
-    for v in [&mut gr.dkk, &mut gr.db, &mut gr.dkmod, &mut gr.ddec] {
+    for v in [&mut gr.dkk, &mut gr.db, &mut gr.ddec] {
         v.resize(mc, 0.0);
     }
+    assert_eq!(gr.dkmod.len(), mc, "Grads::dkmod was not set");
     gr.states.resize((WKV_CHUNK + 2) * nn, 0.0);
     let pl = |i: usize| &acts[i * mc..(i + 1) * mc];
     let (dr, rest) = dacts.split_at_mut(mc);
@@ -322,8 +349,8 @@ pub(crate) fn backward(
                 dkmod: &mut gr.dkmod,
                 ddec: &mut gr.ddec,
             };
-            #[cfg(target_arch = "x86_64")]
             if simd(n) {
+                #[cfg(target_arch = "x86_64")]
                 // SAFETY: AVX-512F was detected; `Io` stays inside the planes.
                 unsafe {
                     match n {
@@ -405,7 +432,6 @@ fn bwd_head(
             for j in 0..n {
                 out.dkk[o + j] = 0.0;
                 out.db[o + j] = 0.0;
-                out.dkmod[o + j] = 0.0;
                 out.ddec[o + j] = 0.0;
             }
             for i in 0..n {
@@ -443,7 +469,7 @@ fn through_prep(
     k_k: &[f32],
     k_a: &[f32],
     p: &Prep,
-    gr: &Grads,
+    gr: &mut Grads,
     dw: &mut [f32],
     dk: &mut [f32],
     da: &mut [f32],
@@ -451,30 +477,45 @@ fn through_prep(
     dk_a: &mut [f32],
 ) {
     let c = k_k.len();
-    for (g, base) in (0..k.len()).step_by(n).enumerate() {
-        let ch = base % c;
-        let mut dot = 0f32;
-        for j in base..base + n {
-            dot += (gr.dkk[j] + gr.db[j] * a[j]) * p.kk[j];
+    let ws = -(W_SCALE as f32);
+    let rows = k.chunks_exact(c).zip(a.chunks_exact(c));
+    let keep =
+        p.kk.chunks_exact(c)
+            .zip(p.sig.chunks_exact(c).zip(p.dec.chunks_exact(c)));
+    let gin = gr
+        .db
+        .chunks_exact(c)
+        .zip(gr.dkmod.chunks_exact(c).zip(gr.ddec.chunks_exact(c)));
+    let outs = dw
+        .chunks_exact_mut(c)
+        .zip(dk.chunks_exact_mut(c).zip(da.chunks_exact_mut(c)));
+    for ((((kr, ar), (kkr, (sg, de))), (dbr, (dkm, dde))), ((dwr, (dkr, dar)), dkk)) in rows
+        .zip(keep)
+        .zip(gin)
+        .zip(outs.zip(gr.dkk.chunks_exact_mut(c)))
+    {
+        for j in 0..c {
+            dkk[j] += dbr[j] * ar[j];
+            dar[j] = dbr[j] * kkr[j] + dkm[j] * kr[j] * k_a[j];
+            dk_a[j] += dkm[j] * kr[j] * (ar[j] - 1.0);
+            dkr[j] = dkm[j] * (1.0 + (ar[j] - 1.0) * k_a[j]);
+            dwr[j] = dde[j] * de[j] * ws * sg[j] * (1.0 - sg[j]);
         }
+    }
+    // Through kk = x / max(‖x‖, 1e-12), x = k·k_k, per head.
+    for (g, base) in (0..k.len()).step_by(n).enumerate() {
+        let s = base..base + n;
+        let ch = base % c..base % c + n;
+        let (dkk, kk) = (&gr.dkk[s.clone()], &p.kk[s.clone()]);
         let nm = p.norm[g];
-        let unclamped = nm > 1e-12;
         let inv = 1.0 / nm;
-        for j in base..base + n {
-            let q = j - base + ch;
-            let dkk = gr.dkk[j] + gr.db[j] * a[j];
-            let dkm = gr.dkmod[j];
-            da[j] += gr.db[j] * p.kk[j] + dkm * k[j] * k_a[q];
-            dk_a[q] += dkm * k[j] * (a[j] - 1.0);
-            let draw = if unclamped {
-                (dkk - p.kk[j] * dot) * inv
-            } else {
-                dkk * inv
-            };
-            dk[j] += dkm * (1.0 + (a[j] - 1.0) * k_a[q]) + draw * k_k[q];
-            dk_k[q] += draw * k[j];
-            let sg = p.sig[j];
-            dw[j] += gr.ddec[j] * p.dec[j] * (-(W_SCALE as f32)) * sg * (1.0 - sg);
+        let proj = if nm > 1e-12 { dot(dkk, kk) } else { 0.0 };
+        let (kr, dkr) = (&k[s.clone()], &mut dk[s]);
+        let (kkp, dkkp) = (&k_k[ch.clone()], &mut dk_k[ch]);
+        for j in 0..n {
+            let draw = (dkk[j] - kk[j] * proj) * inv;
+            dkr[j] += draw * kkp[j];
+            dkkp[j] += draw * kr[j];
         }
     }
 }
@@ -652,6 +693,8 @@ mod avx512 {
                 st(out.dr.as_mut_ptr(), o, dr);
                 st(out.ddec.as_mut_ptr(), o, ddec);
                 st(out.db.as_mut_ptr(), o, db);
+                let old = ld(out.dkmod, o);
+                let dkm: [__m512; Z] = std::array::from_fn(|z| _mm512_add_ps(old[z], dkm[z]));
                 st(out.dkmod.as_mut_ptr(), o, dkm);
                 st(out.dkk.as_mut_ptr(), o, dkk);
             }
