@@ -102,6 +102,9 @@ fn main() {
         .collect();
     let p: Vec<&[f32]> = vals.iter().map(|v| v.as_slice()).collect();
     let fu = Fused7::new(&names, &shapes, 32).unwrap();
+    let mut tr = Vec::new();
+    fu.transpose(&p, &mut tr);
+    let pt: Vec<&[f32]> = tr.iter().map(|v| v.as_slice()).collect();
     let (bs, t) = (6, 64);
     let mut work = fu.work(bs, t);
     let mut g = fu.zero_grads();
@@ -111,7 +114,7 @@ fn main() {
     let mut times = Vec::new();
     for _ in 0..if only_pass { 300 } else { 30 } {
         let s = Instant::now();
-        fu.accumulate(&p, &toks, &tgts, 1.0 / 768.0, 1e-4, &mut work, &mut g)
+        fu.accumulate(&p, &pt, &toks, &tgts, 1.0 / 768.0, 1e-4, &mut work, &mut g)
             .unwrap();
         times.push(s.elapsed().as_secs_f64());
     }

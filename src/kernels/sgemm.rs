@@ -160,11 +160,16 @@ mod avx512 {
         // LoRA matrix, a weight in the backward pass) except for a last, partial panel;
         // otherwise (a transposed weight) it is copied into panels with zeros beyond `n`.
         let direct_b = |jp: usize| bcs == 1 && (jp + 1) * NR <= n;
-        pb.clear();
-        pb.resize(np * k * NR, 0.0);
+        // Only a partial panel needs zeros (beyond column `n`); whole panels are overwritten.
+        if pb.len() < np * k * NR {
+            pb.resize(np * k * NR, 0.0);
+        }
         for jp in (0..np).filter(|&jp| !direct_b(jp)) {
             let (j0, j1) = (jp * NR, ((jp + 1) * NR).min(n));
             let panel = &mut pb[jp * k * NR..(jp + 1) * k * NR];
+            if j1 - j0 < NR {
+                panel.fill(0.0);
+            }
             if bcs == 1 {
                 for l in 0..k {
                     panel[l * NR..l * NR + (j1 - j0)]
@@ -186,8 +191,12 @@ mod avx512 {
             let (i0, rows) = (ip * MR, (m - ip * MR).min(MR));
             let direct = rows == MR && (acs == 1 || ars == 1);
             if !direct {
-                pa.clear();
-                pa.resize(k * MR, 0.0);
+                if pa.len() < k * MR {
+                    pa.resize(k * MR, 0.0);
+                }
+                if rows < MR {
+                    pa[..k * MR].fill(0.0);
+                }
                 for i in 0..rows {
                     for l in 0..k {
                         pa[l * MR + i] = a[(i0 + i) * ars + l * acs];

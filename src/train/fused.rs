@@ -17,6 +17,7 @@ use super::ops::dispatch;
 use super::scan;
 use crate::error::{Error, Result};
 use crate::kernels::exp;
+use rayon::prelude::*;
 use std::collections::HashMap;
 
 /// LayerNorm epsilon (RWKV-LM's `nn.LayerNorm` default).
@@ -68,6 +69,8 @@ pub struct Fused7 {
     head: usize,
     blocks: Vec<Block>,
     lens: Vec<usize>,
+    /// The `[out, in]` weights the forward pass multiplies by (as their transposes).
+    linear: Vec<usize>,
 }
 
 impl Fused7 {
@@ -230,7 +233,13 @@ impl Fused7 {
                 )));
             }
         }
+        let mut linear: Vec<usize> = blocks
+            .iter()
+            .flat_map(|b| [b.wr, b.wk, b.wv, b.wo, b.fk, b.fv])
+            .collect();
+        linear.push(head);
         Ok(Fused7 {
+            linear,
             c,
             n,
             h: c / n,
@@ -244,6 +253,47 @@ impl Fused7 {
             blocks,
             lens: shapes.iter().map(|s| s.iter().product()).collect(),
         })
+    }
+
+    /// The `[in, out]` transposes of the linear weights into `out` (one buffer per parameter,
+    /// empty for the others), on the pool: the forward pass then reads every weight's rows in
+    /// place instead of gathering its columns in every product.
+    pub fn transpose(&self, p: &[&[f32]], out: &mut Vec<Vec<f32>>) {
+        out.resize_with(p.len(), Vec::new);
+        let mut jobs: Vec<(usize, &mut Vec<f32>)> = out
+            .iter_mut()
+            .enumerate()
+            .filter(|(i, _)| self.linear.contains(i))
+            .collect();
+        jobs.par_iter_mut().for_each(|(i, o)| {
+            let w = p[*i];
+            let k = if *i == self.head {
+                self.c
+            } else {
+                self.in_dim(*i)
+            };
+            let n = w.len() / k;
+            o.resize(w.len(), 0.0);
+            // In 16 × 16 blocks, so that both sides stay in the L1 cache.
+            for j0 in (0..n).step_by(16) {
+                for l0 in (0..k).step_by(16) {
+                    for j in j0..(j0 + 16).min(n) {
+                        for l in l0..(l0 + 16).min(k) {
+                            o[l * n + j] = w[j * k + l];
+                        }
+                    }
+                }
+            }
+        });
+    }
+
+    /// The input width of a linear weight.
+    fn in_dim(&self, i: usize) -> usize {
+        if self.blocks.iter().any(|b| b.fv == i) {
+            self.ffn
+        } else {
+            self.c
+        }
     }
 
     /// Zeroed gradient buffers, one per parameter.
@@ -263,7 +313,6 @@ impl Fused7 {
                 hat1: z(m * c),
                 rstd1: z(m),
                 xn1: z(m * c),
-                mixed: z(6 * m * c),
                 acts: z(6 * m * c),
                 tw: z(m * rw),
                 ha: z(m * ra),
@@ -280,9 +329,7 @@ impl Fused7 {
                 hat2: z(m * c),
                 rstd2: z(m),
                 xn2: z(m * c),
-                xk2: z(m * c),
                 hpre: z(m * f),
-                h: z(m * f),
             })
             .collect();
         let rmax = self.ranks.iter().copied().max().unwrap_or(0);
@@ -303,6 +350,9 @@ impl Fused7 {
             dy: z(m * c),
             dvf: z(m * c),
             dmixed: z(6 * m * c),
+            mixed: z(6 * m * c),
+            xk2: z(m * c),
+            hbuf: z(m * f),
             dacts: z(6 * m * c),
             dh: z(m * f),
             dlo: z(m * rmax),
@@ -315,11 +365,13 @@ impl Fused7 {
 
     /// Runs the forward and backward pass over `bs` windows of `t` tokens: returns the sum of
     /// the rows' cross-entropies and adds `scale ×` its gradient (with RWKV-LM's L2Wrap term
-    /// of `l2wrap · scale` per row) into `g`. `p` holds every parameter's values, in order.
+    /// of `l2wrap · scale` per row) into `g`. `p` holds every parameter's values, in order,
+    /// and `pt` the `[in, out]` transposes of the linear weights from [`Fused7::transpose`].
     #[allow(clippy::too_many_arguments)]
     pub fn accumulate(
         &self,
         p: &[&[f32]],
+        pt: &[&[f32]],
         tokens: &[u32],
         targets: &[u32],
         scale: f32,
@@ -336,8 +388,13 @@ impl Fused7 {
                 targets.len()
             )));
         }
-        if p.len() != self.lens.len() || g.len() != self.lens.len() {
+        if p.len() != self.lens.len() || g.len() != self.lens.len() || pt.len() != p.len() {
             return Err(Error::Internal("parameter count changed".into()));
+        }
+        for &i in &self.linear {
+            if pt[i].len() != self.lens[i] {
+                return Err(Error::Internal(format!("no transpose of parameter {i}")));
+            }
         }
         for (i, (a, b)) in p.iter().zip(g.iter()).enumerate() {
             if a.len() != self.lens[i] || b.len() != self.lens[i] {
@@ -350,7 +407,7 @@ impl Fused7 {
                 "token id {bad} is outside the vocabulary of {v}"
             )));
         }
-        self.forward(p, tokens, w);
+        self.forward(p, pt, tokens, w);
         let loss = dispatch!(cross_entropy(
             &mut w.logits,
             targets,
@@ -362,7 +419,7 @@ impl Fused7 {
         Ok(loss)
     }
 
-    fn forward(&self, p: &[&[f32]], tokens: &[u32], w: &mut Work) {
+    fn forward(&self, p: &[&[f32]], pt: &[&[f32]], tokens: &[u32], w: &mut Work) {
         let (c, t, f) = (self.c, w.t, self.ffn);
         let m = w.bs * t;
         let mc = m * c;
@@ -392,15 +449,15 @@ impl Fused7 {
                 &mut a.rstd1,
             );
             let mixes = bk.mix.map(|i| p[i]);
-            shift_fwd(&a.xn1, t, &mixes, &mut a.mixed);
-            let mx = |k: usize| &a.mixed[k * mc..(k + 1) * mc];
+            shift_fwd(&a.xn1, t, &mixes, &mut w.mixed);
+            let mx = |k: usize| &w.mixed[k * mc..(k + 1) * mc];
             let (ar, rest) = a.acts.split_at_mut(mc);
             let (aw, rest) = rest.split_at_mut(mc);
             let (ak, rest) = rest.split_at_mut(mc);
             let (av, rest) = rest.split_at_mut(mc);
             let (aa, ag) = rest.split_at_mut(mc);
-            lin(mx(0), p[bk.wr], m, c, c, ar, false);
-            lin(mx(2), p[bk.wk], m, c, c, ak, false);
+            mm(mx(0), pt[bk.wr], m, c, c, ar, false);
+            mm(mx(2), pt[bk.wk], m, c, c, ak, false);
             // Decay logits w0 + tanh(xw W1) W2 (the decay itself is formed inside the WKV).
             mm(mx(1), p[bk.w1], m, c, rw, &mut a.tw, false);
             map_tanh(&mut a.tw);
@@ -414,14 +471,14 @@ impl Fused7 {
             // Value, mixed towards the first block's value by sigmoid(v0 + xv V1 V2).
             match (vfirst, bk.v) {
                 (Some(vf), Some((v0, v1, v2))) => {
-                    lin(mx(3), p[bk.wv], m, c, c, &mut a.vpre, false);
+                    mm(mx(3), pt[bk.wv], m, c, c, &mut a.vpre, false);
                     mm(mx(3), p[v1], m, c, rv, &mut a.hv, false);
                     bias_rows(&mut a.vgate, p[v0]);
                     mm(&a.hv, p[v2], m, rv, c, &mut a.vgate, true);
                     map_sigmoid(&mut a.vgate);
                     dispatch!(v_mix(&a.vpre, vf, &a.vgate, av));
                 }
-                _ => lin(mx(3), p[bk.wv], m, c, c, av, false),
+                _ => mm(mx(3), pt[bk.wv], m, c, c, av, false),
             }
             // Output gate sigmoid(xg G1) G2.
             mm(mx(5), p[bk.g1], m, c, rg, &mut a.hg, false);
@@ -450,7 +507,7 @@ impl Fused7 {
                 &mut a.o,
                 [&mut a.gn_hat, &mut a.gn_rstd, &mut a.bonus],
             );
-            lin(&a.o, p[bk.wo], m, c, c, &mut w.x, true);
+            mm(&a.o, pt[bk.wo], m, c, c, &mut w.x, true);
             // Channel mixing: relu(xk Wk)² Wv.
             layer_norm(
                 &w.x,
@@ -460,10 +517,10 @@ impl Fused7 {
                 &mut a.hat2,
                 &mut a.rstd2,
             );
-            shift_fwd(&a.xn2, t, &[p[bk.fmix]], &mut a.xk2);
-            lin(&a.xk2, p[bk.fk], m, c, f, &mut a.hpre, false);
-            dispatch!(relu_sq(&a.hpre, &mut a.h));
-            lin(&a.h, p[bk.fv], m, f, c, &mut w.x, true);
+            shift_fwd(&a.xn2, t, &[p[bk.fmix]], &mut w.xk2);
+            mm(&w.xk2, pt[bk.fk], m, c, f, &mut a.hpre, false);
+            dispatch!(relu_sq(&a.hpre, &mut w.hbuf));
+            mm(&w.hbuf, pt[bk.fv], m, f, c, &mut w.x, true);
         }
         layer_norm(
             &w.x,
@@ -473,7 +530,7 @@ impl Fused7 {
             &mut w.hat_o,
             &mut w.rstd_o,
         );
-        lin(&w.xo, p[self.head], m, c, self.vocab, &mut w.logits, false);
+        mm(&w.xo, pt[self.head], m, c, self.vocab, &mut w.logits, false);
     }
 
     fn scan_shape(&self, b: usize, t: usize) -> scan::Shape {
@@ -511,10 +568,12 @@ impl Fused7 {
             let a = &w.layers[li];
             let vfirst = (li > 0).then(|| &w.layers[0].acts[3 * mc..4 * mc]);
             // Channel mixing.
-            lin_dw(&w.dx, &a.h, m, c, f, &mut g[bk.fv]);
+            shift_fwd(&a.xn2, t, &[p[bk.fmix]], &mut w.xk2);
+            dispatch!(relu_sq(&a.hpre, &mut w.hbuf));
+            lin_dw(&w.dx, &w.hbuf, m, c, f, &mut g[bk.fv]);
             lin_dx(&w.dx, p[bk.fv], m, c, f, &mut w.dh, false);
             dispatch!(relu_sq_back(&a.hpre, &mut w.dh));
-            lin_dw(&w.dh, &a.xk2, m, f, c, &mut g[bk.fk]);
+            lin_dw(&w.dh, &w.xk2, m, f, c, &mut g[bk.fk]);
             lin_dx(&w.dh, p[bk.fk], m, f, c, &mut w.dmixed[..mc], false);
             shift_back(
                 &a.xn2,
@@ -582,7 +641,9 @@ impl Fused7 {
             {
                 add(&mut g[ix], &w.dwp[i * c..(i + 1) * c]);
             }
-            let mx = |k: usize| &a.mixed[k * mc..(k + 1) * mc];
+            let mixes = bk.mix.map(|i| p[i]);
+            shift_fwd(&a.xn1, t, &mixes, &mut w.mixed);
+            let mx = |k: usize| &w.mixed[k * mc..(k + 1) * mc];
             let ac = |k: usize| &a.acts[k * mc..(k + 1) * mc];
             let (dr, rest) = w.dacts.split_at_mut(mc);
             let (dw, rest) = rest.split_at_mut(mc);
@@ -640,7 +701,6 @@ impl Fused7 {
             mm_db(mx(5), &w.dlo[..m * rg], m, c, rg, &mut g[bk.g1]);
             mm_dx(&w.dlo[..m * rg], p[bk.g1], m, c, rg, dm5, false);
             // The six token shifts, then ln1.
-            let mixes = bk.mix.map(|i| p[i]);
             shift_back(&a.xn1, t, &mixes, &w.dmixed, &mut w.dxn, &mut w.small);
             for (k, &ix) in bk.mix.iter().enumerate() {
                 add(&mut g[ix], &w.small[k * c..(k + 1) * c]);
@@ -683,8 +743,6 @@ struct Acts {
     hat1: Vec<f32>,
     rstd1: Vec<f32>,
     xn1: Vec<f32>,
-    /// The six token-shifted inputs `[6, M, C]`: r, w, k, v, a, g.
-    mixed: Vec<f32>,
     /// `[6, M, C]`: receptance, decay logits, key, value, in-context rate, gate (the layout of
     /// the WKV ops' `acts`).
     acts: Vec<f32>,
@@ -704,9 +762,7 @@ struct Acts {
     hat2: Vec<f32>,
     rstd2: Vec<f32>,
     xn2: Vec<f32>,
-    xk2: Vec<f32>,
     hpre: Vec<f32>,
-    h: Vec<f32>,
 }
 
 /// Every buffer of one shard's forward and backward pass, allocated once.
@@ -727,6 +783,13 @@ pub struct Work {
     dy: Vec<f32>,
     dvf: Vec<f32>,
     dmixed: Vec<f32>,
+    /// The six token-shifted inputs `[6, M, C]` (r, w, k, v, a, g), the channel mix's shifted
+    /// input and its `relu(·)²`, of the block at hand: the backward pass recomputes them
+    /// (one cheap sweep each) rather than keeping them for every block, which keeps a
+    /// thread's activations in the caches.
+    mixed: Vec<f32>,
+    xk2: Vec<f32>,
+    hbuf: Vec<f32>,
     dacts: Vec<f32>,
     dh: Vec<f32>,
     dlo: Vec<f32>,
@@ -759,11 +822,6 @@ fn two(g: &mut [Vec<f32>], i: usize, j: usize) -> (&mut [f32], &mut [f32]) {
 // Matrix products on the calling thread, transposes expressed as strides.
 
 use crate::kernels::sgemm::gemm;
-
-/// `y [m, n] (+)= x [m, k] · Wᵀ` for a `[n, k]` (`[out, in]`) weight.
-fn lin(x: &[f32], wt: &[f32], m: usize, k: usize, n: usize, y: &mut [f32], acc: bool) {
-    gemm(m, n, k, y, acc, x, (k, 1), wt, (1, k));
-}
 
 /// `dx [m, k] (+)= dy [m, n] · W` for a `[n, k]` weight.
 fn lin_dx(dy: &[f32], wt: &[f32], m: usize, n: usize, k: usize, dx: &mut [f32], acc: bool) {
@@ -1296,9 +1354,21 @@ mod tests {
         let mut work = f.work(bs, t);
         let mut g = f.zero_grads();
         let p: Vec<&[f32]> = vals.iter().map(|v| v.as_slice()).collect();
+        let mut tr = Vec::new();
+        f.transpose(&p, &mut tr);
+        let pt: Vec<&[f32]> = tr.iter().map(|v| v.as_slice()).collect();
         let scale = 1.0 / (bs * t) as f32;
         let sum = f
-            .accumulate(&p, &toks, &tgts, scale, l2wrap as f32, &mut work, &mut g)
+            .accumulate(
+                &p,
+                &pt,
+                &toks,
+                &tgts,
+                scale,
+                l2wrap as f32,
+                &mut work,
+                &mut g,
+            )
             .unwrap();
         let got_loss = sum / (bs * t) as f64;
         assert!(

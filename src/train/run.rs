@@ -338,7 +338,7 @@ struct Trainer {
     rng: Rng,
     adam: AdamConfig,
     /// The hand-written RWKV-7 pass and one work area per shard (RWKV-4 uses the graph).
-    fused: Option<(Fused7, Vec<ShardWork>)>,
+    fused: Option<(Fused7, Vec<ShardWork>, Vec<Vec<f32>>)>,
 }
 
 impl Trainer {
@@ -378,7 +378,7 @@ impl Trainer {
             Fused7::new(&names, &shapes, model.dims.head_size).ok()
         })
         .flatten()
-        .map(|f| (f, Vec::new()));
+        .map(|f| (f, Vec::new(), Vec::new()));
         Trainer {
             rng: Rng::new(cfg.seed ^ 0x5eed_da7a),
             cfg,
@@ -521,9 +521,10 @@ impl Trainer {
                 c.train.copy(s + 1, s + ctx + 1, &mut tgt);
             }
             let (inp, tgt) = (&inp, &tgt);
-            if let Some((f, works)) = &mut self.fused {
-                loss_sum +=
-                    fused_step(f, works, model, &bounds, inp, tgt, ctx, l2wrap, &mut grads)?;
+            if let Some((f, works, tr)) = &mut self.fused {
+                loss_sum += fused_step(
+                    f, works, model, &bounds, inp, tgt, ctx, l2wrap, &mut grads, tr,
+                )?;
                 continue;
             }
             let parts: Vec<Result<(f64, Vec<Vec<f32>>)>> = bounds
@@ -636,6 +637,7 @@ fn fused_step(
     ctx: usize,
     l2wrap: f64,
     grads: &mut Vec<Vec<f32>>,
+    transposed: &mut Vec<Vec<f32>>,
 ) -> Result<f64> {
     works.resize_with(bounds.len(), Default::default);
     let rows = bounds.last().map_or(0, |b| b.1) * ctx;
@@ -654,6 +656,9 @@ fn fused_step(
             )),
         })
         .collect::<Result<Vec<&[f32]>>>()?;
+    let mut tr = std::mem::take(transposed);
+    f.transpose(&params, &mut tr);
+    let pt: Vec<&[f32]> = tr.iter().map(|v| v.as_slice()).collect();
     let mut slots: Vec<_> = works
         .iter_mut()
         .map(|w| w.get_mut().unwrap_or_else(|e| e.into_inner()))
@@ -682,6 +687,7 @@ fn fused_step(
                 let (r0, r1) = (p0 * ctx, p1 * ctx);
                 l += f.accumulate(
                     &params,
+                    &pt,
                     &inp[r0..r1],
                     &tgt[r0..r1],
                     scale,
@@ -697,18 +703,20 @@ fn fused_step(
     for l in losses {
         loss += l?;
     }
-    if grads.is_empty() {
-        *grads = f.zero_grads();
-    }
-    let shard_grads: Vec<&Vec<Vec<f32>>> = slots
+    let mut shard_grads: Vec<&Vec<Vec<f32>>> = slots
         .iter()
         .filter_map(|s| s.as_ref().map(|(_, g)| g))
         .collect();
+    if grads.is_empty() && !shard_grads.is_empty() {
+        *grads = shard_grads.remove(0).clone();
+    }
     grads.par_iter_mut().enumerate().for_each(|(i, sum)| {
         for g in &shard_grads {
             sum.iter_mut().zip(&g[i]).for_each(|(x, y)| *x += y);
         }
     });
+    drop(pt);
+    *transposed = tr;
     Ok(loss)
 }
 
