@@ -28,3 +28,14 @@ run v7-ctx256 --ctx 256 --batch 3
 echo "== throughput: RWKV-7, 6 layers x 256, ctx 256, batch 12 (60 steps)"
 $rwkv train --data $data --threads 2 --out "$out/v7-6x256" --layers 6 --dim 256 --ctx 256 \
   --steps 60 --warmup 10 --eval-every 1000 --save-every 1000 --log-every 10 2>&1 | tail -1
+echo "== throughput: the recipe, 200 steps, hand-written pass and candle graph alternated"
+for i in 1 2 3; do
+  for graph in "" 1; do
+    rm -rf "$out/ab"
+    echo -n "  ${graph:+graph}${graph:-hand-written}: "
+    RWKV_TRAIN_GRAPH=$graph $rwkv train --data $data --steps 200 --val-fraction 0.001 \
+      --eval-every 1000 --save-every 1000 --threads 2 --out "$out/ab" 2>&1 | tail -1
+  done
+done
+echo "== one thread: the pass's matrix products and the whole pass"
+cargo bench --quiet --bench train

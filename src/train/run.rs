@@ -368,17 +368,17 @@ impl Trainer {
             weight_decay: cfg.weight_decay,
         };
         // `RWKV_TRAIN_GRAPH=1` trains through the candle graph instead (to compare the two).
-        let fused = (model.dims.arch != Generation::V4
-            && std::env::var_os("RWKV_TRAIN_GRAPH").is_none())
-        .then(|| {
-            let (names, shapes): (Vec<String>, Vec<Vec<usize>>) = model
-                .vars()
-                .map(|(n, v)| (n.to_string(), v.as_tensor().dims().to_vec()))
-                .unzip();
-            Fused7::new(&names, &shapes, model.dims.head_size).ok()
-        })
-        .flatten()
-        .map(|f| (f, Vec::new(), Vec::new()));
+        let graph = std::env::var("RWKV_TRAIN_GRAPH").is_ok_and(|v| !v.is_empty() && v != "0");
+        let fused = (model.dims.arch != Generation::V4 && !graph)
+            .then(|| {
+                let (names, shapes): (Vec<String>, Vec<Vec<usize>>) = model
+                    .vars()
+                    .map(|(n, v)| (n.to_string(), v.as_tensor().dims().to_vec()))
+                    .unzip();
+                Fused7::new(&names, &shapes, model.dims.head_size).ok()
+            })
+            .flatten()
+            .map(|f| (f, Vec::new(), Vec::new()));
         Trainer {
             rng: Rng::new(cfg.seed ^ 0x5eed_da7a),
             cfg,
@@ -561,14 +561,20 @@ impl Trainer {
             return Ok((loss, f64::NAN, 0.0));
         }
         let inv = 1.0 / self.cfg.accum as f32;
-        let mut sq = 0.0f64;
-        for g in &mut grads {
-            for x in g.iter_mut() {
-                *x *= inv;
-                sq += (*x as f64) * (*x as f64);
-            }
-        }
-        let norm = sq.sqrt();
+        // Each tensor's sum of squares on the pool, added in tensor order (so the norm, and the
+        // clipping, do not depend on how the pool split the work).
+        let sqs: Vec<f64> = grads
+            .par_iter_mut()
+            .map(|g| {
+                let mut sq = 0.0f64;
+                for x in g.iter_mut() {
+                    *x *= inv;
+                    sq += (*x as f64) * (*x as f64);
+                }
+                sq
+            })
+            .collect();
+        let norm = sqs.iter().sum::<f64>().sqrt();
         if !norm.is_finite() {
             return Ok((f64::NAN, norm, 0.0));
         }
