@@ -616,7 +616,8 @@ impl Trainer {
 const PIECE_TOKENS: usize = 192;
 
 /// One shard's work area and gradient buffers, kept from step to step.
-type ShardWork = std::sync::Mutex<Option<(Work, Vec<Vec<f32>>)>>;
+/// (Work areas by shape: a shard that does not divide into whole pieces needs two.)
+type ShardWork = std::sync::Mutex<Option<(Vec<Work>, Vec<Vec<f32>>)>>;
 
 /// Adds one part's gradients into the running sum (which starts empty).
 fn add_grads(sum: &mut Vec<Vec<f32>>, g: Vec<Vec<f32>>) {
@@ -677,19 +678,21 @@ fn fused_step(
         .zip(slots.par_iter_mut())
         .map(|(&(w0, w1), slot)| {
             let per = piece.min(w1 - w0).max(1);
-            if slot.as_ref().map(|(w, _)| w.shape()) != Some((per, ctx)) {
-                **slot = Some((f.work(per, ctx), f.zero_grads()));
-            }
-            let (w, g) = slot.as_mut().expect("just made");
+            let (ws, g) = slot.get_or_insert_with(|| (Vec::new(), f.zero_grads()));
             g.iter_mut().for_each(|v| v.fill(0.0));
-            // The shard's windows go through in pieces of `per` (what the work area was
-            // made for): smaller pieces keep both threads' activations in the caches.
+            // The shard's windows go through in pieces of `per`: smaller pieces keep both
+            // threads' activations in the caches.
             let mut l = 0.0;
             for p0 in (w0..w1).step_by(per) {
                 let p1 = (p0 + per).min(w1);
-                if w.shape() != (p1 - p0, ctx) {
-                    *w = f.work(p1 - p0, ctx);
-                }
+                let shape = (p1 - p0, ctx);
+                let w = match ws.iter().position(|w| w.shape() == shape) {
+                    Some(i) => &mut ws[i],
+                    None => {
+                        ws.push(f.work(shape.0, shape.1));
+                        ws.last_mut().expect("just pushed")
+                    }
+                };
                 let (r0, r1) = (p0 * ctx, p1 * ctx);
                 l += f.accumulate(
                     &params,
