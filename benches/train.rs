@@ -29,12 +29,13 @@ type Product =
 
 fn main() {
     let (rows, c, f, r, v) = (384, 128, 512, 32, 256);
-    // (what, m, n, k, A transposed, B transposed, accumulate), as the training pass calls them.
+    // (what, m, n, k, A transposed, B transposed, accumulate), as the training pass calls them
+    // (the forward pass multiplies by `[in, out]` transposes made once per step).
     let shapes: &[(&str, usize, usize, usize, bool, bool, bool)] = &[
-        ("x·Wᵀ      C→C", rows, c, c, false, true, false),
-        ("x·Wᵀ      C→4C", rows, f, c, false, true, false),
-        ("x·Wᵀ      4C→C", rows, c, f, false, true, true),
-        ("x·Wᵀ      C→V", rows, v, c, false, true, false),
+        ("x·Wᵀ      C→C", rows, c, c, false, false, false),
+        ("x·Wᵀ      C→4C", rows, f, c, false, false, false),
+        ("x·Wᵀ      4C→C", rows, c, f, false, false, true),
+        ("x·Wᵀ      C→V", rows, v, c, false, false, false),
         ("x·A       C→r", rows, r, c, false, false, false),
         ("x·A       r→C", rows, c, r, false, false, true),
         ("dy·W      C→C", rows, c, c, false, false, false),

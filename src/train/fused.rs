@@ -16,7 +16,7 @@
 use super::ops::dispatch;
 use super::scan;
 use crate::error::{Error, Result};
-use crate::kernels::exp;
+use crate::kernels::{exp, sigmoid};
 use rayon::prelude::*;
 use std::collections::HashMap;
 
@@ -267,11 +267,7 @@ impl Fused7 {
             .collect();
         jobs.par_iter_mut().for_each(|(i, o)| {
             let w = p[*i];
-            let k = if *i == self.head {
-                self.c
-            } else {
-                self.in_dim(*i)
-            };
+            let k = self.in_dim(*i);
             let n = w.len() / k;
             o.resize(w.len(), 0.0);
             // In 16 × 16 blocks, so that both sides stay in the L1 cache.
@@ -856,11 +852,6 @@ fn mm_db(x: &[f32], dy: &[f32], m: usize, k: usize, n: usize, db: &mut [f32]) {
 fn tanh(x: f32) -> f32 {
     let e = exp(2.0 * x.clamp(-15.0, 15.0));
     (e - 1.0) / (e + 1.0)
-}
-
-#[inline(always)]
-fn sigmoid(x: f32) -> f32 {
-    1.0 / (1.0 + exp(-x))
 }
 
 /// `x ← tanh(x)`.

@@ -511,7 +511,7 @@ impl Trainer {
             .collect();
         let model = &self.model;
         let l2wrap = self.cfg.l2wrap;
-        for _ in 0..self.cfg.accum {
+        for micro in 0..self.cfg.accum {
             inp.clear();
             tgt.clear();
             for _ in 0..b {
@@ -522,8 +522,10 @@ impl Trainer {
             }
             let (inp, tgt) = (&inp, &tgt);
             if let Some((f, works, tr)) = &mut self.fused {
+                // The weights change once per step: their transposes too.
+                let fresh = micro == 0;
                 loss_sum += fused_step(
-                    f, works, model, &bounds, inp, tgt, ctx, l2wrap, &mut grads, tr,
+                    f, works, model, &bounds, inp, tgt, ctx, l2wrap, &mut grads, tr, fresh,
                 )?;
                 continue;
             }
@@ -632,7 +634,8 @@ fn add_grads(sum: &mut Vec<Vec<f32>>, g: Vec<Vec<f32>>) {
 
 /// One micro-batch through the hand-written pass: each shard of windows runs on its own thread
 /// with its own work area and gradient buffers; returns the mean loss and adds the gradients,
-/// in shard order, into `grads`.
+/// in shard order, into `grads`. With `fresh` (a step's first micro-batch) it first remakes the
+/// weights' transposes in `transposed`.
 #[allow(clippy::too_many_arguments)]
 fn fused_step(
     f: &Fused7,
@@ -645,6 +648,7 @@ fn fused_step(
     l2wrap: f64,
     grads: &mut Vec<Vec<f32>>,
     transposed: &mut Vec<Vec<f32>>,
+    fresh: bool,
 ) -> Result<f64> {
     works.resize_with(bounds.len(), Default::default);
     let rows = bounds.last().map_or(0, |b| b.1) * ctx;
@@ -664,7 +668,9 @@ fn fused_step(
         })
         .collect::<Result<Vec<&[f32]>>>()?;
     let mut tr = std::mem::take(transposed);
-    f.transpose(&params, &mut tr);
+    if fresh {
+        f.transpose(&params, &mut tr);
+    }
     let pt: Vec<&[f32]> = tr.iter().map(|v| v.as_slice()).collect();
     let mut slots: Vec<_> = works
         .iter_mut()

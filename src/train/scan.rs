@@ -15,7 +15,7 @@
 #![allow(clippy::needless_range_loop)]
 
 use super::ops::{dispatch, WKV_CHUNK, W_SCALE};
-use crate::kernels::exp;
+use crate::kernels::{exp, sigmoid};
 
 /// The per-token quantities of every row `[M, C]`, kept from the forward to the backward pass.
 #[derive(Default)]
@@ -232,7 +232,7 @@ fn prepare(
         *b = kk * a;
     }
     for ((s, d), w) in sig.iter_mut().zip(dec.iter_mut()).zip(w) {
-        *s = 1.0 / (1.0 + exp(-w));
+        *s = sigmoid(*w);
         *d = exp(-(W_SCALE as f32) * *s);
     }
 }
