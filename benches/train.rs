@@ -1,7 +1,8 @@
 //! Training benchmark on one thread: the matrix products of one shard of the tiny-Shakespeare
-//! recipe (6 windows of 64 tokens, width 128, LoRA rank 32, vocabulary 256) through both
-//! product kernels, in GFLOP/s, then the whole hand-written RWKV-7 forward and backward pass
-//! of that shard, in milliseconds and tokens per second.
+//! recipe (6 windows of 64 tokens, width 128, LoRA rank 32, vocabulary 256) through the f32
+//! and bfloat16 product kernels and the `gemm` crate, in GFLOP/s, then the whole hand-written
+//! RWKV-7 forward and backward pass of that shard in both precisions, in milliseconds and
+//! tokens per second.
 //!
 //! ```sh
 //! cargo bench --bench train
@@ -10,8 +11,8 @@
 
 use rwkv::checkpoint::Generation;
 use rwkv::init::{init_tensors, InitSpec, Rng};
-use rwkv::kernels::sgemm::{gemm, gemm_crate};
-use rwkv::train::fused::Fused7;
+use rwkv::kernels::sgemm::{gemm, gemm_bf16, gemm_crate, has_bf16};
+use rwkv::train::fused::{Fused7, Prepared};
 use std::time::Instant;
 
 fn rnd(n: usize, seed: u64) -> Vec<f32> {
@@ -49,7 +50,9 @@ fn main() {
     // `TRAIN_BENCH=pass` runs only the whole pass (to profile it).
     let only_pass = std::env::var("TRAIN_BENCH").is_ok_and(|v| v == "pass");
     if !only_pass {
-        println!("product (m×n×k)                 sgemm GFLOP/s   gemm crate GFLOP/s");
+        println!(
+            "product (m×n×k)                 sgemm GFLOP/s   bf16 GFLOP/s   gemm crate GFLOP/s"
+        );
     }
     for &(what, m, n, k, ta, tb, acc) in shapes.iter().filter(|_| !only_pass) {
         let a = rnd(m * k, 1);
@@ -59,8 +62,9 @@ fn main() {
         let sb = if tb { (1, k) } else { (n, 1) };
         let flop = 2.0 * (m * n * k) as f64;
         let reps = (2e8 / flop).ceil() as usize;
-        let mut res = [0f64; 2];
-        for (g, prod) in res.iter_mut().zip([gemm as Product, gemm_crate as Product]) {
+        let mut res = [0f64; 3];
+        let prods = [gemm as Product, gemm_bf16 as Product, gemm_crate as Product];
+        for (g, prod) in res.iter_mut().zip(prods) {
             let mut ts = Vec::new();
             for _ in 0..7 {
                 let t = Instant::now();
@@ -72,8 +76,8 @@ fn main() {
             *g = flop / median(ts) / 1e9;
         }
         println!(
-            "{what:<15} {m:>4}×{n:>3}×{k:>3} {:>14.1} {:>20.1}",
-            res[0], res[1]
+            "{what:<15} {m:>4}×{n:>3}×{k:>3} {:>14.1} {:>14.1} {:>20.1}",
+            res[0], res[1], res[2]
         );
         std::hint::black_box(&out);
     }
@@ -102,27 +106,34 @@ fn main() {
         })
         .collect();
     let p: Vec<&[f32]> = vals.iter().map(|v| v.as_slice()).collect();
-    let fu = Fused7::new(&names, &shapes, 32).unwrap();
-    let mut tr = Vec::new();
-    fu.transpose(&p, &mut tr);
-    let pt: Vec<&[f32]> = tr.iter().map(|v| v.as_slice()).collect();
     let (bs, t) = (6, 64);
-    let mut work = fu.work(bs, t);
-    let mut g = fu.zero_grads();
     let mut rng = Rng::new(5);
     let toks: Vec<u32> = (0..bs * t).map(|_| (rng.next_u64() % 256) as u32).collect();
     let tgts: Vec<u32> = (0..bs * t).map(|_| (rng.next_u64() % 256) as u32).collect();
-    let mut times = Vec::new();
-    for _ in 0..if only_pass { 300 } else { 30 } {
-        let s = Instant::now();
-        fu.accumulate(&p, &pt, &toks, &tgts, 1.0 / 768.0, 1e-4, &mut work, &mut g)
-            .unwrap();
-        times.push(s.elapsed().as_secs_f64());
+    for bf16 in [false, true] {
+        if bf16 && !has_bf16() {
+            println!("(no bfloat16 products on this CPU)");
+            continue;
+        }
+        let mut fu = Fused7::new(&names, &shapes, 32).unwrap();
+        fu.set_bf16(bf16);
+        let mut pr = Prepared::default();
+        fu.prepare(&p, &mut pr);
+        let mut work = fu.work(bs, t);
+        let mut g = fu.zero_grads();
+        let mut times = Vec::new();
+        for _ in 0..if only_pass { 300 } else { 30 } {
+            let s = Instant::now();
+            fu.accumulate(&p, &pr, &toks, &tgts, 1.0 / 768.0, 1e-4, &mut work, &mut g)
+                .unwrap();
+            times.push(s.elapsed().as_secs_f64());
+        }
+        let ms = median(times) * 1e3;
+        println!(
+            "forward + backward ({}), 4 layers × 128, {bs} windows × {t} tokens, one thread: \
+             {ms:.2} ms ({:.0} tokens/s)",
+            if bf16 { "bf16 products" } else { "f32" },
+            (bs * t) as f64 / ms * 1e3
+        );
     }
-    let ms = median(times) * 1e3;
-    println!(
-        "forward + backward, 4 layers × 128, {bs} windows × {t} tokens, one thread: {ms:.2} ms \
-         ({:.0} tokens/s)",
-        (bs * t) as f64 / ms * 1e3
-    );
 }

@@ -1,7 +1,7 @@
 //! `rwkv train`: the training loop, checkpoints, resumption, metrics and the loss plot.
 
 use super::data::{self, Tokens};
-use super::fused::{Fused7, Work};
+use super::fused::{Fused7, Prepared, Work};
 use super::model::{Ce, Dims, TrainModel};
 use super::optim::{lr_at, AdamConfig, Slot};
 use crate::checkpoint::{write_safetensors, Checkpoint, Generation, OutTensor};
@@ -68,6 +68,9 @@ pub struct TrainConfig {
     pub log_every: u64,
     /// Also write `model.pth` with every checkpoint.
     pub pth: bool,
+    /// `bf16`: the matrix products of RWKV-7 training take bfloat16 inputs and sum in f32
+    /// (on CPUs with AVX512-BF16; f32 elsewhere); `f32`: everything in f32.
+    pub precision: String,
 }
 
 impl Default for TrainConfig {
@@ -97,6 +100,7 @@ impl Default for TrainConfig {
             eval_every: 500,
             log_every: 10,
             pth: false,
+            precision: "bf16".into(),
         }
     }
 }
@@ -150,6 +154,12 @@ impl TrainConfig {
         }
         if self.arch == "v7" && self.head_size > 256 {
             return Err(Error::bad("--head-size above 256 is not supported"));
+        }
+        if self.precision != "bf16" && self.precision != "f32" {
+            return Err(Error::bad(format!(
+                "--precision {}: use bf16 or f32",
+                self.precision
+            )));
         }
         if !(self.lr > 0.0 && self.lr.is_finite()) {
             return Err(Error::bad("--lr must be a positive number"));
@@ -338,7 +348,7 @@ struct Trainer {
     rng: Rng,
     adam: AdamConfig,
     /// The hand-written RWKV-7 pass and one work area per shard (RWKV-4 uses the graph).
-    fused: Option<(Fused7, Vec<ShardWork>, Vec<Vec<f32>>)>,
+    fused: Option<(Fused7, Vec<ShardWork>, Prepared)>,
 }
 
 impl Trainer {
@@ -378,7 +388,11 @@ impl Trainer {
                 Fused7::new(&names, &shapes, model.dims.head_size).ok()
             })
             .flatten()
-            .map(|f| (f, Vec::new(), Vec::new()));
+            .map(|mut f| {
+                f.set_bf16(cfg.precision == "bf16" && crate::kernels::sgemm::has_bf16());
+                f
+            })
+            .map(|f| (f, Vec::new(), Prepared::default()));
         Trainer {
             rng: Rng::new(cfg.seed ^ 0x5eed_da7a),
             cfg,
@@ -494,6 +508,16 @@ impl Trainer {
         Ok(t)
     }
 
+    /// How the products run, for the log.
+    fn precision(&self) -> &'static str {
+        match &self.fused {
+            Some((f, ..)) if f.bf16() => "bf16 products",
+            Some(_) if self.cfg.precision == "bf16" => "f32 products (no AVX512-BF16 here)",
+            Some(_) => "f32",
+            None => "f32 (candle graph)",
+        }
+    }
+
     /// One optimizer step over `accum` random micro-batches; returns (loss, grad norm, lr).
     fn step(&mut self, c: &Corpus) -> Result<(f64, f64, f64)> {
         let (ctx, b) = (self.cfg.ctx, self.cfg.batch);
@@ -524,9 +548,7 @@ impl Trainer {
             if let Some((f, works, tr)) = &mut self.fused {
                 // The weights change once per step: their transposes too.
                 let fresh = micro == 0;
-                loss_sum += fused_step(
-                    f, works, model, &bounds, inp, tgt, ctx, l2wrap, &mut grads, tr, fresh,
-                )?;
+                loss_sum += fused_step(f, works, model, &bounds, inp, tgt, ctx, l2wrap, tr, fresh)?;
                 continue;
             }
             let parts: Vec<Result<(f64, Vec<Vec<f32>>)>> = bounds
@@ -558,9 +580,27 @@ impl Trainer {
                 add_grads(&mut grads, g);
             }
         }
+        if let Some((_, works, _)) = &mut self.fused {
+            grads = shard_grads(works);
+        }
+        let out = self.update(grads, loss_sum);
+        if let Some((_, works, _)) = &mut self.fused {
+            restore_grads(works, out.1);
+        }
+        out.0
+    }
+
+    /// The optimizer's half of [`Trainer::step`]: clips the summed gradients (over `accum`
+    /// micro-batches) and updates every parameter in place; hands the gradient buffers back.
+    #[allow(clippy::type_complexity)]
+    fn update(
+        &mut self,
+        mut grads: Vec<Vec<f32>>,
+        loss_sum: f64,
+    ) -> (Result<(f64, f64, f64)>, Vec<Vec<f32>>) {
         let loss = loss_sum / self.cfg.accum as f64;
         if !loss.is_finite() {
-            return Ok((loss, f64::NAN, 0.0));
+            return (Ok((loss, f64::NAN, 0.0)), grads);
         }
         let inv = 1.0 / self.cfg.accum as f32;
         // Each tensor's sum of squares on the pool, added in tensor order (so the norm, and the
@@ -578,7 +618,7 @@ impl Trainer {
             .collect();
         let norm = sqs.iter().sum::<f64>().sqrt();
         if !norm.is_finite() {
-            return Ok((f64::NAN, norm, 0.0));
+            return (Ok((f64::NAN, norm, 0.0)), grads);
         }
         let clip = if norm > self.cfg.grad_clip {
             (self.cfg.grad_clip / (norm + 1e-6)) as f32
@@ -595,22 +635,65 @@ impl Trainer {
         self.step += 1;
         let vars: Vec<_> = self.model.vars().map(|(_, v)| v.clone()).collect();
         let (step, adam) = (self.step, &self.adam);
-        // Each parameter's update is independent: they run side by side on the pool.
-        vars.par_iter()
+        // Each parameter's update is independent: they run side by side on the pool, each in
+        // place in the parameter's own storage.
+        let done = vars
+            .par_iter()
             .zip(self.slots.par_iter_mut())
             .zip(grads.par_iter_mut())
             .map(|((var, slot), g)| -> Result<()> {
                 if clip != 1.0 {
                     g.iter_mut().for_each(|x| *x *= clip);
                 }
-                let t = var.as_tensor();
-                let mut p = values(t)?;
-                slot.update(&mut p, g, lr, step, adam);
-                var.set(&Tensor::from_vec(p, t.shape(), t.device()).ce()?)
-                    .ce()
+                let op = AdamStep {
+                    slot: std::sync::Mutex::new(slot),
+                    g,
+                    lr,
+                    step,
+                    adam,
+                };
+                var.as_tensor().inplace_op1(&op).ce()
             })
-            .collect::<Result<Vec<()>>>()?;
-        Ok((loss, norm, lr))
+            .collect::<Result<Vec<()>>>();
+        (done.map(|_| (loss, norm, lr)), grads)
+    }
+}
+
+/// One parameter's AdamW update, applied to its tensor's storage in place.
+struct AdamStep<'a> {
+    slot: std::sync::Mutex<&'a mut Slot>,
+    g: &'a [f32],
+    lr: f64,
+    step: u64,
+    adam: &'a AdamConfig,
+}
+
+impl candle_core::InplaceOp1 for AdamStep<'_> {
+    fn name(&self) -> &'static str {
+        "adamw"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &mut candle_core::CpuStorage,
+        layout: &candle_core::Layout,
+    ) -> candle_core::Result<()> {
+        let (candle_core::CpuStorage::F32(v), Some((a, b))) =
+            (storage, layout.contiguous_offsets())
+        else {
+            candle_core::bail!("training parameters must be contiguous f32");
+        };
+        let p = &mut v[a..b];
+        if p.len() != self.g.len() {
+            candle_core::bail!(
+                "gradient of {} values for {} parameters",
+                self.g.len(),
+                p.len()
+            );
+        }
+        let mut slot = self.slot.lock().unwrap_or_else(|e| e.into_inner());
+        slot.update(p, self.g, self.lr, self.step, self.adam);
+        Ok(())
     }
 }
 
@@ -646,8 +729,7 @@ fn fused_step(
     tgt: &[u32],
     ctx: usize,
     l2wrap: f64,
-    grads: &mut Vec<Vec<f32>>,
-    transposed: &mut Vec<Vec<f32>>,
+    prepared: &mut Prepared,
     fresh: bool,
 ) -> Result<f64> {
     works.resize_with(bounds.len(), Default::default);
@@ -667,11 +749,10 @@ fn fused_step(
             )),
         })
         .collect::<Result<Vec<&[f32]>>>()?;
-    let mut tr = std::mem::take(transposed);
     if fresh {
-        f.transpose(&params, &mut tr);
+        f.prepare(&params, prepared);
     }
-    let pt: Vec<&[f32]> = tr.iter().map(|v| v.as_slice()).collect();
+    let pr = &*prepared;
     let mut slots: Vec<_> = works
         .iter_mut()
         .map(|w| w.get_mut().unwrap_or_else(|e| e.into_inner()))
@@ -685,7 +766,10 @@ fn fused_step(
         .map(|(&(w0, w1), slot)| {
             let per = piece.min(w1 - w0).max(1);
             let (ws, g) = slot.get_or_insert_with(|| (Vec::new(), f.zero_grads()));
-            g.iter_mut().for_each(|v| v.fill(0.0));
+            // The shard's gradients add up over a step's micro-batches.
+            if fresh {
+                g.iter_mut().for_each(|v| v.fill(0.0));
+            }
             // The shard's windows go through in pieces of `per`: smaller pieces keep both
             // threads' activations in the caches.
             let mut l = 0.0;
@@ -702,7 +786,7 @@ fn fused_step(
                 let (r0, r1) = (p0 * ctx, p1 * ctx);
                 l += f.accumulate(
                     &params,
-                    &pt,
+                    pr,
                     &inp[r0..r1],
                     &tgt[r0..r1],
                     scale,
@@ -718,21 +802,37 @@ fn fused_step(
     for l in losses {
         loss += l?;
     }
-    let mut shard_grads: Vec<&Vec<Vec<f32>>> = slots
-        .iter()
-        .filter_map(|s| s.as_ref().map(|(_, g)| g))
+    Ok(loss)
+}
+
+/// The step's gradients from the shards of the hand-written pass: the first shard's buffers
+/// (moved out; [`restore_grads`] puts them back) with the others added, in shard order.
+fn shard_grads(works: &mut [ShardWork]) -> Vec<Vec<f32>> {
+    let mut slots: Vec<_> = works
+        .iter_mut()
+        .filter_map(|w| w.get_mut().unwrap_or_else(|e| e.into_inner()).as_mut())
         .collect();
-    if grads.is_empty() && !shard_grads.is_empty() {
-        *grads = shard_grads.remove(0).clone();
-    }
-    grads.par_iter_mut().enumerate().for_each(|(i, sum)| {
-        for g in &shard_grads {
-            sum.iter_mut().zip(&g[i]).for_each(|(x, y)| *x += y);
+    let Some(first) = slots.first_mut() else {
+        return Vec::new();
+    };
+    let mut sum = std::mem::take(&mut first.1);
+    let rest: Vec<&Vec<Vec<f32>>> = slots[1..].iter().map(|s| &s.1).collect();
+    sum.par_iter_mut().enumerate().for_each(|(i, acc)| {
+        for g in &rest {
+            acc.iter_mut().zip(&g[i]).for_each(|(x, y)| *x += y);
         }
     });
-    drop(pt);
-    *transposed = tr;
-    Ok(loss)
+    sum
+}
+
+/// Gives the first shard its gradient buffers back (see [`shard_grads`]).
+fn restore_grads(works: &mut [ShardWork], grads: Vec<Vec<f32>>) {
+    if let Some(Some(first)) = works
+        .first_mut()
+        .map(|w| w.get_mut().unwrap_or_else(|e| e.into_inner()))
+    {
+        first.1 = grads;
+    }
 }
 
 /// Keeps freed memory in the allocator instead of returning it to the system: every op of every
@@ -887,14 +987,15 @@ pub fn train(cfg: TrainConfig, resume: bool, stop_at: Option<u64>) -> Result<Sum
     let (mut win_loss, mut win_n) = (0.0, 0u64);
     let mut last_val = f64::NAN;
     eprintln!(
-        "training {} · {} layers × {} · ctx {} · batch {} · {} steps · {} training tokens",
+        "training {} · {} layers × {} · ctx {} · batch {} · {} steps · {} training tokens · {}",
         cfg.arch,
         cfg.layers,
         cfg.dim,
         cfg.ctx,
         cfg.batch,
         cfg.steps,
-        corpus.train_range.1 - corpus.train_range.0
+        corpus.train_range.1 - corpus.train_range.0,
+        t.precision()
     );
     while t.step < cfg.steps {
         let t0 = Instant::now();
