@@ -119,13 +119,31 @@ fn main() {
         fu.set_bf16(bf16);
         let mut pr = Prepared::default();
         fu.prepare(&p, &mut pr);
-        let mut work = fu.work(bs, t);
+        // In pieces of `TRAIN_BENCH_PIECE` windows (as the trainer runs a shard; default 3).
+        let per: usize = std::env::var("TRAIN_BENCH_PIECE")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .filter(|&p| p > 0 && bs % p == 0)
+            .unwrap_or(3);
+        let mut work = fu.work(per, t);
         let mut g = fu.zero_grads();
         let mut times = Vec::new();
         for _ in 0..if only_pass { 300 } else { 30 } {
             let s = Instant::now();
-            fu.accumulate(&p, &pr, &toks, &tgts, 1.0 / 768.0, 1e-4, &mut work, &mut g)
+            for w0 in (0..bs).step_by(per) {
+                let r = w0 * t..(w0 + per) * t;
+                fu.accumulate(
+                    &p,
+                    &pr,
+                    &toks[r.clone()],
+                    &tgts[r],
+                    1.0 / 768.0,
+                    1e-4,
+                    &mut work,
+                    &mut g,
+                )
                 .unwrap();
+            }
             times.push(s.elapsed().as_secs_f64());
         }
         let ms = median(times) * 1e3;

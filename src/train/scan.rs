@@ -525,6 +525,19 @@ mod avx512 {
     use super::{Ins, Io, Outs, Prep, WKV_CHUNK};
     use std::arch::x86_64::*;
 
+    /// Asks for the `16·Z` values of `x` from `o` on to be brought into the L1 cache: the scan
+    /// walks the rows of a dozen `[M, C]` planes one token at a time, a pattern the hardware
+    /// prefetchers do not follow (backwards, and through the L3 cache: a piece's planes do
+    /// not fit the L2), and the loop over a head's state rows leaves the next token's loads no
+    /// room to start early.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn fetch<const Z: usize>(x: &[f32], o: usize) {
+        for z in 0..Z {
+            _mm_prefetch::<_MM_HINT_T0>(x.as_ptr().wrapping_add(o + 16 * z).cast());
+        }
+    }
+
     /// The forward scan of one head of size `16·Z`.
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn fwd<const Z: usize>(
@@ -553,6 +566,12 @@ mod avx512 {
                 std::ptr::copy_nonoverlapping(s, ck.as_mut_ptr().add(q * nn), nn);
             }
             let o = io.at(ti);
+            if ti + 1 < io.t {
+                let o1 = io.at(ti + 1);
+                for q in [x.r, x.v, x.kk, x.b, x.kmod, x.dec, &*sa, &*y] {
+                    fetch::<Z>(q, o1);
+                }
+            }
             let kk = ld(x.kk, o);
             let (b, km, dec, rr) = (ld(x.b, o), ld(x.kmod, o), ld(x.dec, o), ld(x.r, o));
             for i in 0..n {
@@ -630,6 +649,11 @@ mod avx512 {
             for ti in t0..t1 {
                 let li = ti - t0;
                 let o = io.at(ti);
+                if ti + 1 < t1 {
+                    for x in [v, &p.sa, &p.b, &p.kmod, &p.dec] {
+                        fetch::<Z>(x, io.at(ti + 1));
+                    }
+                }
                 let (prev, next) = (states.add(li * nn), states.add((li + 1) * nn));
                 let (b, km, dec) = (ld(&p.b, o), ld(&p.kmod, o), ld(&p.dec, o));
                 for i in 0..n {
@@ -649,6 +673,16 @@ mod avx512 {
             for ti in (t0..t1).rev() {
                 let li = ti - t0;
                 let o = io.at(ti);
+                // The previous token's rows (the next chunk's last, at a chunk's start).
+                if ti > 0 {
+                    let o1 = io.at(ti - 1);
+                    for x in [r, v, gy, &p.sa, &p.kk, &p.b, &p.kmod, &p.dec] {
+                        fetch::<Z>(x, o1);
+                    }
+                    for x in [&*out.dr, &*out.dkmod, &*out.ddec, &*out.db, &*out.dkk] {
+                        fetch::<Z>(x, o1);
+                    }
+                }
                 let (sprev, scur) = (states.add(li * nn), states.add((li + 1) * nn));
                 let (rr, kk, b, km, dec) = (
                     ld(r, o),
