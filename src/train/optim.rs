@@ -48,9 +48,18 @@ impl Slot {
         (lr_mult, decay)
     }
 
-    /// One AdamW update of `p` with gradient `g` (already scaled for clipping) at step `t`
-    /// (1-based), as `torch.optim.AdamW`.
-    pub fn update(&mut self, p: &mut [f32], g: &[f32], lr: f64, t: u64, c: &AdamConfig) {
+    /// One AdamW update of `p` with gradient `g · gscale` (`gscale`: the clipping factor) at
+    /// step `t` (1-based), as `torch.optim.AdamW`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn update(
+        &mut self,
+        p: &mut [f32],
+        g: &[f32],
+        gscale: f32,
+        lr: f64,
+        t: u64,
+        c: &AdamConfig,
+    ) {
         let (mult, decay) = self.group();
         let lr = lr * mult;
         let bc1 = 1.0 - c.beta1.powi(t as i32);
@@ -59,16 +68,24 @@ impl Slot {
             1.0 - lr * c.weight_decay
         } else {
             1.0
-        };
+        } as f32;
         let (b1, b2) = (c.beta1 as f32, c.beta2 as f32);
         let step = (lr / bc1) as f32;
         let bc2s = bc2.sqrt() as f32;
         let eps = c.eps as f32;
-        for i in 0..p.len() {
-            let gi = g[i];
-            self.m[i] = b1 * self.m[i] + (1.0 - b1) * gi;
-            self.v[i] = b2 * self.v[i] + (1.0 - b2) * gi * gi;
-            p[i] = p[i] * wd as f32 - step * self.m[i] / (self.v[i].sqrt() / bc2s + eps);
+        // Zipped slices (no index checks), so that the loop compiles to vector code.
+        let n = p.len();
+        assert!(g.len() == n && self.m.len() == n && self.v.len() == n);
+        for (((pi, &gi), mi), vi) in p
+            .iter_mut()
+            .zip(g)
+            .zip(self.m.iter_mut())
+            .zip(self.v.iter_mut())
+        {
+            let gi = gi * gscale;
+            *mi = b1 * *mi + (1.0 - b1) * gi;
+            *vi = b2 * *vi + (1.0 - b2) * gi * gi;
+            *pi = *pi * wd - step * *mi / (vi.sqrt() / bc2s + eps);
         }
     }
 }

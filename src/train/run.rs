@@ -580,42 +580,36 @@ impl Trainer {
                 add_grads(&mut grads, g);
             }
         }
-        if let Some((_, works, _)) = &mut self.fused {
-            grads = shard_grads(works);
-        }
-        let out = self.update(grads, loss_sum);
+        let inv = 1.0 / self.cfg.accum as f32;
+        let sqs = match &mut self.fused {
+            Some((_, works, _)) => {
+                let (g, sqs) = shard_grads(works, inv);
+                grads = g;
+                sqs
+            }
+            None => reduce_grads(&mut grads, &[], inv),
+        };
+        let out = self.update(grads, &sqs, loss_sum);
         if let Some((_, works, _)) = &mut self.fused {
             restore_grads(works, out.1);
         }
         out.0
     }
 
-    /// The optimizer's half of [`Trainer::step`]: clips the summed gradients (over `accum`
-    /// micro-batches) and updates every parameter in place; hands the gradient buffers back.
+    /// The optimizer's half of [`Trainer::step`]: from the summed gradients (scaled by
+    /// `1/accum`) and their squares per tensor `sqs`, clips and updates every parameter in
+    /// place; hands the gradient buffers back.
     #[allow(clippy::type_complexity)]
     fn update(
         &mut self,
-        mut grads: Vec<Vec<f32>>,
+        grads: Vec<Vec<f32>>,
+        sqs: &[f64],
         loss_sum: f64,
     ) -> (Result<(f64, f64, f64)>, Vec<Vec<f32>>) {
         let loss = loss_sum / self.cfg.accum as f64;
         if !loss.is_finite() {
             return (Ok((loss, f64::NAN, 0.0)), grads);
         }
-        let inv = 1.0 / self.cfg.accum as f32;
-        // Each tensor's sum of squares on the pool, added in tensor order (so the norm, and the
-        // clipping, do not depend on how the pool split the work).
-        let sqs: Vec<f64> = grads
-            .par_iter_mut()
-            .map(|g| {
-                let mut sq = 0.0f64;
-                for x in g.iter_mut() {
-                    *x *= inv;
-                    sq += (*x as f64) * (*x as f64);
-                }
-                sq
-            })
-            .collect();
         let norm = sqs.iter().sum::<f64>().sqrt();
         if !norm.is_finite() {
             return (Ok((f64::NAN, norm, 0.0)), grads);
@@ -640,14 +634,12 @@ impl Trainer {
         let done = vars
             .par_iter()
             .zip(self.slots.par_iter_mut())
-            .zip(grads.par_iter_mut())
+            .zip(grads.par_iter())
             .map(|((var, slot), g)| -> Result<()> {
-                if clip != 1.0 {
-                    g.iter_mut().for_each(|x| *x *= clip);
-                }
                 let op = AdamStep {
                     slot: std::sync::Mutex::new(slot),
                     g,
+                    clip,
                     lr,
                     step,
                     adam,
@@ -663,6 +655,8 @@ impl Trainer {
 struct AdamStep<'a> {
     slot: std::sync::Mutex<&'a mut Slot>,
     g: &'a [f32],
+    /// The clipping factor of the gradient.
+    clip: f32,
     lr: f64,
     step: u64,
     adam: &'a AdamConfig,
@@ -692,7 +686,7 @@ impl candle_core::InplaceOp1 for AdamStep<'_> {
             );
         }
         let mut slot = self.slot.lock().unwrap_or_else(|e| e.into_inner());
-        slot.update(p, self.g, self.lr, self.step, self.adam);
+        slot.update(p, self.g, self.clip, self.lr, self.step, self.adam);
         Ok(())
     }
 }
@@ -807,22 +801,39 @@ fn fused_step(
 
 /// The step's gradients from the shards of the hand-written pass: the first shard's buffers
 /// (moved out; [`restore_grads`] puts them back) with the others added, in shard order.
-fn shard_grads(works: &mut [ShardWork]) -> Vec<Vec<f32>> {
+fn shard_grads(works: &mut [ShardWork], inv: f32) -> (Vec<Vec<f32>>, Vec<f64>) {
     let mut slots: Vec<_> = works
         .iter_mut()
         .filter_map(|w| w.get_mut().unwrap_or_else(|e| e.into_inner()).as_mut())
         .collect();
     let Some(first) = slots.first_mut() else {
-        return Vec::new();
+        return (Vec::new(), Vec::new());
     };
     let mut sum = std::mem::take(&mut first.1);
     let rest: Vec<&Vec<Vec<f32>>> = slots[1..].iter().map(|s| &s.1).collect();
-    sum.par_iter_mut().enumerate().for_each(|(i, acc)| {
-        for g in &rest {
-            acc.iter_mut().zip(&g[i]).for_each(|(x, y)| *x += y);
-        }
-    });
-    sum
+    let sqs = reduce_grads(&mut sum, &rest, inv);
+    (sum, sqs)
+}
+
+/// Adds the other shards' gradients (`rest`, in order) into `sum`, scales it by `inv` and
+/// returns each tensor's sum of squares, in one sweep on the pool. The squares are added in
+/// tensor order by the caller, so the norm (and the clipping) do not depend on how the pool
+/// split the work.
+fn reduce_grads(sum: &mut [Vec<f32>], rest: &[&Vec<Vec<f32>>], inv: f32) -> Vec<f64> {
+    sum.par_iter_mut()
+        .enumerate()
+        .map(|(i, acc)| {
+            for g in rest {
+                acc.iter_mut().zip(&g[i]).for_each(|(x, y)| *x += y);
+            }
+            let mut sq = 0.0f64;
+            for x in acc.iter_mut() {
+                *x *= inv;
+                sq += (*x as f64) * (*x as f64);
+            }
+            sq
+        })
+        .collect()
 }
 
 /// Gives the first shard its gradient buffers back (see [`shard_grads`]).
