@@ -1125,8 +1125,8 @@ fn layer_norm(x: &[f32], w: &[f32], b: &[f32], out: &mut [f32], hat: &mut [f32],
             .zip(hat.chunks_exact_mut(c))
             .enumerate()
         {
-            let mu = xr.iter().sum::<f32>() * inv;
-            let var = xr.iter().map(|&v| (v - mu) * (v - mu)).sum::<f32>() * inv;
+            let mu = sum(xr) * inv;
+            let var = sq_dev(xr, mu) * inv;
             let rs = 1.0 / (var + LN_EPS).sqrt();
             rstd[r] = rs;
             for j in 0..c {
@@ -1171,11 +1171,27 @@ fn layer_norm_back(
             .zip(dx.chunks_exact_mut(c))
             .enumerate()
         {
-            let (mut s1, mut s2) = (0f32, 0f32);
-            for j in 0..c {
+            // Sixteen partial sums each (one running sum does not vectorise).
+            let (mut a1, mut a2) = ([0f32; 16], [0f32; 16]);
+            let full = c / 16 * 16;
+            for ((g, h), wc) in gr[..full]
+                .chunks_exact(16)
+                .zip(hr[..full].chunks_exact(16))
+                .zip(w[..full].chunks_exact(16))
+            {
+                for l in 0..16 {
+                    let dn = g[l] * wc[l];
+                    a1[l] += dn;
+                    a2[l] += dn * h[l];
+                }
+            }
+            let (mut s1, mut s2) = (a1.iter().sum::<f32>(), a2.iter().sum::<f32>());
+            for j in full..c {
                 let dn = gr[j] * w[j];
                 s1 += dn;
                 s2 += dn * hr[j];
+            }
+            for j in 0..c {
                 dw[j] += gr[j] * hr[j];
                 db[j] += gr[j];
             }
@@ -1198,6 +1214,20 @@ fn sum(x: &[f32]) -> f32 {
     for c in ch {
         for l in 0..16 {
             acc[l] += c[l];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+/// `Σ (x - mu)²` with sixteen partial sums.
+#[inline(always)]
+fn sq_dev(x: &[f32], mu: f32) -> f32 {
+    let mut acc = [0f32; 16];
+    let ch = x.chunks_exact(16);
+    let tail: f32 = ch.remainder().iter().map(|&v| (v - mu) * (v - mu)).sum();
+    for c in ch {
+        for l in 0..16 {
+            acc[l] += (c[l] - mu) * (c[l] - mu);
         }
     }
     acc.iter().sum::<f32>() + tail
@@ -1424,19 +1454,25 @@ fn shift_back(
 fn cross_entropy(logits: &mut [f32], targets: &[u32], v: usize, scale: f32, l2: f32) -> f64 {
     let mut total = 0f64;
     for (row, &tg) in logits.chunks_exact_mut(v).zip(targets) {
-        let (mut mx, mut arg) = (row[0], 0);
-        for (i, &z) in row.iter().enumerate() {
-            if z > mx {
-                mx = z;
-                arg = i;
+        // The largest logit with sixteen running maxima (vectorised), then its first place.
+        let mut m16 = [f32::NEG_INFINITY; 16];
+        let ch = row.chunks_exact(16);
+        let mut mx = ch
+            .remainder()
+            .iter()
+            .fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+        for c in ch {
+            for l in 0..16 {
+                m16[l] = m16[l].max(c[l]);
             }
         }
+        mx = m16.iter().fold(mx, |a, &b| a.max(b));
+        let arg = row.iter().position(|&z| z == mx).unwrap_or(0);
         let target = row[tg as usize];
-        let mut s = 0f32;
         for z in row.iter_mut() {
             *z = exp(*z - mx);
-            s += *z;
         }
+        let s = sum(row);
         total += (s.ln() + mx - target) as f64;
         let k = scale / s;
         row.iter_mut().for_each(|z| *z *= k);
