@@ -73,20 +73,37 @@ impl Slot {
         let step = (lr / bc1) as f32;
         let bc2s = bc2.sqrt() as f32;
         let eps = c.eps as f32;
-        // Zipped slices (no index checks), so that the loop compiles to vector code.
+        // Zipped slices (no index checks), so that the loop compiles to vector code (AVX2
+        // where present).
         let n = p.len();
         assert!(g.len() == n && self.m.len() == n && self.v.len() == n);
-        for (((pi, &gi), mi), vi) in p
-            .iter_mut()
-            .zip(g)
-            .zip(self.m.iter_mut())
-            .zip(self.v.iter_mut())
-        {
-            let gi = gi * gscale;
-            *mi = b1 * *mi + (1.0 - b1) * gi;
-            *vi = b2 * *vi + (1.0 - b2) * gi * gi;
-            *pi = *pi * wd - step * *mi / (vi.sqrt() / bc2s + eps);
+        #[allow(clippy::too_many_arguments)]
+        #[inline(always)]
+        fn body(
+            p: &mut [f32],
+            g: &[f32],
+            m: &mut [f32],
+            v: &mut [f32],
+            gscale: f32,
+            (b1, b2): (f32, f32),
+            (wd, step, bc2s, eps): (f32, f32, f32, f32),
+        ) {
+            for (((pi, &gi), mi), vi) in p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
+                let gi = gi * gscale;
+                *mi = b1 * *mi + (1.0 - b1) * gi;
+                *vi = b2 * *vi + (1.0 - b2) * gi * gi;
+                *pi = *pi * wd - step * *mi / (vi.sqrt() / bc2s + eps);
+            }
         }
+        super::ops::dispatch!(body(
+            p,
+            g,
+            &mut self.m,
+            &mut self.v,
+            gscale,
+            (b1, b2),
+            (wd, step, bc2s, eps)
+        ));
     }
 }
 
