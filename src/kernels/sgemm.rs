@@ -242,7 +242,8 @@ impl PackedB {
     }
 }
 
-/// `c [m, n] (+)= A·B` as [`gemm_bf16`], with `B` packed beforehand.
+/// `c [m, n] (+)= A·B` as [`gemm_bf16`], with `B` packed beforehand; then, with `then`, applies
+/// it to every few finished rows of `c` while they are in the L1 cache (an activation).
 ///
 /// # Panics
 /// If `A` reaches outside `a` or `c` holds fewer than `m·n` values.
@@ -253,10 +254,14 @@ pub fn gemm_bf16_packed(
     a: &[f32],
     (ars, acs): (usize, usize),
     b: &PackedB,
+    then: Option<fn(&mut [f32])>,
 ) {
     let (k, n) = (b.k, b.n);
     // `trivial` checks A and C (B was checked when packed: a one-value stand-in passes).
     if trivial(m, n, k, c, acc, a, (ars, acs), &[0.0], (0, 0)) {
+        if let Some(f) = then {
+            f(&mut c[..m * n]);
+        }
         return;
     }
     assert!(
@@ -268,7 +273,7 @@ pub fn gemm_bf16_packed(
         let (pa, _) = &mut *p.borrow_mut();
         // SAFETY: a PackedB exists only where AVX-512 F/BW and BF16 were detected; `trivial`
         // bounds A and C, and `b.data` holds every panel of a `[k, n]` B.
-        unsafe { avx512::run16(m, n, k, c, acc, a, (ars, acs), &b.data, pa) }
+        unsafe { avx512::run16(m, n, k, c, acc, a, (ars, acs), &b.data, pa, then) }
     });
 }
 
@@ -633,7 +638,7 @@ mod avx512 {
         pb: &mut Vec<u32>,
     ) {
         pack_b16(n, k, b, sb, pb);
-        run16(m, n, k, c, acc, a, sa, pb, pa);
+        run16(m, n, k, c, acc, a, sa, pb, pa, None);
     }
 
     /// The products of [`gemm_bf16`] once `B` is packed (`pb`, by [`pack_b16`]).
@@ -649,6 +654,7 @@ mod avx512 {
         sa: (usize, usize),
         pb: &[u32],
         pa: &mut Vec<u32>,
+        then: Option<fn(&mut [f32])>,
     ) {
         let (np, mp, kp) = (n.div_ceil(NR), m.div_ceil(MR), k.div_ceil(2));
         let rows = mp * MR;
@@ -666,6 +672,10 @@ mod avx512 {
                 } else {
                     tile16::<false>(kp, (pa.as_ptr().add(i0 * kp), kp), bp, cc, n, r, cols, acc);
                 }
+            }
+            // The panel's rows are done and still in the L1 cache.
+            if let Some(f) = then {
+                f(&mut c[i0 * n..(i0 + r) * n]);
             }
         }
     }
@@ -784,8 +794,13 @@ mod tests {
                             gemm_bf16(m, n, k, &mut c, acc, a, sa, b, sb);
                             let mut c2 = c0.clone();
                             let pb = PackedB::new(k, n, b, sb).unwrap();
-                            gemm_bf16_packed(m, &mut c2, acc, a, sa, &pb);
+                            gemm_bf16_packed(m, &mut c2, acc, a, sa, &pb, None);
                             assert_eq!(c, c2, "{m}×{n}×{k} ta={ta} tb={tb} acc={acc}: packed");
+                            // A function of the finished rows reaches every value once.
+                            let mut c3 = c0.clone();
+                            let neg: fn(&mut [f32]) = |x| x.iter_mut().for_each(|v| *v = -*v);
+                            gemm_bf16_packed(m, &mut c3, acc, a, sa, &pb, Some(neg));
+                            assert!(c3.iter().zip(&c).all(|(x, y)| *x == -*y), "then");
                         } else {
                             gemm(m, n, k, &mut c, acc, a, sa, b, sb);
                         }

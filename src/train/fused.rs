@@ -529,34 +529,30 @@ impl Fused7 {
             let (ak, rest) = rest.split_at_mut(mc);
             let (av, rest) = rest.split_at_mut(mc);
             let (aa, ag) = rest.split_at_mut(mc);
-            self.mw(mx(0), pr, bk.wr, m, ar, false);
-            self.mw(mx(2), pr, bk.wk, m, ak, false);
+            self.mw(mx(0), pr, bk.wr, m, ar, false, None);
+            self.mw(mx(2), pr, bk.wk, m, ak, false, None);
             // Decay logits w0 + tanh(xw W1) W2 (the decay itself is formed inside the WKV).
-            self.mw(mx(1), pr, bk.w1, m, &mut a.tw, false);
-            map_tanh(&mut a.tw);
+            self.mw(mx(1), pr, bk.w1, m, &mut a.tw, false, Some(map_tanh));
             bias_rows(aw, p[bk.w0]);
-            self.mw(&a.tw, pr, bk.w2, m, aw, true);
+            self.mw(&a.tw, pr, bk.w2, m, aw, true, None);
             // In-context learning rate sigmoid(a0 + xa A1 A2).
-            self.mw(mx(4), pr, bk.a1, m, &mut a.ha, false);
+            self.mw(mx(4), pr, bk.a1, m, &mut a.ha, false, None);
             bias_rows(aa, p[bk.a0]);
-            self.mw(&a.ha, pr, bk.a2, m, aa, true);
-            map_sigmoid(aa);
+            self.mw(&a.ha, pr, bk.a2, m, aa, true, Some(map_sigmoid));
             // Value, mixed towards the first block's value by sigmoid(v0 + xv V1 V2).
             match (vfirst, bk.v) {
                 (Some(vf), Some((v0, v1, v2))) => {
-                    self.mw(mx(3), pr, bk.wv, m, &mut a.vpre, false);
-                    self.mw(mx(3), pr, v1, m, &mut a.hv, false);
+                    self.mw(mx(3), pr, bk.wv, m, &mut a.vpre, false, None);
+                    self.mw(mx(3), pr, v1, m, &mut a.hv, false, None);
                     bias_rows(&mut a.vgate, p[v0]);
-                    self.mw(&a.hv, pr, v2, m, &mut a.vgate, true);
-                    map_sigmoid(&mut a.vgate);
+                    self.mw(&a.hv, pr, v2, m, &mut a.vgate, true, Some(map_sigmoid));
                     dispatch!(v_mix(&a.vpre, vf, &a.vgate, av));
                 }
-                _ => self.mw(mx(3), pr, bk.wv, m, av, false),
+                _ => self.mw(mx(3), pr, bk.wv, m, av, false, None),
             }
             // Output gate sigmoid(xg G1) G2.
-            self.mw(mx(5), pr, bk.g1, m, &mut a.hg, false);
-            map_sigmoid(&mut a.hg);
-            self.mw(&a.hg, pr, bk.g2, m, ag, false);
+            self.mw(mx(5), pr, bk.g1, m, &mut a.hg, false, Some(map_sigmoid));
+            self.mw(&a.hg, pr, bk.g2, m, ag, false, None);
             let sh = self.scan_shape(w.bs, t);
             scan::forward(
                 sh,
@@ -580,7 +576,7 @@ impl Fused7 {
                 &mut a.o,
                 [&mut a.gn_hat, &mut a.gn_rstd, &mut a.bonus],
             );
-            self.mw(&a.o, pr, bk.wo, m, &mut w.x, true);
+            self.mw(&a.o, pr, bk.wo, m, &mut w.x, true, None);
             // Channel mixing: relu(xk Wk)² Wv.
             layer_norm(
                 &w.x,
@@ -591,9 +587,9 @@ impl Fused7 {
                 &mut a.rstd2,
             );
             shift_fwd(&a.xn2, t, &[p[bk.fmix]], &mut w.xk2);
-            self.mw(&w.xk2, pr, bk.fk, m, &mut a.hpre, false);
+            self.mw(&w.xk2, pr, bk.fk, m, &mut a.hpre, false, None);
             dispatch!(relu_sq(&a.hpre, &mut w.hbuf));
-            self.mw(&w.hbuf, pr, bk.fv, m, &mut w.x, true);
+            self.mw(&w.hbuf, pr, bk.fv, m, &mut w.x, true, None);
         }
         layer_norm(
             &w.x,
@@ -603,7 +599,7 @@ impl Fused7 {
             &mut w.hat_o,
             &mut w.rstd_o,
         );
-        self.mw(&w.xo, pr, self.head, m, &mut w.logits, false);
+        self.mw(&w.xo, pr, self.head, m, &mut w.logits, false, None);
     }
 
     fn scan_shape(&self, b: usize, t: usize) -> scan::Shape {
@@ -958,13 +954,30 @@ impl Fused7 {
 
     /// `y [m, n] (+)= x [m, k] · B` for matrix parameter `i` (`B` a linear weight's transpose,
     /// or a LoRA matrix).
-    fn mw(&self, x: &[f32], pr: &Prepared, i: usize, m: usize, y: &mut [f32], acc: bool) {
+    /// With `then`, applies it to `y` afterwards (in bfloat16, to each few rows as they are
+    /// finished, while they are in the L1 cache).
+    #[allow(clippy::too_many_arguments)]
+    fn mw(
+        &self,
+        x: &[f32],
+        pr: &Prepared,
+        i: usize,
+        m: usize,
+        y: &mut [f32],
+        acc: bool,
+        then: Option<fn(&mut [f32])>,
+    ) {
         let Some(Mat { k, n, .. }) = self.mats[i] else {
             unreachable!("parameter {i} is not a matrix")
         };
         match &pr.fwd[i] {
-            Operand::F32(b) => gemm(m, n, k, y, acc, x, (k, 1), b, (n, 1)),
-            Operand::Bf16(b) => gemm_bf16_packed(m, y, acc, x, (k, 1), b),
+            Operand::F32(b) => {
+                gemm(m, n, k, y, acc, x, (k, 1), b, (n, 1));
+                if let Some(f) = then {
+                    f(&mut y[..m * n]);
+                }
+            }
+            Operand::Bf16(b) => gemm_bf16_packed(m, y, acc, x, (k, 1), b, then),
             Operand::None => unreachable!("checked by accumulate"),
         }
     }
@@ -985,7 +998,7 @@ impl Fused7 {
             unreachable!("parameter {i} is not a matrix")
         };
         match &pr.bwd[i] {
-            Operand::Bf16(b) => gemm_bf16_packed(m, dx, acc, dy, (n, 1), b),
+            Operand::Bf16(b) => gemm_bf16_packed(m, dx, acc, dy, (n, 1), b, None),
             // A linear weight is `[n, k]` (Bᵀ row-major), a LoRA matrix `[k, n]`.
             _ if linear => gemm(m, k, n, dx, acc, dy, (n, 1), p[i], (k, 1)),
             _ => gemm(m, k, n, dx, acc, dy, (n, 1), p[i], (1, n)),
