@@ -25,17 +25,24 @@ echo "== RWKV-4, same budget"
 run v4-ctx64 --arch v4
 echo "== RWKV-7 trained on 256-token windows (same tokens per step: batch 3)"
 run v7-ctx256 --ctx 256 --batch 3
-echo "== throughput: RWKV-7, 6 layers x 256, ctx 256, batch 12 (60 steps)"
-$rwkv train --data $data --threads 2 --out "$out/v7-6x256" --layers 6 --dim 256 --ctx 256 \
-  --steps 60 --warmup 10 --eval-every 1000 --save-every 1000 --log-every 10 2>&1 | tail -1
-echo "== throughput: the recipe, 200 steps, hand-written pass and candle graph alternated"
+echo "== throughput: RWKV-7, 6 layers x 256, ctx 256, batch 12 (60 steps), bf16 then f32"
+for prec in bf16 f32; do
+  rm -rf "$out/v7-6x256"
+  $rwkv train --data $data --threads 2 --precision $prec --out "$out/v7-6x256" --layers 6 \
+    --dim 256 --ctx 256 --steps 60 --warmup 10 --eval-every 1000 --save-every 1000 \
+    --log-every 10 2>&1 | tail -1
+done
+echo "== throughput: the recipe, bf16 products and f32 alternated three times"
 for i in 1 2 3; do
-  for graph in "" 1; do
+  for prec in bf16 f32; do
     rm -rf "$out/ab"
-    echo -n "  ${graph:+graph}${graph:-hand-written}: "
-    RWKV_TRAIN_GRAPH=$graph $rwkv train --data $data --steps 200 --val-fraction 0.001 \
-      --eval-every 1000 --save-every 1000 --threads 2 --out "$out/ab" 2>&1 | tail -1
+    echo -n "  $prec: "
+    $rwkv train --data $data --threads 2 --precision $prec --out "$out/ab" 2>&1 | tail -1
   done
 done
+echo "== throughput: the recipe through the candle graph (200 steps)"
+rm -rf "$out/ab"
+RWKV_TRAIN_GRAPH=1 $rwkv train --data $data --steps 200 --val-fraction 0.001 \
+  --eval-every 1000 --save-every 1000 --threads 2 --out "$out/ab" 2>&1 | tail -1
 echo "== one thread: the pass's matrix products and the whole pass"
 cargo bench --quiet --bench train
