@@ -199,7 +199,7 @@ impl PackedB {
     /// If a stride reaches outside `b`.
     pub fn new(k: usize, n: usize, b: &[f32], (brs, bcs): (usize, usize)) -> Option<PackedB> {
         let mut data = Vec::new();
-        self::PackedB::fill(k, n, b, (brs, bcs), &mut data)?;
+        PackedB::fill(k, n, b, (brs, bcs), &mut data)?;
         Some(PackedB { k, n, data })
     }
 

@@ -334,15 +334,11 @@ impl Fused7 {
                 return;
             }
             *b = Operand::None;
-            let o = match f {
-                Operand::F32(v) => v,
-                o => {
-                    *o = Operand::F32(Vec::new());
-                    match o {
-                        Operand::F32(v) => v,
-                        _ => unreachable!(),
-                    }
-                }
+            if !matches!(f, Operand::F32(_)) {
+                *f = Operand::F32(Vec::new());
+            }
+            let Operand::F32(o) = f else {
+                unreachable!("just set")
             };
             o.resize(w.len(), 0.0);
             if !m.linear {
