@@ -100,12 +100,35 @@ pub fn make_zip(entries: &[(&str, &[u8])]) -> Vec<u8> {
     out
 }
 
-/// A fresh temporary directory for one test.
-pub fn tmpdir(tag: &str) -> PathBuf {
+/// A fresh temporary directory for one test, removed with everything in it when the value is
+/// dropped (also when the test fails), so that repeated runs do not fill the disk.
+pub struct TmpDir(PathBuf);
+
+impl std::ops::Deref for TmpDir {
+    type Target = PathBuf;
+    fn deref(&self) -> &PathBuf {
+        &self.0
+    }
+}
+
+impl AsRef<std::path::Path> for TmpDir {
+    fn as_ref(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl Drop for TmpDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A fresh temporary directory for one test (see [`TmpDir`]).
+pub fn tmpdir(tag: &str) -> TmpDir {
     let d = std::env::temp_dir().join(format!("rwkv-test-{tag}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();
-    d
+    TmpDir(d)
 }
 
 /// Rewrites a checkpoint as safetensors after `edit` changed its tensor list.
