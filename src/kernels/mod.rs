@@ -481,7 +481,14 @@ pub fn exp(x: f32) -> f32 {
     // 1.5 × 2^23: adding and subtracting it rounds to the nearest integer without a call.
     const ROUND: f32 = 12_582_912.0;
     let x = x.clamp(-87.3, 88.7);
-    let n = (x * std::f32::consts::LOG2_E + ROUND) - ROUND;
+    let t = x * std::f32::consts::LOG2_E + ROUND;
+    let n = t - ROUND;
+    // `t` is a whole number near 1.5 × 2^23, where one unit is one step of the mantissa, so
+    // its bits minus those of ROUND are `n` as an integer. (`n as i32` would saturate and map
+    // NaN to 0, which compiles to a scalar compare-and-move per element and stops the loops
+    // over this function from vectorising; for NaN the garbage exponent below is harmless, as
+    // `er` is NaN.)
+    let ni = t.to_bits() as i32 - ROUND.to_bits() as i32;
     let r = x - n * 0.693_359_4 + n * 2.121_944_4e-4;
     let mut p = 1.987_569_1e-4_f32;
     p = p * r + 1.398_199_9e-3;
@@ -490,7 +497,7 @@ pub fn exp(x: f32) -> f32 {
     p = p * r + 0.166_666_65;
     p = p * r + 0.5;
     let er = p * r * r + r + 1.0;
-    er * f32::from_bits(((n as i32 + 127) as u32) << 23)
+    er * f32::from_bits(((ni + 127) as u32) << 23)
 }
 
 /// Copies a row of an embedding table (any float format) into `out` as f32.
