@@ -700,7 +700,7 @@ struct TrainArgs {
     /// Peak learning rate [default: 6e-3].
     #[arg(long)]
     lr: Option<f64>,
-    /// Learning rate at the last step [default: lr / 10].
+    /// Learning rate at the last step [default: lr / 100].
     #[arg(long)]
     lr_final: Option<f64>,
     /// Warm-up steps [default: 100].

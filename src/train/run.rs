@@ -46,7 +46,8 @@ pub struct TrainConfig {
     pub steps: u64,
     /// Peak learning rate.
     pub lr: f64,
-    /// Learning rate at the last step (default: `lr / 10`).
+    /// Learning rate at the last step (default: `lr / 100`; written into the run's
+    /// `config.toml`, so that a resumed run keeps its schedule if the default changes).
     pub lr_final: Option<f64>,
     /// Warm-up steps.
     pub warmup: u64,
@@ -176,7 +177,10 @@ impl TrainConfig {
     }
 
     fn lr_final(&self) -> f64 {
-        self.lr_final.unwrap_or(self.lr / 10.0)
+        // lr/100 rather than lr/10: on the recipe, three seeds each gave a lower validation
+        // loss with it (paired runs, by 0.003 to 0.006), as the loss still falls steeply at
+        // the end of the cosine.
+        self.lr_final.unwrap_or(self.lr / 100.0)
     }
 }
 
@@ -981,8 +985,9 @@ fn fmt_secs(s: f64) -> String {
 
 /// Runs (or, with `resume`, continues) a training run; `stop_at` ends it early after that
 /// step as an interruption would (the run can be resumed).
-pub fn train(cfg: TrainConfig, resume: bool, stop_at: Option<u64>) -> Result<Summary> {
+pub fn train(mut cfg: TrainConfig, resume: bool, stop_at: Option<u64>) -> Result<Summary> {
     cfg.check()?;
+    cfg.lr_final = Some(cfg.lr_final());
     keep_freed_memory();
     let dir = RunDir(cfg.out.clone());
     std::fs::create_dir_all(&dir.0).map_err(|e| Error::io(&dir.0, e))?;
