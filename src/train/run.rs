@@ -46,8 +46,9 @@ pub struct TrainConfig {
     pub steps: u64,
     /// Peak learning rate.
     pub lr: f64,
-    /// Learning rate at the last step (default: `lr / 100`; written into the run's
-    /// `config.toml`, so that a resumed run keeps its schedule if the default changes).
+    /// Learning rate at the last step (default: `lr / 100`; the resolved value is written
+    /// into the run's `config.toml`, so that the file records the schedule that ran and
+    /// `--config DIR/config.toml --resume` keeps it even if the default changes).
     pub lr_final: Option<f64>,
     /// Warm-up steps.
     pub warmup: u64,
