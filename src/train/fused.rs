@@ -1181,25 +1181,7 @@ fn layer_norm_back(
             .enumerate()
         {
             // Sixteen partial sums each (one running sum does not vectorise).
-            let (mut a1, mut a2) = ([0f32; 16], [0f32; 16]);
-            let full = c / 16 * 16;
-            for ((g, h), wc) in gr[..full]
-                .chunks_exact(16)
-                .zip(hr[..full].chunks_exact(16))
-                .zip(w[..full].chunks_exact(16))
-            {
-                for l in 0..16 {
-                    let dn = g[l] * wc[l];
-                    a1[l] += dn;
-                    a2[l] += dn * h[l];
-                }
-            }
-            let (mut s1, mut s2) = (a1.iter().sum::<f32>(), a2.iter().sum::<f32>());
-            for j in full..c {
-                let dn = gr[j] * w[j];
-                s1 += dn;
-                s2 += dn * hr[j];
-            }
+            let (s1, s2) = (scan::dot(gr, w), dot3(gr, w, hr));
             for j in 0..c {
                 dw[j] += gr[j] * hr[j];
                 db[j] += gr[j];

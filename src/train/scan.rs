@@ -699,12 +699,10 @@ mod avx512 {
         let states = scr.as_mut_ptr();
         let ds = states.add((WKV_CHUNK + 1) * nn);
         std::ptr::write_bytes(ds, 0, nn);
-        let ld = |x: &[f32], o: usize| -> [__m512; Z] {
-            std::array::from_fn(|z| _mm512_loadu_ps(x.as_ptr().add(o + 16 * z)))
-        };
         let ld_ptr = |x: *const f32, o: usize| -> [__m512; Z] {
             std::array::from_fn(|z| _mm512_loadu_ps(x.add(o + 16 * z)))
         };
+        let ld = |x: &[f32], o: usize| ld_ptr(x.as_ptr(), o);
         let st = |x: *mut f32, o: usize, val: [__m512; Z]| {
             for z in 0..Z {
                 _mm512_storeu_ps(x.add(o + 16 * z), val[z]);
