@@ -8,9 +8,9 @@
 //! KERNELS_FORMATS=int8,q4 cargo bench --bench kernels
 //! ```
 
-use rwkv::checkpoint::{FloatData, Shared, WeightFormat};
 use rwkv::init::Rng;
-use rwkv::kernels::{matmul, Layout, Matrix};
+use rwkv::kernels::matmul;
+use rwkv::tensor::{FloatData, Layout, Matrix, Shared, WeightFormat};
 use std::time::Instant;
 
 /// Uniform values in [-0.5, 0.5).
@@ -40,7 +40,7 @@ fn main() {
         n_in,
         copies,
         rayon::current_num_threads(),
-        rwkv::kernels::simd_level()
+        rwkv::cpu::simd_level()
     );
     println!("format   matvec GB/s   matvec us   8-row us   256-row GFLOP/s (in 768, in 3072)");
     // `KERNELS_FORMATS=int8,q4` limits the run to some formats (e.g. to profile one).

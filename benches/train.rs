@@ -11,7 +11,7 @@
 
 use rwkv::checkpoint::Generation;
 use rwkv::init::{init_tensors, InitSpec, Rng};
-use rwkv::kernels::sgemm::{gemm, gemm_bf16, gemm_crate, has_bf16};
+use rwkv::kernels::sgemm::{gemm, gemm_bf16, gemm_crate};
 use rwkv::train::fused::{Fused7, Prepared};
 use std::time::Instant;
 
@@ -111,7 +111,7 @@ fn main() {
     let toks: Vec<u32> = (0..bs * t).map(|_| (rng.next_u64() % 256) as u32).collect();
     let tgts: Vec<u32> = (0..bs * t).map(|_| (rng.next_u64() % 256) as u32).collect();
     for bf16 in [false, true] {
-        if bf16 && !has_bf16() {
+        if bf16 && !rwkv::cpu::has_avx512_bf16() {
             println!("(no bfloat16 products on this CPU)");
             continue;
         }

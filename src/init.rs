@@ -7,8 +7,9 @@
 //! (`RWKV_Tmix_x052`, `RWKV_Tmix_x060` and their channel mixes) and RWKV-v4neo `src/model.py`
 //! (`RWKV_TimeMix.__init__`, `RWKV_ChannelMix.__init__`, `generate_init_weight`).
 
-use crate::checkpoint::{write, DType, Generation, OutTensor};
+use crate::checkpoint::{write, Generation, OutTensor};
 use crate::error::{Error, Result};
+use crate::tensor::DType;
 use rayon::prelude::*;
 use std::path::Path;
 

@@ -9,6 +9,7 @@
 
 pub mod bench;
 pub mod checkpoint;
+pub mod cpu;
 pub mod error;
 pub mod eval;
 pub mod init;
@@ -17,6 +18,7 @@ pub mod model;
 pub mod sample;
 pub mod server;
 pub mod session;
+pub mod tensor;
 pub mod tokenizer;
 pub mod train;
 

@@ -2,12 +2,11 @@
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use rwkv::checkpoint::write::convert;
-use rwkv::checkpoint::{
-    detect::detect, write_safetensors, Checkpoint, DType, OutTensor, WeightFormat,
-};
+use rwkv::checkpoint::{detect::detect, write_safetensors, Checkpoint, OutTensor};
 use rwkv::model::{Logits, Model, State};
 use rwkv::sample::SamplerConfig;
 use rwkv::session::{chat_turn, parse_ids, Session, StopRules};
+use rwkv::tensor::{DType, WeightFormat};
 use rwkv::tokenizer::{self, Tokenizer};
 use rwkv::{Error, Result};
 use std::io::{BufRead, IsTerminal, Read, Write};
@@ -565,7 +564,7 @@ fn bench(a: BenchArgs) -> Result<()> {
         "format      {}   threads {}   simd {}",
         r.format,
         r.threads,
-        rwkv::kernels::simd_level()
+        rwkv::cpu::simd_level()
     );
     println!(
         "prompt      {} tokens: {:.1} tokens/s",

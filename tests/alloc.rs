@@ -2,10 +2,11 @@
 //! A counting global allocator sees every allocation in this test binary.
 
 mod common;
-use rwkv::checkpoint::{DType, Generation};
+use rwkv::checkpoint::Generation;
 use rwkv::init::{write_init, InitSpec};
 use rwkv::model::Model;
 use rwkv::sample::{Sampler, SamplerConfig};
+use rwkv::tensor::DType;
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};
 

@@ -2,8 +2,9 @@
 
 mod common;
 use common::{fixture, make_zip, rewrite, tmpdir};
-use rwkv::checkpoint::{Checkpoint, DType};
+use rwkv::checkpoint::Checkpoint;
 use rwkv::model::{Model, State};
+use rwkv::tensor::DType;
 
 fn load_err(path: &std::path::Path) -> String {
     match Model::load(path) {

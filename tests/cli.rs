@@ -435,7 +435,7 @@ fn convert_round_trips_between_formats_and_dtypes() {
         let ck = Checkpoint::open(&f32p).unwrap();
         assert_eq!(
             ck.get("emb.weight").unwrap().dtype,
-            rwkv::checkpoint::DType::F32
+            rwkv::tensor::DType::F32
         );
         // Every converted file still computes the reference logits.
         for p in [&st, &back, &f32p] {

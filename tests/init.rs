@@ -3,9 +3,10 @@
 
 mod common;
 use common::{fixture, tmpdir};
-use rwkv::checkpoint::{Checkpoint, DType, Generation};
+use rwkv::checkpoint::{Checkpoint, Generation};
 use rwkv::init::{write_init, InitSpec};
 use rwkv::model::{Logits, Model};
+use rwkv::tensor::DType;
 
 #[test]
 fn init_matches_official_key_order_and_shapes() {

@@ -5,8 +5,9 @@
 mod common;
 use common::{fixture, tmpdir, Expected};
 use rwkv::checkpoint::write::convert;
-use rwkv::checkpoint::{Checkpoint, WeightFormat};
+use rwkv::checkpoint::Checkpoint;
 use rwkv::model::{Logits, Model};
+use rwkv::tensor::WeightFormat;
 
 fn logits(m: &Model, toks: &[u32]) -> Vec<f32> {
     let mut s = m.new_state();
@@ -83,7 +84,7 @@ fn quantized_files_load_by_map_and_match_load_time_quantization() {
             convert(&src, &out, None, Some(fmt)).unwrap();
             let ck = Checkpoint::open(&out).unwrap();
             assert!(ck.has("head.weight.scales"));
-            assert!(ck.get("emb.weight").unwrap().dtype != rwkv::checkpoint::DType::I8);
+            assert!(ck.get("emb.weight").unwrap().dtype != rwkv::tensor::DType::I8);
             let a = Model::load(&out).unwrap();
             let b = Model::load_as(&src, Some(fmt)).unwrap();
             assert_eq!(a.weight_format(), q);

@@ -1,7 +1,8 @@
 //! Generation and dimension detection from tensor names and shapes.
 
-use super::{Checkpoint, DType};
+use super::Checkpoint;
 use crate::error::{Error, Result};
+use crate::tensor::DType;
 use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -78,12 +79,6 @@ pub struct ModelInfo {
     pub format: String,
     /// File size in bytes.
     pub file_bytes: usize,
-}
-
-impl Serialize for DType {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
-        s.serialize_str(&self.to_string())
-    }
 }
 
 fn layer_generation(ck: &Checkpoint, i: usize) -> Option<Generation> {

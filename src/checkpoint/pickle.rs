@@ -6,33 +6,13 @@
 //! outside the list, is an error. This is what makes loading an untrusted `.pth` safe.
 
 use crate::error::{Error, Result};
-
-/// Element type of a torch storage.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum StorageKind {
-    /// `torch.FloatStorage`
-    F32,
-    /// `torch.HalfStorage`
-    F16,
-    /// `torch.BFloat16Storage`
-    BF16,
-    /// `torch.DoubleStorage`
-    F64,
-    /// `torch.LongStorage`
-    I64,
-    /// `torch.IntStorage`
-    I32,
-    /// `torch.ByteStorage`
-    U8,
-    /// `torch.CharStorage`
-    I8,
-}
+use crate::tensor::DType;
 
 /// A tensor as described by the pickle: where its bytes live and how they are laid out.
 #[derive(Debug, Clone)]
 pub struct PickledTensor {
     /// Storage element type.
-    pub kind: StorageKind,
+    pub dtype: DType,
     /// Storage key: the file `data/<key>` in the archive.
     pub key: String,
     /// Offset into the storage, in elements.
@@ -55,7 +35,7 @@ enum V {
     List(Vec<V>),
     Dict(Vec<(V, V)>),
     Global(Global),
-    Storage(StorageKind, String),
+    Storage(DType, String),
     Tensor(PickledTensor),
 }
 
@@ -64,7 +44,7 @@ enum Global {
     OrderedDict,
     RebuildTensorV2,
     RebuildParameter,
-    Storage(StorageKind),
+    Storage(DType),
 }
 
 fn resolve_global(module: &str, name: &str) -> Option<Global> {
@@ -72,14 +52,14 @@ fn resolve_global(module: &str, name: &str) -> Option<Global> {
         ("collections", "OrderedDict") => Global::OrderedDict,
         ("torch._utils", "_rebuild_tensor_v2") => Global::RebuildTensorV2,
         ("torch._utils", "_rebuild_parameter") => Global::RebuildParameter,
-        ("torch", "FloatStorage") => Global::Storage(StorageKind::F32),
-        ("torch", "HalfStorage") => Global::Storage(StorageKind::F16),
-        ("torch", "BFloat16Storage") => Global::Storage(StorageKind::BF16),
-        ("torch", "DoubleStorage") => Global::Storage(StorageKind::F64),
-        ("torch", "LongStorage") => Global::Storage(StorageKind::I64),
-        ("torch", "IntStorage") => Global::Storage(StorageKind::I32),
-        ("torch", "ByteStorage") => Global::Storage(StorageKind::U8),
-        ("torch", "CharStorage") => Global::Storage(StorageKind::I8),
+        ("torch", "FloatStorage") => Global::Storage(DType::F32),
+        ("torch", "HalfStorage") => Global::Storage(DType::F16),
+        ("torch", "BFloat16Storage") => Global::Storage(DType::BF16),
+        ("torch", "DoubleStorage") => Global::Storage(DType::F64),
+        ("torch", "LongStorage") => Global::Storage(DType::I64),
+        ("torch", "IntStorage") => Global::Storage(DType::I32),
+        ("torch", "ByteStorage") => Global::Storage(DType::U8),
+        ("torch", "CharStorage") => Global::Storage(DType::I8),
         _ => return None,
     })
 }
@@ -146,12 +126,12 @@ fn call(g: Global, args: Vec<V>, r: &Reader) -> Result<V> {
             if args.len() < 4 {
                 return Err(r.err("_rebuild_tensor_v2 with too few arguments"));
             }
-            let (kind, key) = match &args[0] {
+            let (dtype, key) = match &args[0] {
                 V::Storage(k, key) => (*k, key.clone()),
                 _ => return Err(r.err("_rebuild_tensor_v2 without a storage")),
             };
             Ok(V::Tensor(PickledTensor {
-                kind,
+                dtype,
                 key,
                 offset: as_usize(&args[1], r, "storage offset")?,
                 shape: as_usizes(&args[2], r, "shape")?,

@@ -2,10 +2,9 @@
 //! of stored entries holding a protocol-2 pickle of an `OrderedDict` of tensors), so files
 //! converted here load in PyTorch and in the official package.
 
-use super::{
-    write_atomic, write_safetensors, Checkpoint, DType, FloatData, OutTensor, WeightFormat, QBLOCK,
-};
+use super::{write_atomic, write_safetensors, Checkpoint, OutTensor};
 use crate::error::{Error, Result};
+use crate::tensor::{bf16_to_f32, DType, FloatData, WeightFormat, QBLOCK};
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::Path;
@@ -246,7 +245,7 @@ fn convert_bytes(name: &str, from: DType, to: DType, b: &[u8]) -> Result<Vec<u8>
             .collect(),
         DType::BF16 => b
             .chunks_exact(2)
-            .map(|c| super::bf16_to_f32(u16::from_le_bytes([c[0], c[1]])))
+            .map(|c| bf16_to_f32(u16::from_le_bytes([c[0], c[1]])))
             .collect(),
         DType::F16 => b
             .chunks_exact(2)

@@ -5,46 +5,9 @@
 //! fixed-width chunks); the AVX2 twins are the same bodies compiled with the wider instruction
 //! set enabled, plus F16C for half-precision conversion.
 
-use crate::checkpoint::{bf16_to_f32, FloatData};
-use std::sync::OnceLock;
-
-/// Whether AVX2, FMA and F16C are available (checked once).
-pub fn has_avx2() -> bool {
-    static HAS: OnceLock<bool> = OnceLock::new();
-    *HAS.get_or_init(|| {
-        #[cfg(target_arch = "x86_64")]
-        {
-            std::env::var_os("RWKV_NO_SIMD").is_none()
-                && is_x86_feature_detected!("avx2")
-                && is_x86_feature_detected!("fma")
-                && is_x86_feature_detected!("f16c")
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        {
-            false
-        }
-    })
-}
-
-/// Whether AVX-512 (F, BW, VL) is available on top of AVX2 (checked once; `RWKV_NO_AVX512`
-/// turns it off, to measure or test the AVX2 paths on the same machine).
-pub fn has_avx512() -> bool {
-    static HAS: OnceLock<bool> = OnceLock::new();
-    *HAS.get_or_init(|| {
-        #[cfg(target_arch = "x86_64")]
-        {
-            has_avx2()
-                && std::env::var_os("RWKV_NO_AVX512").is_none()
-                && is_x86_feature_detected!("avx512f")
-                && is_x86_feature_detected!("avx512bw")
-                && is_x86_feature_detected!("avx512vl")
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        {
-            false
-        }
-    })
-}
+#[cfg(target_arch = "x86_64")]
+use crate::cpu::has_avx2;
+use crate::tensor::{bf16_to_f32, FloatData};
 
 const L: usize = 16;
 
@@ -168,7 +131,7 @@ mod avx2 {
             _mm256_add_ps(acc2, acc3),
         ));
         while i < n {
-            s += crate::checkpoint::bf16_to_f32(a[i]) * b[i];
+            s += crate::tensor::bf16_to_f32(a[i]) * b[i];
             i += 1;
         }
         s
@@ -241,21 +204,6 @@ mod avx2 {
             i += 1;
         }
     }
-
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn f16_to_f32(x: &[u16], out: &mut [f32]) {
-        let n = x.len().min(out.len());
-        let mut i = 0;
-        while i + 8 <= n {
-            let h = _mm_loadu_si128(x.as_ptr().add(i) as *const __m128i);
-            _mm256_storeu_ps(out.as_mut_ptr().add(i), _mm256_cvtph_ps(h));
-            i += 8;
-        }
-        while i < n {
-            out[i] = half::f16::from_bits(x[i]).to_f32();
-            i += 1;
-        }
-    }
 }
 
 /// f32 dot product, fastest available code path.
@@ -268,7 +216,7 @@ pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
         return unsafe { avx2::dot_f32(a, b) };
     }
     #[cfg(target_arch = "aarch64")]
-    if super::neon::enabled() {
+    if crate::cpu::has_neon() {
         // SAFETY: NEON is part of every aarch64 CPU.
         return unsafe { super::neon::dot_f32(a, b) };
     }
@@ -299,7 +247,7 @@ pub fn dot_row(w: &FloatData, start: usize, x: &[f32]) -> f32 {
         }
     }
     #[cfg(target_arch = "aarch64")]
-    if super::neon::enabled() {
+    if crate::cpu::has_neon() {
         // SAFETY: NEON is part of every aarch64 CPU.
         unsafe {
             match w {
@@ -342,7 +290,7 @@ pub fn axpy_row(w: &FloatData, start: usize, a: f32, y: &mut [f32]) {
         }
     }
     #[cfg(target_arch = "aarch64")]
-    if super::neon::enabled() {
+    if crate::cpu::has_neon() {
         // SAFETY: NEON is part of every aarch64 CPU.
         unsafe {
             match w {
@@ -370,45 +318,5 @@ pub fn axpy_row_portable(w: &FloatData, start: usize, a: f32, y: &mut [f32]) {
                 *yi += a * w.get(start + i);
             }
         }
-    }
-}
-
-#[inline(always)]
-fn bf16_widen_body(x: &[u16], out: &mut [f32]) {
-    for (o, &b) in out.iter_mut().zip(x) {
-        *o = bf16_to_f32(b);
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn bf16_widen_avx2(x: &[u16], out: &mut [f32]) {
-    bf16_widen_body(x, out)
-}
-
-/// Converts bf16 bits to f32, vectorised where AVX2 is available.
-pub fn bf16_to_f32_slice(x: &[u16], out: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    if has_avx2() {
-        // SAFETY: the CPU supports the enabled features.
-        return unsafe { bf16_widen_avx2(x, out) };
-    }
-    bf16_widen_body(x, out)
-}
-
-/// Converts f16 bits to f32 with F16C where available.
-pub fn f16_to_f32(x: &[u16], out: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    if has_avx2() {
-        // SAFETY: the CPU supports the enabled features (checked above).
-        return unsafe { avx2::f16_to_f32(x, out) };
-    }
-    #[cfg(target_arch = "aarch64")]
-    if super::neon::enabled() {
-        // SAFETY: NEON is part of every aarch64 CPU.
-        return unsafe { super::neon::f16_to_f32(x, out) };
-    }
-    for (o, h) in out.iter_mut().zip(x) {
-        *o = half::f16::from_bits(*h).to_f32();
     }
 }

@@ -8,7 +8,7 @@
 //! AVX-512 tiles (`rows`), the integer dot products (`quant`), and NEON on aarch64 (`neon`);
 //! tests hold each to its portable twin.
 
-use crate::checkpoint::{bf16_to_f32, FloatData};
+use crate::tensor::{bf16_to_f32, FloatData, Layout, Matrix};
 use rayon::prelude::*;
 
 mod dot;
@@ -18,7 +18,7 @@ pub mod quant;
 mod rows;
 pub mod sgemm;
 pub mod wkv;
-pub use dot::{axpy_row, bf16_to_f32_slice, dot_row, f16_to_f32, has_avx2, has_avx512};
+pub use dot::{axpy_row, dot_row};
 
 /// Sets the number of worker threads of the kernels' pool (once per process, before any work).
 pub fn set_threads(n: Option<usize>) -> crate::Result<()> {
@@ -32,52 +32,6 @@ pub fn set_threads(n: Option<usize>) -> crate::Result<()> {
             .map_err(|e| crate::Error::Internal(e.to_string()))?;
     }
     Ok(())
-}
-
-/// Which instruction set the kernels use on this machine.
-pub fn simd_level() -> &'static str {
-    if dot::has_avx512() {
-        "avx512+avx2+fma+f16c"
-    } else if has_avx2() {
-        "avx2+fma+f16c"
-    } else {
-        #[cfg(target_arch = "aarch64")]
-        if neon::has_dotprod() {
-            return "neon+dotprod";
-        } else if neon::enabled() {
-            return "neon";
-        }
-        "portable"
-    }
-}
-
-/// Memory layout of a weight matrix.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Layout {
-    /// `[out, in]`, used as `x @ W^T` (PyTorch `nn.Linear` weights).
-    OutIn,
-    /// `[in, out]`, used as `x @ W` (the LoRA matrices of v6/v7).
-    InOut,
-}
-
-/// A weight matrix in its stored format, used in place from the checkpoint's memory map.
-#[derive(Debug, Clone)]
-pub struct Matrix {
-    /// Input features.
-    pub n_in: usize,
-    /// Output features.
-    pub n_out: usize,
-    /// Layout of `data`.
-    pub layout: Layout,
-    /// The values.
-    pub data: FloatData,
-}
-
-impl Matrix {
-    /// Bytes read by one product with a vector.
-    pub fn bytes(&self) -> usize {
-        self.data.nbytes()
-    }
 }
 
 thread_local! {
@@ -349,9 +303,9 @@ thread_local! {
 }
 
 mod tile {
-    #[cfg(target_arch = "x86_64")]
-    use super::dot::has_avx2;
     use super::TILE_ROWS;
+    #[cfg(target_arch = "x86_64")]
+    use crate::cpu::has_avx2;
 
     /// `out[j][r] = w[r] · x[j]` for 4 rows of `w` (`[4, n]`) and `TT` inputs.
     fn body<const TT: usize>(
@@ -529,7 +483,7 @@ pub(crate) fn test_values(n: usize, seed: u64) -> Vec<f32> {
 /// the kernels' tests.
 #[cfg(test)]
 pub(crate) fn test_formats(values: &[f32]) -> [FloatData; 3] {
-    use crate::checkpoint::Shared;
+    use crate::tensor::Shared;
     let bf: Vec<u16> = values.iter().map(|v| (v.to_bits() >> 16) as u16).collect();
     let hf: Vec<u16> = values
         .iter()
@@ -617,11 +571,11 @@ mod tests {
     /// exact product.
     #[test]
     fn quantized_products_of_several_rows() {
-        use crate::checkpoint::WeightFormat;
+        use crate::tensor::WeightFormat;
         for &(n_in, n_out, t) in &[(64, 5, 2), (96, 7, 9), (2048, 4, 3), (128, 10, 70)] {
             let wf = rnd(n_in * n_out, 31);
             let x = rnd(n_in * t, 32);
-            let base = FloatData::F32(crate::checkpoint::Shared::from_vec(wf));
+            let base = FloatData::F32(crate::tensor::Shared::from_vec(wf));
             for f in [WeightFormat::Int8, WeightFormat::Q4] {
                 let data = f.convert(&base, n_in).expect("quantizes");
                 let want = naive(&data.to_f32(), n_in, n_out, Layout::OutIn, &x, t);

@@ -6,40 +6,9 @@
 //! `RWKV_NO_SIMD` is set; the portable twins stay the reference the tests hold them to.
 //! Four independent accumulators hide the multiply-add latency, as the x86 kernels do.
 
-use crate::checkpoint::QBLOCK;
+use crate::tensor::widen::neon::{f16_hi, f16_lo};
+use crate::tensor::QBLOCK;
 use core::arch::aarch64::*;
-use std::sync::OnceLock;
-
-/// Whether the NEON kernels are used (always on aarch64 unless `RWKV_NO_SIMD` is set).
-pub fn enabled() -> bool {
-    static ON: OnceLock<bool> = OnceLock::new();
-    *ON.get_or_init(|| std::env::var_os("RWKV_NO_SIMD").is_none())
-}
-
-/// Whether the integer kernels may use `SDOT` (checked once).
-pub fn has_dotprod() -> bool {
-    static HAS: OnceLock<bool> = OnceLock::new();
-    *HAS.get_or_init(|| enabled() && std::arch::is_aarch64_feature_detected!("dotprod"))
-}
-
-/// Four f16 values to f32. `FCVTL` is base AdvSIMD, but Rust's `f16` vector intrinsics are
-/// not stable, so it is written out.
-#[inline(always)]
-unsafe fn f16_lo(h: uint16x8_t) -> float32x4_t {
-    let r: float32x4_t;
-    core::arch::asm!("fcvtl {r:v}.4s, {h:v}.4h", r = lateout(vreg) r, h = in(vreg) h,
-        options(pure, nomem, nostack, preserves_flags));
-    r
-}
-
-/// The upper four f16 values of `h` to f32.
-#[inline(always)]
-unsafe fn f16_hi(h: uint16x8_t) -> float32x4_t {
-    let r: float32x4_t;
-    core::arch::asm!("fcvtl2 {r:v}.4s, {h:v}.8h", r = lateout(vreg) r, h = in(vreg) h,
-        options(pure, nomem, nostack, preserves_flags));
-    r
-}
 
 /// bf16 is the upper half of an f32: widening by a 16-bit shift is exact.
 #[inline(always)]
@@ -82,7 +51,7 @@ impl Load for Bf16 {
         (bf16_lo(h), bf16_hi(h))
     }
     fn one(v: u16) -> f32 {
-        crate::checkpoint::bf16_to_f32(v)
+        crate::tensor::bf16_to_f32(v)
     }
 }
 
@@ -196,27 +165,6 @@ pub unsafe fn axpy_f16(a: f32, x: &[u16], y: &mut [f32]) {
     axpy::<F16>(a, x, y)
 }
 
-/// f16 bits to f32, eight at a time.
-///
-/// # Safety
-/// As [`dot_f32`].
-#[target_feature(enable = "neon")]
-pub unsafe fn f16_to_f32(x: &[u16], out: &mut [f32]) {
-    let n = x.len().min(out.len());
-    let mut i = 0;
-    // SAFETY: `i + 8 <= n` and both slices hold at least `n` elements.
-    while i + 8 <= n {
-        let (a, b) = F16::load8(x.as_ptr().add(i));
-        vst1q_f32(out.as_mut_ptr().add(i), a);
-        vst1q_f32(out.as_mut_ptr().add(i + 4), b);
-        i += 8;
-    }
-    while i < n {
-        out[i] = F16::one(x[i]);
-        i += 1;
-    }
-}
-
 /// A block's 32 weights as two vectors of signed bytes (elements 0-15, 16-31): int8 as
 /// stored, q4 unpacked from the low (0-15) and high (16-31) nibbles and offset by 8.
 #[inline(always)]
@@ -289,7 +237,7 @@ unsafe fn sdot(acc: int32x4_t, a: int8x16_t, b: int8x16_t) -> int32x4_t {
 /// `four_bit`), with `SDOT`.
 ///
 /// # Safety
-/// The CPU must have `dotprod` ([`has_dotprod`]).
+/// The CPU must have `dotprod` ([`crate::cpu::has_neon_dotprod`]).
 #[target_feature(enable = "neon,dotprod")]
 pub unsafe fn dot_qq_sdot(w: &[u8], wd: &[f32], xq: &[i8], xd: &[f32], four_bit: bool) -> f32 {
     dot_qq_with::<true>(w, wd, xq, xd, four_bit)
@@ -307,8 +255,8 @@ pub unsafe fn dot_qq_mull(w: &[u8], wd: &[f32], xq: &[i8], xd: &[f32], four_bit:
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kernels::quant::{quantize_q4, quantize_q8};
     use crate::kernels::test_values as rnd;
+    use crate::tensor::quantize::{quantize_q4, quantize_q8};
 
     fn close(a: f32, b: f32, tol: f32) -> bool {
         (a - b).abs() <= tol * (1.0 + b.abs())
@@ -353,22 +301,6 @@ mod tests {
     }
 
     #[test]
-    fn f16_conversion_is_exact_for_special_values() {
-        // Zero, negative zero, the smallest subnormal, the largest finite, infinities, NaN.
-        let bits: Vec<u16> = vec![0, 0x8000, 1, 0x03ff, 0x7bff, 0x7c00, 0xfc00, 0x7e00, 0x3c00];
-        let mut out = vec![0f32; bits.len()];
-        // SAFETY: NEON is part of every aarch64 CPU.
-        unsafe { f16_to_f32(&bits, &mut out) };
-        for (b, o) in bits.iter().zip(&out) {
-            let want = half::f16::from_bits(*b).to_f32();
-            assert!(
-                o.to_bits() == want.to_bits() || (o.is_nan() && want.is_nan()),
-                "{b:#x}: {o} vs {want}"
-            );
-        }
-    }
-
-    #[test]
     fn integer_kernels_equal_exact_sums() {
         for nb in [1, 2, 3, 24, 97] {
             let n = nb * QBLOCK;
@@ -406,7 +338,7 @@ mod tests {
                     close(mull, want, 1e-5),
                     "mull {four} {nb}: {mull} vs {want}"
                 );
-                if has_dotprod() {
+                if crate::cpu::has_neon_dotprod() {
                     let sd = unsafe { dot_qq_sdot(&qb.q, &qb.d, xq, xd, four) };
                     assert!(close(sd, want, 1e-5), "sdot {four} {nb}: {sd} vs {want}");
                 }

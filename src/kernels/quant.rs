@@ -3,92 +3,9 @@
 //! more tokens per second; the scales cost 4 bytes per 32 weights.
 
 #[cfg(target_arch = "x86_64")]
-use super::dot::has_avx2;
-use crate::checkpoint::{QBlocks, Shared, QBLOCK};
-use rayon::prelude::*;
-
-/// Round to nearest (ties to even) without a libm call: adding 1.5·2^23 pushes the fraction
-/// out of an f32's mantissa. Exact for |x| < 2^22, far beyond the ±127 used here.
-#[inline(always)]
-fn rint(x: f32) -> f32 {
-    const M: f32 = 12_582_912.0;
-    (x + M) - M
-}
-
-/// int8: `d = max|x| / 127`, `q = round(x / d)`.
-pub fn quantize_q8(x: &[f32]) -> QBlocks {
-    assert!(x.len().is_multiple_of(QBLOCK));
-    let mut q = vec![0u8; x.len()];
-    let mut d = vec![0f32; x.len() / QBLOCK];
-    q.par_chunks_mut(QBLOCK)
-        .zip(d.par_iter_mut())
-        .zip(x.par_chunks(QBLOCK))
-        .for_each(|((qb, db), b)| {
-            let amax = b.iter().fold(0f32, |m, v| m.max(v.abs()));
-            let s = amax / 127.0;
-            let inv = if s > 0.0 { 1.0 / s } else { 0.0 };
-            *db = s;
-            for (o, v) in qb.iter_mut().zip(b) {
-                *o = (rint(v * inv).clamp(-127.0, 127.0) as i8) as u8;
-            }
-        });
-    QBlocks {
-        len: x.len(),
-        q: Shared::from_vec(q),
-        d: Shared::from_vec(d),
-    }
-}
-
-/// 4-bit: per block, the scale is chosen among candidates around `max|x| / 8` to minimise
-/// the squared error (a cheap search that recovers much of the accuracy a plain absmax
-/// scale loses), `q = clamp(round(x / d), -8, 7)`.
-pub fn quantize_q4(x: &[f32]) -> QBlocks {
-    assert!(x.len().is_multiple_of(QBLOCK));
-    let mut q = vec![0u8; x.len() / 2];
-    let mut d = vec![0f32; x.len() / QBLOCK];
-    q.par_chunks_mut(QBLOCK / 2)
-        .zip(d.par_iter_mut())
-        .zip(x.par_chunks(QBLOCK))
-        .for_each(|((qb, db), b)| {
-            // The signed extreme maps to about -8, which uses the full range on that side.
-            let (mut amax, mut ext) = (0f32, 0f32);
-            for &v in b {
-                if v.abs() > amax {
-                    amax = v.abs();
-                    ext = v;
-                }
-            }
-            let mut best = (f32::INFINITY, 0f32);
-            if amax > 0.0 {
-                for step in 0..16 {
-                    let s = -ext / (8.0 - step as f32 * 0.125);
-                    let inv = 1.0 / s;
-                    let err: f32 = b
-                        .iter()
-                        .map(|&v| {
-                            let qq = rint(v * inv).clamp(-8.0, 7.0);
-                            (v - qq * s) * (v - qq * s)
-                        })
-                        .sum();
-                    if err < best.0 {
-                        best = (err, s);
-                    }
-                }
-            }
-            let s = best.1;
-            let inv = if s != 0.0 { 1.0 / s } else { 0.0 };
-            let code = |v: f32| (rint(v * inv).clamp(-8.0, 7.0) as i32 + 8) as u8;
-            for j in 0..16 {
-                qb[j] = code(b[j]) | (code(b[j + 16]) << 4);
-            }
-            *db = s;
-        });
-    QBlocks {
-        len: x.len(),
-        q: Shared::from_vec(q),
-        d: Shared::from_vec(d),
-    }
-}
+use crate::cpu::{has_avx2, has_avx512_vnni};
+use crate::tensor::quantize::rint;
+use crate::tensor::{QBlocks, QBLOCK};
 
 #[inline(always)]
 fn dot_q8_body(q: &[u8], d: &[f32], x: &[f32]) -> f32 {
@@ -451,26 +368,6 @@ unsafe fn dot_q4_vnni(w: &[u8], wd: &[f32], x: &QuantizedX) -> f32 {
     total
 }
 
-/// Whether AVX-512 with VNNI is available (checked once).
-pub fn has_avx512_vnni() -> bool {
-    static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *HAS.get_or_init(|| {
-        #[cfg(target_arch = "x86_64")]
-        {
-            has_avx2()
-                && std::env::var_os("RWKV_NO_AVX512").is_none()
-                && is_x86_feature_detected!("avx512f")
-                && is_x86_feature_detected!("avx512bw")
-                && is_x86_feature_detected!("avx512dq")
-                && is_x86_feature_detected!("avx512vnni")
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        {
-            false
-        }
-    })
-}
-
 /// Dot product of a quantized row (starting at element `start`) with quantized activations.
 #[inline]
 pub fn dot_qq(b: &QBlocks, four_bit: bool, start: usize, x: &QuantizedX) -> f32 {
@@ -500,11 +397,11 @@ pub fn dot_qq(b: &QBlocks, four_bit: bool, start: usize, x: &QuantizedX) -> f32 
         return unsafe { dot_qq_avx2(w, wd, &x.q, &x.d, four_bit) };
     }
     #[cfg(target_arch = "aarch64")]
-    if super::neon::enabled() {
+    if crate::cpu::has_neon() {
         use super::neon;
         // SAFETY: `SDOT` only where the CPU has it; NEON is part of every aarch64 CPU.
         return unsafe {
-            if neon::has_dotprod() {
+            if crate::cpu::has_neon_dotprod() {
                 neon::dot_qq_sdot(w, wd, &x.q, &x.d, four_bit)
             } else {
                 neon::dot_qq_mull(w, wd, &x.q, &x.d, four_bit)
@@ -529,8 +426,9 @@ pub fn dot_qq_portable(b: &QBlocks, four_bit: bool, start: usize, x: &QuantizedX
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::checkpoint::FloatData;
     use crate::kernels::test_values as rnd;
+    use crate::tensor::quantize::{quantize_q4, quantize_q8};
+    use crate::tensor::FloatData;
 
     #[test]
     fn long_rows_take_every_simd_path() {

@@ -8,8 +8,8 @@
 //! vector 3. A task owns a run of row blocks and, for each group of 8 inputs, sweeps all of
 //! them: the group's inputs stay in L1 and the task's weight rows in L2.
 
-use super::{Layout, Matrix, SendPtr, PAR_MIN_WORK};
-use crate::checkpoint::{FloatData, QBlocks, QBLOCK};
+use super::{SendPtr, PAR_MIN_WORK};
+use crate::tensor::{FloatData, Layout, Matrix, QBlocks, QBLOCK};
 use rayon::prelude::*;
 
 /// Weight rows per register tile.
@@ -26,7 +26,7 @@ const F16: u8 = 2;
 
 /// Whether the AVX-512 tile can run here (checked once; `RWKV_NO_AVX512` turns it off).
 pub fn available() -> bool {
-    super::dot::has_avx512()
+    crate::cpu::has_avx512()
 }
 
 /// `y[ti] = x[ti] @ W` for `t` input rows (float weights of either layout, int8/q4 weights
@@ -522,8 +522,9 @@ unsafe fn tile<const F: u8, const TT: usize>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::checkpoint::Shared;
-    use crate::kernels::{test_values as rnd, Layout};
+    use crate::kernels::test_values as rnd;
+    use crate::tensor::Layout;
+    use crate::tensor::Shared;
 
     /// (The results are checked against f64 sums by the kernels' `matmul` test, which goes
     /// through here on a CPU with AVX-512.)
@@ -547,7 +548,7 @@ mod tests {
             n_in: 32,
             n_out: 2,
             layout: Layout::OutIn,
-            data: crate::checkpoint::WeightFormat::Int8
+            data: crate::tensor::WeightFormat::Int8
                 .convert(&FloatData::F32(Shared::from_vec(rnd(64, 1))), 32)
                 .unwrap(),
         };

@@ -64,7 +64,7 @@ pub fn gemm(
         return;
     }
     #[cfg(target_arch = "x86_64")]
-    if super::dot::has_avx512() {
+    if crate::cpu::has_avx512() {
         PACK.with(|p| {
             let (pa, pb) = &mut *p.borrow_mut();
             // SAFETY: AVX-512F was detected at run time; `trivial` bounds every index.
@@ -127,28 +127,10 @@ thread_local! {
     pub static ROUND_BF16: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
-/// Whether [`gemm_bf16`] runs on bfloat16 hardware here (AVX-512 with AVX512-BF16: AMD Zen 4
-/// and later, Intel Sapphire Rapids and later; `RWKV_NO_BF16` turns it off).
-pub fn has_bf16() -> bool {
-    static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *HAS.get_or_init(|| {
-        #[cfg(target_arch = "x86_64")]
-        {
-            super::dot::has_avx512()
-                && std::env::var_os("RWKV_NO_BF16").is_none()
-                && is_x86_feature_detected!("avx512bf16")
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        {
-            false
-        }
-    })
-}
-
 /// `c [m, n] (+)= A·B` as [`gemm`], with the values of `A` and `B` rounded to bfloat16 (to
 /// nearest, ties to even) and their products summed in f32: mixed-precision training's
 /// products, at twice the rate of f32 ones where the CPU multiplies bfloat16 pairs
-/// ([`has_bf16`]). Elsewhere it is [`gemm`], in f32.
+/// ([`crate::cpu::has_avx512_bf16`]). Elsewhere it is [`gemm`], in f32.
 ///
 /// # Panics
 /// As [`gemm`].
@@ -170,7 +152,7 @@ pub fn gemm_bf16(
     // Gathered loads take 32-bit offsets of up to 15 strides.
     let small = |s: usize| s <= i32::MAX as usize / 16;
     #[cfg(target_arch = "x86_64")]
-    if has_bf16() && [ars, acs, brs, bcs].into_iter().all(small) {
+    if crate::cpu::has_avx512_bf16() && [ars, acs, brs, bcs].into_iter().all(small) {
         PACK16.with(|p| {
             let (pa, pb) = &mut *p.borrow_mut();
             // SAFETY: AVX-512 F/BW and BF16 were detected at run time; `trivial` bounds every
@@ -193,7 +175,7 @@ pub struct PackedB {
 
 impl PackedB {
     /// Packs `B [k, n]`, `B[l][j] = b[l·brs + j·bcs]`; `None` where the CPU has no bfloat16
-    /// products ([`has_bf16`]).
+    /// products ([`crate::cpu::has_avx512_bf16`]).
     ///
     /// # Panics
     /// If a stride reaches outside `b`.
@@ -218,7 +200,9 @@ impl PackedB {
             );
         }
         #[cfg(target_arch = "x86_64")]
-        if has_bf16() && [brs, bcs].into_iter().all(|s| s <= i32::MAX as usize / 16) {
+        if crate::cpu::has_avx512_bf16()
+            && [brs, bcs].into_iter().all(|s| s <= i32::MAX as usize / 16)
+        {
             // SAFETY: AVX-512 F/BW and BF16 were detected at run time; B's bounds are checked.
             unsafe { avx512::pack_b16(n, k, b, (brs, bcs), data) };
             return Some(());
@@ -756,7 +740,7 @@ mod tests {
     /// off by about 1e-3: the check can tell.
     #[test]
     fn bf16_products_match_rounded_sums() {
-        if !has_bf16() {
+        if !crate::cpu::has_avx512_bf16() {
             eprintln!("no AVX512-BF16 here: gemm_bf16 is gemm (tested above)");
             return;
         }

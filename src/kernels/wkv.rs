@@ -5,7 +5,7 @@
 
 use super::dot::dot_f32_body as dot;
 #[cfg(target_arch = "x86_64")]
-use super::dot::{has_avx2, has_avx512};
+use crate::cpu::{has_avx2, has_avx512};
 
 /// One token's inputs to an RWKV-7 head (each slice one head's `N` values): receptance,
 /// decay, key, value, the normalised key `kk`, and `b[j] = kk[j]·a[j]`.

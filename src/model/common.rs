@@ -1,9 +1,11 @@
 //! Pieces shared by several generations: the receptance-gated channel mixing of v4/v5/v6 and
 //! the v5/v6 WKV scan.
 
-use super::{per_seq, token_shift, Loader, Norm, Seq};
+use super::consts::GN_EPS;
+use super::{per_seq, token_shift, Loader, Norm, Seq, Slot};
 use crate::error::Result;
-use crate::kernels::{self, matmul, sigmoid, Layout, Matrix, SendPtr};
+use crate::kernels::{self, matmul, sigmoid, SendPtr};
+use crate::tensor::{Layout, Matrix};
 use rayon::prelude::*;
 
 /// How a token-shift mix coefficient is applied.
@@ -56,7 +58,7 @@ impl GatedFfn {
         self.key.bytes() + self.recept.bytes() + self.value.bytes()
     }
 
-    /// `x += ffn(LN(x; ln2))` over all rows; `slot` is the state index of `ffn_x_prev`.
+    /// `x += ffn(LN(x; ln2))` over all rows of block `layer`.
     /// `xn`, `xk`, `xr`, `r`, `o` are `[T, C]` work buffers and `hid` is `[T, F]`.
     #[allow(clippy::too_many_arguments)]
     pub fn run(
@@ -64,7 +66,7 @@ impl GatedFfn {
         ln2: &Norm,
         x: &mut [f32],
         seqs: &mut [Seq<'_>],
-        slot: usize,
+        layer: usize,
         xn: &mut [f32],
         xk: &mut [f32],
         xr: &mut [f32],
@@ -76,7 +78,7 @@ impl GatedFfn {
         let t = x.len() / c;
         ln2.rows(x, xn);
         let kind = self.kind;
-        token_shift(xn, c, seqs, slot, |row, cur, prev| {
+        token_shift(xn, c, seqs, (layer, Slot::FfnShift), |row, cur, prev| {
             for j in 0..c {
                 xk[row * c + j] = kind.apply(cur[j], prev[j], self.mix_k[j]);
                 xr[row * c + j] = kind.apply(cur[j], prev[j], self.mix_r[j]);
@@ -97,12 +99,12 @@ impl GatedFfn {
 
 /// The rest of v5/v6 time mixing once r, k, v, the decay w (one row per token for v6, one
 /// row for all tokens for v5) and the gate pre-activation g exist: the WKV scan of every
-/// sequence from its state tensor `slot`, GroupNorm, the SiLU gate, the output projection and
+/// sequence from block `layer`'s WKV state, GroupNorm, the SiLU gate, the output projection and
 /// the residual `x += …`. `y` and `o` are `[T, C]` work buffers.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn wkv5_attend(
     seqs: &mut [Seq<'_>],
-    slot: usize,
+    layer: usize,
     [r, k, v, w]: [&[f32]; 4],
     u: &[f32],
     g: &[f32],
@@ -120,7 +122,7 @@ pub(crate) fn wkv5_attend(
     per_seq(seqs, c, y, |s, ys| {
         let rows = s.row0 * c..(s.row0 + s.n) * c;
         let ws = if per_token { &w[rows.clone()] } else { w };
-        let kv = &mut s.state.tensors[slot];
+        let kv = s.state.get_mut(layer, Slot::AttKv);
         wkv5(
             kv,
             &r[rows.clone()],
@@ -134,7 +136,7 @@ pub(crate) fn wkv5_attend(
         );
     });
     for (yr, gr) in y.chunks_mut(c).zip(g.chunks(c)) {
-        kernels::group_norm(yr, nh, &ln_x.w, &ln_x.b, 64e-5);
+        kernels::group_norm(yr, nh, &ln_x.w, &ln_x.b, GN_EPS as f32);
         for j in 0..c {
             yr[j] *= gr[j] * sigmoid(gr[j]);
         }

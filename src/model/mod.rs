@@ -6,19 +6,19 @@
 //! in the [`State`], so generating a token allocates nothing.
 
 mod common;
+pub mod consts;
 mod state;
 pub mod v4;
 pub mod v5;
 pub mod v6;
 pub mod v7;
 
-pub use state::State;
+pub use state::{Slot, State, V4_PP_START};
 
-use crate::checkpoint::{
-    detect::detect, Checkpoint, FloatData, Generation, ModelInfo, WeightFormat,
-};
+use crate::checkpoint::{detect::detect, Checkpoint, Generation, ModelInfo};
 use crate::error::{Error, Result};
-use crate::kernels::{self, Layout, Matrix};
+use crate::kernels;
+use crate::tensor::{FloatData, Layout, Matrix, WeightFormat};
 use std::collections::HashSet;
 use std::path::Path;
 
@@ -331,18 +331,18 @@ impl Model {
 }
 
 /// Calls `f(row, current, previous)` for every row of every sequence, where `previous` is the
-/// row before it in the same sequence or, for a sequence's first row, the state tensor
-/// `slot`; then stores each sequence's last row in that slot (the token shift).
+/// row before it in the same sequence or, for a sequence's first row, layer `layer`'s state
+/// tensor `slot`; then stores each sequence's last row in that slot (the token shift).
 pub(crate) fn token_shift(
     xn: &[f32],
     c: usize,
     seqs: &mut [Seq<'_>],
-    slot: usize,
+    (layer, slot): (usize, Slot),
     mut f: impl FnMut(usize, &[f32], &[f32]),
 ) {
     for s in seqs.iter_mut() {
         let o = s.row0;
-        let prev_state = &mut s.state.tensors[slot];
+        let prev_state = s.state.get_mut(layer, slot);
         for ti in 0..s.n {
             let r = o + ti;
             let cur = &xn[r * c..(r + 1) * c];
@@ -533,7 +533,7 @@ impl Norm {
     pub fn rows(&self, x: &[f32], out: &mut [f32]) {
         let c = self.w.len();
         for (xr, or) in x.chunks(c).zip(out.chunks_mut(c)) {
-            kernels::layer_norm(xr, &self.w, &self.b, 1e-5, or);
+            kernels::layer_norm(xr, &self.w, &self.b, consts::LN_EPS as f32, or);
         }
     }
 }
@@ -568,7 +568,7 @@ impl Io {
                 tmp,
                 &self.ln0.w,
                 &self.ln0.b,
-                1e-5,
+                consts::LN_EPS as f32,
                 &mut x[t * c..(t + 1) * c],
             );
         }

@@ -5,11 +5,68 @@ use crate::error::{Error, Result};
 use std::collections::BTreeMap;
 use std::path::Path;
 
+/// One tensor of a layer's state, by its role.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Slot {
+    /// The time-mixing token shift: the layer's last normalised input (`att_x_prev`, `[C]`).
+    AttShift,
+    /// The WKV state of every head (`att_kv`, `[H, N, N]`, value index major; v5.2 to v7).
+    AttKv,
+    /// RWKV-4's WKV numerator `aa` (`[C]`).
+    Aa,
+    /// RWKV-4's WKV denominator `bb` (`[C]`).
+    Bb,
+    /// RWKV-4's running maximum exponent `pp` (`[C]`), which keeps `aa` and `bb` finite.
+    Pp,
+    /// The channel-mixing token shift (`ffn_x_prev`, `[C]`).
+    FfnShift,
+}
+
+/// `pp` of a fresh RWKV-4 state: no history, so `e^pp` is zero (the official package's value).
+pub const V4_PP_START: f32 = -1e30;
+
+impl Slot {
+    /// A layer's slots in the official package's order.
+    pub fn layout(generation: Generation) -> &'static [Slot] {
+        match generation {
+            Generation::V4 => &[Slot::AttShift, Slot::Aa, Slot::Bb, Slot::Pp, Slot::FfnShift],
+            _ => &[Slot::AttShift, Slot::AttKv, Slot::FfnShift],
+        }
+    }
+
+    /// The official package's name of the slot.
+    pub fn name(self) -> &'static str {
+        match self {
+            Slot::AttShift => "att_x_prev",
+            Slot::AttKv => "att_kv",
+            Slot::Aa => "aa",
+            Slot::Bb => "bb",
+            Slot::Pp => "pp",
+            Slot::FfnShift => "ffn_x_prev",
+        }
+    }
+
+    /// The slot's place within a layer of `generation`'s state.
+    fn offset(self, generation: Generation) -> usize {
+        match (generation, self) {
+            (_, Slot::AttShift) => 0,
+            (Generation::V4, Slot::Aa) => 1,
+            (Generation::V4, Slot::Bb) => 2,
+            (Generation::V4, Slot::Pp) => 3,
+            (Generation::V4, Slot::FfnShift) => 4,
+            (Generation::V4, Slot::AttKv) => panic!("an RWKV-4 state has no att_kv"),
+            (_, Slot::AttKv) => 1,
+            (_, Slot::FfnShift) => 2,
+            (g, s) => panic!("an RWKV {g} state has no {}", s.name()),
+        }
+    }
+}
+
 /// The recurrent state of one sequence.
 ///
-/// Its tensors follow the official `rwkv` package's flat list: `P` tensors per layer, entry
-/// `P * layer + slot` (v4: `att_x_prev, aa, bb, pp, ffn_x_prev`; v5.2/v6.0/v7:
-/// `att_x_prev, att_kv, ffn_x_prev`). Its size never depends on how many tokens it has seen.
+/// Its tensors follow the official `rwkv` package's flat list: the slots of
+/// [`Slot::layout`] for each layer in turn. Its size never depends on how many tokens it has
+/// seen.
 /// Cloning forks a conversation. The state also carries the work buffers of the model's
 /// token step, so that generating allocates nothing; they are not part of a clone or a file.
 pub struct State {
@@ -52,28 +109,21 @@ impl std::fmt::Debug for State {
 }
 
 impl State {
-    /// The zero state for a model (v4's `pp` starts at -1e30, everything else at 0).
+    /// The zero state for a model (v4's `pp` starts at [`V4_PP_START`], everything else at 0).
     pub fn zeros(info: &ModelInfo) -> State {
         let c = info.n_embd;
         let (h, n) = (info.n_head, info.head_size);
         let mut tensors = Vec::new();
         let mut shapes = Vec::new();
         for _ in 0..info.n_layer {
-            match info.generation {
-                Generation::V4 => {
-                    for slot in 0..5 {
-                        tensors.push(vec![if slot == 3 { -1e30 } else { 0.0 }; c]);
-                        shapes.push(vec![c]);
-                    }
-                }
-                _ => {
-                    tensors.push(vec![0.0; c]);
-                    shapes.push(vec![c]);
-                    tensors.push(vec![0.0; h * n * n]);
-                    shapes.push(vec![h, n, n]);
-                    tensors.push(vec![0.0; c]);
-                    shapes.push(vec![c]);
-                }
+            for &slot in Slot::layout(info.generation) {
+                let (shape, start) = match slot {
+                    Slot::AttKv => (vec![h, n, n], 0.0),
+                    Slot::Pp => (vec![c], V4_PP_START),
+                    _ => (vec![c], 0.0),
+                };
+                tensors.push(vec![start; shape.iter().product()]);
+                shapes.push(shape);
             }
         }
         State {
@@ -101,6 +151,32 @@ impl State {
     /// Whether the state has no tensors (never true for a real model).
     pub fn is_empty(&self) -> bool {
         self.tensors.is_empty()
+    }
+
+    /// Where layer `layer`'s `slot` is in the flat list.
+    pub fn index(&self, layer: usize, slot: Slot) -> usize {
+        layer * Slot::layout(self.generation).len() + slot.offset(self.generation)
+    }
+
+    /// Layer `layer`'s `slot`.
+    pub fn get(&self, layer: usize, slot: Slot) -> &[f32] {
+        &self.tensors[self.index(layer, slot)]
+    }
+
+    /// Layer `layer`'s `slot`, to update.
+    pub fn get_mut(&mut self, layer: usize, slot: Slot) -> &mut [f32] {
+        let j = self.index(layer, slot);
+        &mut self.tensors[j]
+    }
+
+    /// RWKV-4's `aa`, `bb` and `pp` of layer `layer`, updated together by its WKV scan.
+    pub(crate) fn v4_wkv_mut(&mut self, layer: usize) -> [&mut [f32]; 3] {
+        let j = self.index(layer, Slot::Aa);
+        debug_assert_eq!(self.index(layer, Slot::Pp), j + 2);
+        let [aa, bb, pp] = &mut self.tensors[j..j + 3] else {
+            unreachable!("three consecutive slots")
+        };
+        [aa, bb, pp]
     }
 
     /// Tensor `j` of the flat list.

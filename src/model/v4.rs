@@ -6,10 +6,11 @@
 //! `sigmoid(r) · (relu(k)² W_v)`. See `tests/fixtures/README.md` for the full formulas.
 
 use super::common::{GatedFfn, MixKind};
-use super::{buf, per_seq, token_shift, Io, Loader, Norm, Scratch, Seq};
+use super::{buf, per_seq, token_shift, Io, Loader, Norm, Scratch, Seq, Slot};
 use crate::checkpoint::ModelInfo;
 use crate::error::Result;
-use crate::kernels::{matmul, sigmoid, Layout, Matrix};
+use crate::kernels::{matmul, sigmoid};
+use crate::tensor::{Layout, Matrix};
 
 struct Layer {
     ln1: Norm,
@@ -91,7 +92,7 @@ impl V4 {
         for (li, l) in self.layers.iter().enumerate() {
             // ---- time mixing ----
             l.ln1.rows(x, xn);
-            token_shift(xn, c, seqs, 5 * li, |row, cur, prev| {
+            token_shift(xn, c, seqs, (li, Slot::AttShift), |row, cur, prev| {
                 for j in 0..c {
                     let (xc, p) = (cur[j], prev[j]);
                     xk[row * c + j] = xc * l.mix_k[j] + p * (1.0 - l.mix_k[j]);
@@ -105,9 +106,7 @@ impl V4 {
             // The WKV scan: the only part that runs token by token, per sequence (the
             // sequences of a batch in parallel); it turns each row of r into its output.
             per_seq(seqs, c, r, |s, rs| {
-                let [_, aa, bb, pp, _] = &mut s.state.tensors[5 * li..5 * li + 5] else {
-                    unreachable!("v4 state has 5 tensors per layer")
-                };
+                let [aa, bb, pp] = s.state.v4_wkv_mut(li);
                 for (ti, rr) in rs.chunks_mut(c).enumerate() {
                     let row = (s.row0 + ti) * c..(s.row0 + ti + 1) * c;
                     let (kr, vr) = (&k[row.clone()], &v[row]);
@@ -134,8 +133,7 @@ impl V4 {
                 x[i] += o[i];
             }
             // ---- channel mixing ----
-            l.ffn
-                .run(&l.ln2, x, seqs, 5 * li + 4, xn, xk, xr, r, o, hid);
+            l.ffn.run(&l.ln2, x, seqs, li, xn, xk, xr, r, o, hid);
         }
         self.io.logits(x, seqs, bxn, btmp);
     }

@@ -6,10 +6,11 @@
 //! convention to v4/v5's `time_mix`. See `tests/fixtures/README.md`.
 
 use super::common::{wkv5_attend, GatedFfn, MixKind};
-use super::{buf, token_shift, Io, Loader, Norm, Scratch, Seq};
+use super::{buf, token_shift, Io, Loader, Norm, Scratch, Seq, Slot};
 use crate::checkpoint::ModelInfo;
 use crate::error::Result;
-use crate::kernels::{matmul, Layout, Matrix};
+use crate::kernels::matmul;
+use crate::tensor::{Layout, Matrix};
 
 struct Layer {
     ln1: Norm,
@@ -137,7 +138,7 @@ impl V6 {
         for (li, l) in self.layers.iter().enumerate() {
             // ---- time mixing: data-dependent token shift ----
             l.ln1.rows(x, xn);
-            token_shift(xn, c, seqs, 3 * li, |row, cur, prev| {
+            token_shift(xn, c, seqs, (li, Slot::AttShift), |row, cur, prev| {
                 for j in 0..c {
                     let i = row * c + j;
                     d[i] = prev[j] - cur[j];
@@ -172,23 +173,9 @@ impl V6 {
             matmul(&l.wv, xv, t, v);
             matmul(&l.wg, xg, t, g);
             let ins = [&*r, &*k, &*v, &*w];
-            wkv5_attend(
-                seqs,
-                3 * li + 1,
-                ins,
-                &l.u,
-                g,
-                &l.ln_x,
-                &l.wo,
-                x,
-                y,
-                o,
-                nh,
-                n,
-            );
+            wkv5_attend(seqs, li, ins, &l.u, g, &l.ln_x, &l.wo, x, y, o, nh, n);
             // ---- channel mixing ----
-            l.ffn
-                .run(&l.ln2, x, seqs, 3 * li + 2, xn, xk, xr, r, o, hid);
+            l.ffn.run(&l.ln2, x, seqs, li, xn, xk, xr, r, o, hid);
         }
         self.io.logits(x, seqs, bxn, btmp);
     }

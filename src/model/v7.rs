@@ -5,10 +5,12 @@
 //! bonus, the gate `g` and the output projection. Channel mixing is `relu(k W_k)² W_v` without
 //! a receptance gate. See `tests/fixtures/README.md` for the full formulas.
 
-use super::{buf, per_seq, token_shift, Io, Loader, Norm, Scratch, Seq};
+use super::consts::{GN_EPS, NORMALIZE_EPS, V7_DECAY_SCALE_OFFICIAL};
+use super::{buf, per_seq, token_shift, Io, Loader, Norm, Scratch, Seq, Slot};
 use crate::checkpoint::ModelInfo;
 use crate::error::Result;
-use crate::kernels::{self, matmul, sigmoid, Layout, Matrix, SendPtr};
+use crate::kernels::{self, matmul, sigmoid, SendPtr};
+use crate::tensor::{Layout, Matrix};
 use rayon::prelude::*;
 
 struct Lora {
@@ -184,7 +186,7 @@ impl V7 {
         for (li, l) in self.layers.iter().enumerate() {
             // ---- time mixing ----
             l.ln1.rows(x, xn);
-            token_shift(xn, c, seqs, 3 * li, |row, cur, prev| {
+            token_shift(xn, c, seqs, (li, Slot::AttShift), |row, cur, prev| {
                 for j in 0..c {
                     let (xc, d) = (cur[j], prev[j] - cur[j]);
                     let o = row * c + j;
@@ -213,7 +215,7 @@ impl V7 {
                     matmul(&l.w.up, &lo1[..t * dw], t, w);
                     for wr in w.chunks_mut(c) {
                         for (z, w0) in wr.iter_mut().zip(&l.w0) {
-                            *z = kernels::exp(-0.606531 * sigmoid(w0 + *z));
+                            *z = kernels::exp(-(V7_DECAY_SCALE_OFFICIAL as f32) * sigmoid(w0 + *z));
                         }
                     }
                     // In-context learning rate a = sigmoid(a0 + xa A1 A2).
@@ -246,7 +248,12 @@ impl V7 {
                     kkr[j] = kr[j] * l.k_k[j];
                 }
                 for hh in kkr.chunks_mut(n) {
-                    let norm = hh.iter().map(|z| z * z).sum::<f32>().sqrt().max(1e-12);
+                    let norm = hh
+                        .iter()
+                        .map(|z| z * z)
+                        .sum::<f32>()
+                        .sqrt()
+                        .max(NORMALIZE_EPS as f32);
                     hh.iter_mut().for_each(|z| *z /= norm);
                 }
                 let ar = &a[ti * c..(ti + 1) * c];
@@ -268,7 +275,7 @@ impl V7 {
             }
             per_seq(seqs, c, y, |s, ys| {
                 let rows = s.row0 * c..(s.row0 + s.n) * c;
-                let kv = &mut s.state.tensors[3 * li + 1];
+                let kv = s.state.get_mut(li, Slot::AttKv);
                 let ins = [
                     &r[rows.clone()],
                     &w[rows.clone()],
@@ -279,7 +286,7 @@ impl V7 {
             });
             for ti in 0..t {
                 let yr = &mut y[ti * c..(ti + 1) * c];
-                kernels::group_norm(yr, nh, &l.ln_x.w, &l.ln_x.b, 64e-5);
+                kernels::group_norm(yr, nh, &l.ln_x.w, &l.ln_x.b, GN_EPS as f32);
                 for hh in 0..nh {
                     let s = hh * n;
                     let o = ti * c + s;
@@ -301,7 +308,7 @@ impl V7 {
             }
             // ---- channel mixing ----
             l.ln2.rows(x, xn);
-            token_shift(xn, c, seqs, 3 * li + 2, |row, cur, prev| {
+            token_shift(xn, c, seqs, (li, Slot::FfnShift), |row, cur, prev| {
                 for j in 0..c {
                     xk[row * c + j] = cur[j] + (prev[j] - cur[j]) * l.ffn_x_k[j];
                 }

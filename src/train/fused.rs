@@ -20,10 +20,8 @@ use crate::kernels::{exp, sigmoid};
 use rayon::prelude::*;
 use std::collections::HashMap;
 
-/// LayerNorm epsilon (RWKV-LM's `nn.LayerNorm` default).
-const LN_EPS: f32 = 1e-5;
-/// GroupNorm epsilon of the time-mixing output (RWKV-7: `64e-5`).
-const GN_EPS: f64 = 64e-5;
+const LN_EPS: f32 = crate::model::consts::LN_EPS as f32;
+use crate::model::consts::GN_EPS;
 
 /// Where one block's parameters are in the parameter list.
 struct Block {
@@ -286,10 +284,10 @@ impl Fused7 {
 
     /// Runs the matrix products with their inputs rounded to bfloat16 and f32 sums
     /// (mixed precision, as RWKV-LM trains): twice the rate on CPUs that multiply bfloat16
-    /// pairs ([`crate::kernels::sgemm::has_bf16`]), f32 products elsewhere. Everything else
+    /// pairs ([`crate::cpu::has_avx512_bf16`]), f32 products elsewhere. Everything else
     /// (the WKV scan, the norms, the parameters and their gradients) stays f32.
     pub fn set_bf16(&mut self, on: bool) {
-        self.bf16 = on && crate::kernels::sgemm::has_bf16();
+        self.bf16 = on && crate::cpu::has_avx512_bf16();
     }
 
     /// Whether the products take bfloat16 inputs.
@@ -1502,7 +1500,7 @@ mod tests {
     /// 1e-7 rounding, 1e-4 differences); a mistake in the packing is off by 100 %.
     #[test]
     fn bf16_products_match_rounded_f32_products() {
-        if !crate::kernels::sgemm::has_bf16() {
+        if !crate::cpu::has_avx512_bf16() {
             eprintln!("no AVX512-BF16 here: the products run in f32 (tested above)");
             return;
         }

@@ -9,6 +9,7 @@ use super::ops::{Act, CrossEntropy, Heads, Norm, ShiftMix, Wkv4, Wkv7, Wkv7Out};
 use crate::checkpoint::{Checkpoint, Generation};
 use crate::error::{Error, Result};
 use crate::init::NamedTensor;
+use crate::model::consts::{GN_EPS, LN_EPS};
 use candle_core::{DType, Device, Tensor, Var};
 use std::collections::HashMap;
 
@@ -200,12 +201,12 @@ impl TrainModel {
         }
         let ids = Tensor::from_vec(tokens.to_vec(), tokens.len(), &Device::Cpu).ce()?;
         let x = self.p("emb.weight")?.index_select(&ids, 0).ce()?;
-        let x = self.ln(&x, "blocks.0.ln0", 1, 1e-5)?;
+        let x = self.ln(&x, "blocks.0.ln0", 1, LN_EPS)?;
         let x = match self.dims.arch {
             Generation::V4 => self.blocks_v4(x, b, t)?,
             _ => self.blocks_v7(x, b, t)?,
         };
-        let x = self.ln(&x, "ln_out", 1, 1e-5)?;
+        let x = self.ln(&x, "ln_out", 1, LN_EPS)?;
         self.lin(&x, "head.weight")
     }
 
@@ -246,7 +247,7 @@ impl TrainModel {
         let mut v_first: Option<Tensor> = None;
         for i in 0..self.dims.n_layer {
             let p = format!("blocks.{i}.att.");
-            let xn = self.ln(&x, &format!("blocks.{i}.ln1"), 1, 1e-5)?;
+            let xn = self.ln(&x, &format!("blocks.{i}.ln1"), 1, LN_EPS)?;
             let part = |k: &str| self.shift(&xn, &format!("{p}{k}"), b, t, false);
             let (xr, xw, xk) = (part("x_r")?, part("x_w")?, part("x_k")?);
             let (xv, xa, xg) = (part("x_v")?, part("x_a")?, part("x_g")?);
@@ -295,14 +296,14 @@ impl TrainModel {
                     &params,
                     Wkv7Out {
                         d: heads,
-                        eps: 64e-5,
+                        eps: GN_EPS,
                     },
                 )
                 .ce()?;
             x = (x + self.lin(&o, &format!("{p}output.weight"))?).ce()?;
             // Channel mixing: relu(xk Wk)² Wv.
             let q = format!("blocks.{i}.ffn.");
-            let xn = self.ln(&x, &format!("blocks.{i}.ln2"), 1, 1e-5)?;
+            let xn = self.ln(&x, &format!("blocks.{i}.ln2"), 1, LN_EPS)?;
             let xk = self.shift(&xn, &format!("{q}x_k"), b, t, false)?;
             let h = self
                 .lin(&xk, &format!("{q}key.weight"))?
@@ -319,7 +320,7 @@ impl TrainModel {
         let sig = |x: Tensor| x.apply_op1(Act::Sigmoid).ce();
         for i in 0..self.dims.n_layer {
             let p = format!("blocks.{i}.att.");
-            let xn = self.ln(&x, &format!("blocks.{i}.ln1"), 1, 1e-5)?;
+            let xn = self.ln(&x, &format!("blocks.{i}.ln1"), 1, LN_EPS)?;
             let part = |k: &str| self.shift(&xn, &format!("{p}{k}"), b, t, true);
             let k = self.lin(&part("time_mix_k")?, &format!("{p}key.weight"))?;
             let v = self.lin(&part("time_mix_v")?, &format!("{p}value.weight"))?;
@@ -332,7 +333,7 @@ impl TrainModel {
                 .ce()?;
             x = (x + self.lin(&(r * y).ce()?, &format!("{p}output.weight"))?).ce()?;
             let q = format!("blocks.{i}.ffn.");
-            let xn = self.ln(&x, &format!("blocks.{i}.ln2"), 1, 1e-5)?;
+            let xn = self.ln(&x, &format!("blocks.{i}.ln2"), 1, LN_EPS)?;
             let part = |k: &str| self.shift(&xn, &format!("{q}{k}"), b, t, true);
             let h = self
                 .lin(&part("time_mix_k")?, &format!("{q}key.weight"))?

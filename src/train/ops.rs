@@ -9,6 +9,7 @@
 // Index loops over several parallel per-channel arrays read more clearly than zipped iterators.
 #![allow(clippy::needless_range_loop)]
 
+use crate::model::consts::{NORMALIZE_EPS, V7_DECAY_SCALE as W_SCALE};
 use candle_core::{
     backend::BackendStorage, bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout,
     Result, Shape, Storage, Tensor, WithDType,
@@ -116,7 +117,7 @@ macro_rules! dispatch {
             unsafe fn fast<R>(f: impl FnOnce() -> R) -> R {
                 f()
             }
-            if crate::kernels::has_avx2() {
+            if crate::cpu::has_avx2() {
                 // SAFETY: AVX2 and FMA were detected at run time.
                 unsafe {
                     fast(
@@ -582,10 +583,6 @@ impl CustomOp1 for CrossEntropy {
 // ---------------------------------------------------------------------------------------------
 // RWKV-7 WKV.
 
-/// `e^-0.5`: RWKV-7's decay is `exp(-e^-0.5 · sigmoid(w))`, which is the official
-/// `exp(-exp(-softplus(-w) - 0.5))` written without the softplus.
-pub(crate) const W_SCALE: f64 = 0.606_530_659_712_633_4;
-
 /// Tokens between state checkpoints in the WKV-7 forward pass (as the official CUDA kernel):
 /// memory holds `T/16` states per head instead of `T`, and the backward pass recomputes the
 /// states inside one chunk at a time.
@@ -653,7 +650,7 @@ impl<T: Real> Tok<T> {
             ss += self.kk[j] * self.kk[j];
         }
         // F.normalize: x / max(‖x‖, 1e-12).
-        self.norm = ss.sqrt().maxr(T::of(1e-12));
+        self.norm = ss.sqrt().maxr(T::of(NORMALIZE_EPS));
         for j in 0..n {
             self.kk[j] /= self.norm;
             self.b[j] = self.kk[j] * a[j];
@@ -899,7 +896,7 @@ impl Wkv7 {
                     dkk[j] += db[j] * a[j];
                     dot += dkk[j] * tk.kk[j];
                 }
-                let unclamped = tk.norm > T::of(1e-12);
+                let unclamped = tk.norm > T::of(NORMALIZE_EPS);
                 for j in 0..n {
                     let da = db[j] * tk.kk[j] + dkmod[j] * k[j] * k_a[j];
                     dpar[n + j] += dkmod[j] * k[j] * (a[j] - T::one());

@@ -394,7 +394,7 @@ impl Trainer {
             })
             .flatten()
             .map(|mut f| {
-                f.set_bf16(cfg.precision == "bf16" && crate::kernels::sgemm::has_bf16());
+                f.set_bf16(cfg.precision == "bf16" && crate::cpu::has_avx512_bf16());
                 f
             })
             .map(|f| (f, Vec::new(), Prepared::default()));

@@ -15,8 +15,9 @@
 // Index loops over several parallel per-channel arrays read more clearly than zipped iterators.
 #![allow(clippy::needless_range_loop)]
 
-use super::ops::{dispatch, WKV_CHUNK, W_SCALE};
+use super::ops::{dispatch, WKV_CHUNK};
 use crate::kernels::{exp, sigmoid};
+use crate::model::consts::{NORMALIZE_EPS, V7_DECAY_SCALE as W_SCALE};
 
 /// The per-token quantities of every row `[M, C]`, kept from the forward to the backward pass.
 #[derive(Default)]
@@ -80,7 +81,7 @@ pub(crate) fn simd(n: usize) -> bool {
     }
     #[cfg(target_arch = "x86_64")]
     {
-        crate::kernels::has_avx512() && matches!(n, 16 | 32 | 64)
+        crate::cpu::has_avx512() && matches!(n, 16 | 32 | 64)
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -225,7 +226,7 @@ fn prepare(
     }
     // F.normalize: x / max(‖x‖, 1e-12), per head.
     for (seg, nm) in kk.chunks_exact_mut(n).zip(norm.iter_mut()) {
-        *nm = dot(seg, seg).sqrt().max(1e-12);
+        *nm = dot(seg, seg).sqrt().max(NORMALIZE_EPS as f32);
         let inv = 1.0 / *nm;
         seg.iter_mut().for_each(|x| *x *= inv);
     }
@@ -510,7 +511,11 @@ fn through_prep(
         let (dkk, kk) = (&gr.dkk[s.clone()], &p.kk[s.clone()]);
         let nm = p.norm[g];
         let inv = 1.0 / nm;
-        let proj = if nm > 1e-12 { dot(dkk, kk) } else { 0.0 };
+        let proj = if nm > NORMALIZE_EPS as f32 {
+            dot(dkk, kk)
+        } else {
+            0.0
+        };
         let (kr, dkr) = (&k[s.clone()], &mut dk[s]);
         let (kkp, dkkp) = (&k_k[ch.clone()], &mut dk_k[ch]);
         for j in 0..n {
