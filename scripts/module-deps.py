@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Prints which top-level modules of each library crate use which, and fails on a cycle.
 
-A module `a` uses `b` when a file under `a` names `crate::b` (or, in another crate of the
-workspace, `rwkv_core::b`). Usage: scripts/module-deps.py [SRC_DIR ...]
+A module `a` uses `b` when a file under `a` names `crate::b` (or, in a file directly under
+src/, `super::b`). Usage: scripts/module-deps.py [SRC_DIR ...]
 (default: every crates/*/src and src)."""
 import pathlib
 import re
@@ -22,6 +22,9 @@ for root in roots:
             continue
         text = re.sub(r"//[^\n]*", "", f.read_text())
         used = set(re.findall(r"\bcrate::([a-z_0-9]+)", text))
+        if len(rel.parts) == 1:
+            # In a file directly under src/, `super::x` is the sibling module x.
+            used |= set(re.findall(r"\bsuper::([a-z_0-9]+)", text))
         mods.setdefault(top, set()).update(u for u in used if u != top)
     known = set(mods)
     graph = {m: sorted(u & known) for m, u in mods.items()}

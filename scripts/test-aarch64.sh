@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds rwkv for aarch64 and runs its tests under qemu user-mode emulation, so that the NEON
-# kernels (src/kernels/neon.rs) are compiled with warnings as errors and held to the portable
+# kernels (crates/core/src/kernels/neon.rs) are compiled with warnings as errors and held to the portable
 # kernels and the fixtures on an x86 machine. Emulation says nothing about speed.
 #
 # Usage: scripts/test-aarch64.sh [cargo test arguments]

@@ -5,11 +5,11 @@ use rwkv::checkpoint::write::convert;
 use rwkv::checkpoint::{detect::detect, write_safetensors, Checkpoint, OutTensor};
 use rwkv::model::{Logits, Model, State};
 use rwkv::sample::SamplerConfig;
-use rwkv::session::{chat_turn, parse_ids, Session, StopRules};
+use rwkv::session::{parse_ids, Session, StopRules};
 use rwkv::tensor::{DType, WeightFormat};
 use rwkv::tokenizer::{self, Tokenizer};
 use rwkv::{Error, Result};
-use std::io::{BufRead, IsTerminal, Read, Write};
+use std::io::{IsTerminal, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -62,7 +62,7 @@ enum Cmd {
     /// Measure prompt and generation speed, bandwidth use and memory.
     Bench(BenchArgs),
     /// Serve the model over an OpenAI-compatible HTTP API (completions and chat, streaming).
-    Serve(rwkv::server::ServeArgs),
+    Serve(rwkv::server::ServeConfig),
     /// Read text on stdin and print its token ids as a JSON array.
     Tokenize {
         /// world, bytes, or a Hugging Face tokenizer.json.
@@ -325,24 +325,7 @@ fn info(path: &Path, json: bool) -> Result<()> {
         info.format,
         info.file_bytes
     );
-    println!("generation  RWKV {}", info.generation);
-    println!("layers      {}", info.n_layer);
-    println!("width       {}", info.n_embd);
-    if info.head_size > 0 {
-        println!("heads       {} x {}", info.n_head, info.head_size);
-    }
-    println!("ffn         {}", info.ffn_dim);
-    println!("vocab       {}", info.vocab_size);
-    if !info.lora.is_empty() {
-        let l: Vec<String> = info.lora.iter().map(|(k, v)| format!("{k}={v}")).collect();
-        println!("lora ranks  {}", l.join(" "));
-    }
-    println!(
-        "parameters  {} ({:.2} M)",
-        info.params,
-        info.params as f64 / 1e6
-    );
-    println!("dtype       {}", info.dtype);
+    print!("{info}");
     Ok(())
 }
 
@@ -406,74 +389,19 @@ fn chat(a: ChatArgs) -> Result<()> {
     if let Some(sys) = &a.system {
         sess.feed_text(sys)?;
     }
-    let base = sess.state().clone();
-    let mut rules = StopRules {
+    let rules = StopRules {
         max_tokens: a.max_tokens,
         stop_tokens: parse_ids(&a.s.stop_token, "--stop-token")?,
         stop_strings: a.s.stop.clone(),
     };
-    // A reply ends where the model starts a new paragraph (the turn separator).
-    if !rules.stop_strings.iter().any(|x| x == "\n\n") {
-        rules.stop_strings.push("\n\n".to_string());
-    }
-    let interactive = std::io::stdin().is_terminal();
-    let stdout = std::io::stdout();
-    let stdin = std::io::stdin();
-    let mut lines = stdin.lock().lines();
-    loop {
-        if interactive {
-            print!("User: ");
-            let _ = stdout.lock().flush();
-        }
-        let Some(line) = lines.next() else { break };
-        let line = line.map_err(|e| Error::io("<stdin>", e))?;
-        let msg = line.trim();
-        if msg.is_empty() {
-            continue;
-        }
-        if let Some(cmd) = msg.strip_prefix('/') {
-            let (name, arg) = cmd.split_once(' ').unwrap_or((cmd, ""));
-            let arg = arg.trim();
-            let res = match name {
-                "quit" | "exit" => break,
-                "reset" => {
-                    sess.set_state(base.clone())?;
-                    println!("[state reset]");
-                    Ok(())
-                }
-                "save" if !arg.is_empty() => sess
-                    .state()
-                    .save(arg)
-                    .map(|_| println!("[state saved to {arg}]")),
-                "load" if !arg.is_empty() => State::load(arg, model.info())
-                    .and_then(|st| sess.set_state(st))
-                    .map(|_| println!("[state loaded from {arg}]")),
-                _ => Err(Error::bad(format!(
-                    "unknown command /{name}: use /reset, /save FILE, /load FILE or /quit"
-                ))),
-            };
-            if let Err(e) = res {
-                eprintln!("error: {e}");
-            }
-            continue;
-        }
-        sess.feed_text(&chat_turn(msg))?;
-        let mut out = stdout.lock();
-        let _ = write!(out, "Assistant:");
-        let _ = out.flush();
-        let g = sess.generate(&rules, |t| {
-            let _ = out.write_all(t.as_bytes());
-            let _ = out.flush();
-            true
-        })?;
-        // The turn separator belongs in the state so that the next "User:" follows it; when
-        // the reply ended on it, the state has already read it.
-        if g.stop_string.as_deref() != Some("\n\n") {
-            sess.feed_text("\n\n")?;
-        }
-        let _ = writeln!(out, "\n");
-    }
-    Ok(())
+    let terminal = std::io::stdin().is_terminal();
+    rwkv::chat::run(
+        &mut sess,
+        rules,
+        std::io::stdin().lock(),
+        std::io::stdout().lock(),
+        terminal,
+    )
 }
 
 fn logits(a: LogitsArgs) -> Result<()> {
@@ -560,39 +488,7 @@ fn bench(a: BenchArgs) -> Result<()> {
         info.n_embd,
         info.vocab_size
     );
-    println!(
-        "format      {}   threads {}   simd {}",
-        r.format,
-        r.threads,
-        rwkv::cpu::simd_level()
-    );
-    println!(
-        "prompt      {} tokens: {:.1} tokens/s",
-        r.prompt_tokens, r.prompt_tokens_per_s
-    );
-    println!(
-        "generation  {} tokens: {:.1} tokens/s",
-        r.gen_tokens, r.gen_tokens_per_s
-    );
-    println!(
-        "bandwidth   {:.1} MB/token, {:.2} GB/s achieved of {:.2} GB/s measured ({:.0}%)",
-        r.bytes_per_token as f64 / 1e6,
-        r.achieved_gbps,
-        r.bandwidth_gbps,
-        r.bandwidth_fraction * 100.0
-    );
-    println!("peak RSS    {:.1} MiB", r.peak_rss_mb);
-    if !r.ms_per_token_windows.is_empty() {
-        println!("per {} tokens: ms/token, RSS MiB", r.window);
-        for (i, (ms, rss)) in r
-            .ms_per_token_windows
-            .iter()
-            .zip(&r.rss_mb_windows)
-            .enumerate()
-        {
-            println!("  {:>6}  {:.3}  {:.1}", (i + 1) * r.window, ms, rss);
-        }
-    }
+    print!("{r}");
     Ok(())
 }
 
@@ -760,7 +656,6 @@ fn train(a: TrainArgs) -> Result<()> {
         data,
         tokenizer,
         val_fraction,
-        arch,
         layers,
         dim,
         head_size,
@@ -780,7 +675,14 @@ fn train(a: TrainArgs) -> Result<()> {
         save_every,
         eval_every
     );
-    set!(log_every, precision);
+    set!(log_every);
+    // Parsed here rather than by clap, whose errors take three lines.
+    if let Some(arch) = &a.arch {
+        c.arch = arch.parse()?;
+    }
+    if let Some(p) = &a.precision {
+        c.precision = p.parse()?;
+    }
     if a.val_data.is_some() {
         c.val_data = a.val_data.clone();
     }
@@ -788,22 +690,7 @@ fn train(a: TrainArgs) -> Result<()> {
         c.lr_final = a.lr_final;
     }
     c.pth |= a.pth;
-    // candle's matrix products read the thread count from RAYON_NUM_THREADS on every call and,
-    // when it is unset, count the physical cores by reading /proc/cpuinfo each time.
-    let n = a.threads.unwrap_or_else(|| {
-        std::env::var("RAYON_NUM_THREADS")
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .filter(|&n: &usize| n > 0)
-            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
-    });
-    std::env::set_var("RAYON_NUM_THREADS", n.to_string());
-    // The trainer parallelises over shards of the batch with rayon; candle's own pool for
-    // element-wise ops would only spin against it.
-    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
-        std::env::set_var("CANDLE_NUM_THREADS", "1");
-    }
-    rwkv::kernels::set_threads(a.threads)?;
+    rwkv::train::set_threads(a.threads)?;
     let s = rwkv::train::train(c, a.resume, a.stop_at)?;
     println!(
         "model {} | validation loss {:.4} | {:.0} tokens/s",
@@ -835,32 +722,25 @@ struct EvalArgs {
 
 fn eval(a: EvalArgs) -> Result<()> {
     let (model, tok) = load_model(&a.m)?;
-    let spec = match &a.m.tokenizer {
-        Some(s) => s.clone(),
-        None if tok.name() == "bytes" => "bytes".into(),
-        None => "world".into(),
-    };
-    let toks = rwkv::train::data::load(&a.data, &spec, &std::env::temp_dir())?;
-    let mut ids = Vec::with_capacity(toks.len());
-    toks.copy(0, toks.len(), &mut ids);
-    let from = match a.val_fraction {
-        Some(f) if f > 0.0 && f <= 1.0 => rwkv::train::data::val_start(ids.len(), f),
-        Some(f) => return Err(Error::bad(format!("--val-fraction {f} is not in (0, 1]"))),
-        None => 0,
-    };
-    let ids = &ids[from..];
-    let bytes = tok.decode_bytes(ids.get(1..).unwrap_or(&[]))?.len();
     let tty = std::io::stderr().is_terminal();
     let start = std::time::Instant::now();
     let mut progress = |done: usize, total: usize| {
         if tty {
             let pct = 100.0 * done as f64 / total.max(1) as f64;
             let rate = done as f64 / start.elapsed().as_secs_f64().max(1e-9);
-            let bar = rwkv::train::run::bar(done as u64, total as u64);
+            let bar = rwkv::progress::bar(done as u64, total as u64);
             eprint!("\r\x1b[2K{bar} scoring {done}/{total} tokens ({pct:.0}%, {rate:.0} tok/s)");
         }
     };
-    let s = rwkv::eval::score(&model, ids, bytes, a.ctx, &mut progress)?;
+    let s = rwkv::eval::score_file(
+        &model,
+        tok.as_ref(),
+        a.m.tokenizer.as_deref(),
+        &a.data,
+        a.ctx,
+        a.val_fraction,
+        &mut progress,
+    )?;
     if tty {
         eprintln!();
     }

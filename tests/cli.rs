@@ -338,7 +338,7 @@ fn bad_input_exits_2_with_one_line() {
     );
     assert!(e.contains("token id 300"), "{e}");
     let e = bad(&["generate", "-m", m, "--prompt", "hi"], b"");
-    assert!(e.contains("--tokenizer"), "{e}");
+    assert!(e.contains("tokenizer"), "{e}");
     let e = bad(
         &["generate", "-m", m, "--tokenizer", "bytes", "--top-p", "2"],
         b"",
@@ -358,7 +358,7 @@ fn bad_input_exits_2_with_one_line() {
         ],
         b"",
     );
-    assert!(e.contains("--threads"), "{e}");
+    assert!(e.contains("threads"), "{e}");
     let v4 = fixture("v4/model.pth");
     let dir = tmpdir("cli-bad");
     let st = dir.join("v4.safetensors");

@@ -281,7 +281,7 @@ fn tokenizer_for_vocab() {
     let err = for_vocab(300).err().unwrap();
     assert_eq!(err.exit_code(), 2);
     let msg = err.to_string();
-    assert!(msg.contains("--tokenizer"), "{msg}");
+    assert!(msg.contains("tokenizer"), "{msg}");
     assert!(msg.contains("300"), "{msg}");
 }
 

@@ -1,0 +1,890 @@
+//! The OpenAI wire format: request parsing and validation, the RWKV chat rendering, response
+//! and stream-chunk bodies, and errors.
+//!
+//! Requests are parsed field by field from a JSON object rather than through one derived
+//! struct, so that an error names the offending field in `param` as OpenAI's does, and so that
+//! fields this server does not know (clients send many) are ignored instead of rejected.
+
+use rwkv_core::session::Finish;
+use serde::Serialize;
+use serde_json::{Map, Value};
+
+/// An error in OpenAI's format: `{"error":{"message","type","param","code"}}` with an HTTP
+/// status.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ApiError {
+    /// HTTP status code.
+    pub status: u16,
+    /// Human-readable message.
+    pub message: String,
+    /// OpenAI's error type, e.g. `invalid_request_error`.
+    pub kind: &'static str,
+    /// The request field at fault, if any.
+    pub param: Option<String>,
+    /// A machine-readable code, if any.
+    pub code: Option<&'static str>,
+}
+
+impl ApiError {
+    /// A 400 `invalid_request_error` about `param`.
+    pub fn invalid(message: impl Into<String>, param: Option<&str>) -> Self {
+        ApiError {
+            status: 400,
+            message: message.into(),
+            kind: "invalid_request_error",
+            param: param.map(str::to_string),
+            code: None,
+        }
+    }
+
+    /// Sets the machine-readable code.
+    pub fn with_code(mut self, code: &'static str) -> Self {
+        self.code = Some(code);
+        self
+    }
+
+    /// An error with any status and type.
+    pub fn new(status: u16, kind: &'static str, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            message: message.into(),
+            kind,
+            param: None,
+            code: None,
+        }
+    }
+
+    /// The JSON body, fields in OpenAI's order.
+    pub fn body(&self) -> String {
+        #[derive(Serialize)]
+        struct Inner<'a> {
+            message: &'a str,
+            #[serde(rename = "type")]
+            kind: &'a str,
+            param: Option<&'a str>,
+            code: Option<&'a str>,
+        }
+        #[derive(Serialize)]
+        struct Outer<'a> {
+            error: Inner<'a>,
+        }
+        to_json(&Outer {
+            error: Inner {
+                message: &self.message,
+                kind: self.kind,
+                param: self.param.as_deref(),
+                code: self.code,
+            },
+        })
+    }
+}
+
+/// Sampling and stopping parameters shared by both endpoints.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Params {
+    /// `max_tokens` (or chat's `max_completion_tokens`); `None` uses the endpoint's default.
+    pub max_tokens: Option<u64>,
+    /// `temperature` in [0, 2], default 1.
+    pub temperature: f32,
+    /// `top_p` in [0, 1], default 1.
+    pub top_p: f32,
+    /// `presence_penalty` in [-2, 2], default 0.
+    pub presence_penalty: f32,
+    /// `frequency_penalty` in [-2, 2], default 0.
+    pub frequency_penalty: f32,
+    /// `stop`: up to 4 non-empty strings.
+    pub stop: Vec<String>,
+    /// `seed` for reproducible sampling.
+    pub seed: Option<u64>,
+    /// `stream`: answer with server-sent events.
+    pub stream: bool,
+    /// `stream_options.include_usage`: a last chunk with the usage.
+    pub include_usage: bool,
+    /// `logit_bias`: added to a token's logit before sampling; -100 bans the token.
+    pub logit_bias: Vec<(u32, f32)>,
+}
+
+/// A completions prompt.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Prompt {
+    /// Text to tokenize.
+    Text(String),
+    /// Token ids, as OpenAI accepts them.
+    Tokens(Vec<u32>),
+}
+
+/// A parsed `POST /v1/completions` body.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CompletionRequest {
+    /// The prompt.
+    pub prompt: Prompt,
+    /// Sampling and stopping.
+    pub params: Params,
+}
+
+/// Who said a chat message, as the RWKV chat format names them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// `system` or `developer`: rendered as `System: ...`.
+    System,
+    /// `user`: rendered as `User: ...`.
+    User,
+    /// `assistant`: rendered as `Assistant: ...`.
+    Assistant,
+}
+
+/// One chat message.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Message {
+    /// Its author.
+    pub role: Role,
+    /// Its text.
+    pub content: String,
+}
+
+/// A parsed `POST /v1/chat/completions` body.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChatRequest {
+    /// The conversation so far.
+    pub messages: Vec<Message>,
+    /// Sampling and stopping.
+    pub params: Params,
+}
+
+/// Parses the body of a completions request.
+pub fn parse_completion(body: &[u8]) -> Result<CompletionRequest, ApiError> {
+    let obj = parse_object(body)?;
+    let f = Fields(&obj);
+    let prompt = match f.get("prompt") {
+        None => return Err(ApiError::invalid("'prompt' is required", Some("prompt"))),
+        Some(Value::String(s)) => Prompt::Text(s.clone()),
+        Some(Value::Array(items)) => parse_prompt_array(items)?,
+        Some(_) => {
+            return Err(ApiError::invalid(
+                "'prompt' must be a string, an array of one string, or an array of token ids",
+                Some("prompt"),
+            ))
+        }
+    };
+    f.only_one("best_of")?;
+    if f.bool("echo")? {
+        return Err(ApiError::invalid("'echo' is not supported", Some("echo")));
+    }
+    if f.get("logprobs").is_some() {
+        return Err(ApiError::invalid(
+            "'logprobs' is not supported",
+            Some("logprobs"),
+        ));
+    }
+    if matches!(f.get("suffix"), Some(Value::String(s)) if !s.is_empty()) {
+        return Err(ApiError::invalid(
+            "'suffix' is not supported",
+            Some("suffix"),
+        ));
+    }
+    let params = parse_params(&f, None)?;
+    Ok(CompletionRequest { prompt, params })
+}
+
+/// Parses the body of a chat completions request.
+pub fn parse_chat(body: &[u8]) -> Result<ChatRequest, ApiError> {
+    let obj = parse_object(body)?;
+    let f = Fields(&obj);
+    let Some(list) = f.get("messages") else {
+        return Err(ApiError::invalid(
+            "'messages' is required",
+            Some("messages"),
+        ));
+    };
+    let Value::Array(list) = list else {
+        return Err(ApiError::invalid(
+            "'messages' must be an array",
+            Some("messages"),
+        ));
+    };
+    if list.is_empty() {
+        return Err(ApiError::invalid(
+            "'messages' must hold at least one message",
+            Some("messages"),
+        ));
+    }
+    let messages = list
+        .iter()
+        .enumerate()
+        .map(|(i, m)| parse_message(i, m))
+        .collect::<Result<Vec<_>, _>>()?;
+    if f.bool("logprobs")? {
+        return Err(ApiError::invalid(
+            "'logprobs' is not supported",
+            Some("logprobs"),
+        ));
+    }
+    for name in ["tools", "functions"] {
+        if matches!(f.get(name), Some(Value::Array(a)) if !a.is_empty()) {
+            return Err(ApiError::invalid(
+                format!("'{name}' (tool calling) is not supported"),
+                Some(name),
+            ));
+        }
+    }
+    let params = parse_params(&f, Some("max_completion_tokens"))?;
+    Ok(ChatRequest { messages, params })
+}
+
+/// Renders a conversation in the RWKV chat format, one segment per message plus the final
+/// `Assistant:` cue. Each segment is tokenized on its own, so that two conversations that share
+/// their first messages share their first tokens exactly (and with them the cached states).
+///
+/// A single user message renders as [`rwkv_core::session::chat_turn`] does, so the server prompts
+/// like `rwkv chat`.
+pub fn chat_segments(messages: &[Message]) -> Vec<String> {
+    let mut out: Vec<String> = messages
+        .iter()
+        .map(|m| {
+            let name = match m.role {
+                Role::System => "System",
+                Role::User => "User",
+                Role::Assistant => "Assistant",
+            };
+            format!("{name}: {}\n\n", normalize(&m.content))
+        })
+        .collect();
+    out.push("Assistant:".to_string());
+    out
+}
+
+/// Blank lines inside a message would read as the end of a turn, so they are collapsed, as
+/// `chat_turn` and the official chat demo do.
+fn normalize(msg: &str) -> String {
+    let mut msg = msg.replace("\r\n", "\n").trim().to_string();
+    while msg.contains("\n\n") {
+        msg = msg.replace("\n\n", "\n");
+    }
+    msg
+}
+
+fn parse_object(body: &[u8]) -> Result<Map<String, Value>, ApiError> {
+    match serde_json::from_slice::<Value>(body) {
+        Ok(Value::Object(m)) => Ok(m),
+        Ok(_) => Err(ApiError::invalid(
+            "the request body must be a JSON object",
+            None,
+        )),
+        Err(e) => Err(ApiError::invalid(
+            format!("the request body is not valid JSON: {e}"),
+            None,
+        )),
+    }
+}
+
+fn parse_prompt_array(items: &[Value]) -> Result<Prompt, ApiError> {
+    let bad = || {
+        ApiError::invalid(
+            "'prompt' must be a string, an array of one string, or an array of token ids \
+             (one prompt per request: n > 1 and batched prompts are not supported)",
+            Some("prompt"),
+        )
+    };
+    match items {
+        [Value::String(s)] => Ok(Prompt::Text(s.clone())),
+        [Value::Array(ids)] => token_ids(ids).ok_or_else(bad).map(Prompt::Tokens),
+        ids => token_ids(ids).ok_or_else(bad).map(Prompt::Tokens),
+    }
+}
+
+fn token_ids(ids: &[Value]) -> Option<Vec<u32>> {
+    ids.iter()
+        .map(|v| v.as_u64().and_then(|x| u32::try_from(x).ok()))
+        .collect()
+}
+
+fn parse_message(i: usize, m: &Value) -> Result<Message, ApiError> {
+    let param = format!("messages[{i}]");
+    let Value::Object(m) = m else {
+        return Err(ApiError::invalid(
+            format!("{param} must be an object"),
+            Some(&param),
+        ));
+    };
+    let role = match m.get("role") {
+        Some(Value::String(r)) => match r.as_str() {
+            "system" | "developer" => Role::System,
+            "user" => Role::User,
+            "assistant" => Role::Assistant,
+            other => {
+                return Err(ApiError::invalid(
+                    format!(
+                        "{param}.role '{other}' is not supported (use system, user or assistant)"
+                    ),
+                    Some(&format!("{param}.role")),
+                ))
+            }
+        },
+        _ => {
+            return Err(ApiError::invalid(
+                format!("{param}.role must be a string"),
+                Some(&format!("{param}.role")),
+            ))
+        }
+    };
+    let cparam = format!("{param}.content");
+    let content = match m.get("content") {
+        Some(Value::String(s)) => s.clone(),
+        // An assistant turn that only called tools has no content.
+        None | Some(Value::Null) if role == Role::Assistant => String::new(),
+        Some(Value::Array(parts)) => {
+            let mut text = String::new();
+            for p in parts {
+                match (p.get("type").and_then(Value::as_str), p.get("text")) {
+                    (Some("text"), Some(Value::String(t))) => text.push_str(t),
+                    _ => {
+                        return Err(ApiError::invalid(
+                            format!("{cparam}: only text parts are supported"),
+                            Some(&cparam),
+                        ))
+                    }
+                }
+            }
+            text
+        }
+        _ => {
+            return Err(ApiError::invalid(
+                format!("{cparam} must be a string or an array of text parts"),
+                Some(&cparam),
+            ))
+        }
+    };
+    Ok(Message { role, content })
+}
+
+fn parse_params(f: &Fields<'_>, max_alias: Option<&str>) -> Result<Params, ApiError> {
+    f.only_one("n")?;
+    let mut max_tokens = f.uint("max_tokens")?;
+    if let Some(alias) = max_alias {
+        max_tokens = max_tokens.or(f.uint(alias)?);
+    }
+    let stop = match f.get("stop") {
+        None => Vec::new(),
+        Some(Value::String(s)) => vec![s.clone()],
+        Some(Value::Array(a)) => a
+            .iter()
+            .map(|v| v.as_str().map(str::to_string))
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(|| {
+                ApiError::invalid(
+                    "'stop' must be a string or an array of strings",
+                    Some("stop"),
+                )
+            })?,
+        Some(_) => {
+            return Err(ApiError::invalid(
+                "'stop' must be a string or an array of strings",
+                Some("stop"),
+            ))
+        }
+    };
+    if stop.len() > 4 {
+        return Err(ApiError::invalid(
+            "'stop' holds at most 4 sequences",
+            Some("stop"),
+        ));
+    }
+    let stop = stop.into_iter().filter(|s| !s.is_empty()).collect();
+    let seed = match f.get("seed") {
+        None => None,
+        // Any integer is a valid seed; negative ones keep their bits.
+        Some(v) => Some(
+            v.as_u64()
+                .or(v.as_i64().map(|x| x as u64))
+                .ok_or_else(|| ApiError::invalid("'seed' must be an integer", Some("seed")))?,
+        ),
+    };
+    let stream = f.bool("stream")?;
+    let include_usage = match f.get("stream_options") {
+        None => false,
+        Some(Value::Object(o)) => Fields(o).bool("include_usage").map_err(|_| {
+            ApiError::invalid(
+                "'stream_options.include_usage' must be a boolean",
+                Some("stream_options.include_usage"),
+            )
+        })?,
+        Some(_) => {
+            return Err(ApiError::invalid(
+                "'stream_options' must be an object",
+                Some("stream_options"),
+            ))
+        }
+    };
+    let logit_bias = match f.get("logit_bias") {
+        None => Vec::new(),
+        Some(Value::Object(m)) => m
+            .iter()
+            .map(|(k, v)| match (k.parse::<u32>(), v.as_f64()) {
+                (Ok(id), Some(b)) if (-100.0..=100.0).contains(&b) => Ok((id, b as f32)),
+                _ => Err(ApiError::invalid(
+                    format!(
+                        "'logit_bias' maps token ids to numbers in [-100, 100]; got {k:?}: {v}"
+                    ),
+                    Some("logit_bias"),
+                )),
+            })
+            .collect::<Result<_, _>>()?,
+        Some(_) => {
+            return Err(ApiError::invalid(
+                "'logit_bias' must be an object",
+                Some("logit_bias"),
+            ))
+        }
+    };
+    Ok(Params {
+        logit_bias,
+        max_tokens,
+        temperature: f.number("temperature", 1.0, 0.0, 2.0)?,
+        top_p: f.number("top_p", 1.0, 0.0, 1.0)?,
+        presence_penalty: f.number("presence_penalty", 0.0, -2.0, 2.0)?,
+        frequency_penalty: f.number("frequency_penalty", 0.0, -2.0, 2.0)?,
+        stop,
+        seed,
+        stream,
+        include_usage,
+    })
+}
+
+/// Typed access to the fields of a request object; `null` counts as absent, as in OpenAI's API.
+struct Fields<'a>(&'a Map<String, Value>);
+
+impl Fields<'_> {
+    fn get(&self, k: &str) -> Option<&Value> {
+        self.0.get(k).filter(|v| !v.is_null())
+    }
+
+    fn number(&self, k: &str, default: f32, lo: f32, hi: f32) -> Result<f32, ApiError> {
+        match self.get(k) {
+            None => Ok(default),
+            Some(v) => match v.as_f64() {
+                Some(x) if (f64::from(lo)..=f64::from(hi)).contains(&x) => Ok(x as f32),
+                Some(x) => Err(ApiError::invalid(
+                    format!("'{k}' is {x}, but must be between {lo} and {hi}"),
+                    Some(k),
+                )),
+                None => Err(ApiError::invalid(
+                    format!("'{k}' must be a number"),
+                    Some(k),
+                )),
+            },
+        }
+    }
+
+    fn uint(&self, k: &str) -> Result<Option<u64>, ApiError> {
+        match self.get(k) {
+            None => Ok(None),
+            Some(v) => v.as_u64().map(Some).ok_or_else(|| {
+                ApiError::invalid(format!("'{k}' must be a non-negative integer"), Some(k))
+            }),
+        }
+    }
+
+    fn bool(&self, k: &str) -> Result<bool, ApiError> {
+        match self.get(k) {
+            None => Ok(false),
+            Some(Value::Bool(b)) => Ok(*b),
+            Some(_) => Err(ApiError::invalid(
+                format!("'{k}' must be a boolean"),
+                Some(k),
+            )),
+        }
+    }
+
+    /// Fields such as `n` that this server supports only at 1.
+    fn only_one(&self, k: &str) -> Result<(), ApiError> {
+        match self.uint(k)? {
+            None | Some(1) => Ok(()),
+            Some(x) => Err(ApiError::invalid(
+                format!("'{k}' is {x}, but only {k}=1 is supported"),
+                Some(k),
+            )),
+        }
+    }
+}
+
+/// Token counts of a finished request.
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+pub struct Usage {
+    /// Prompt tokens.
+    pub prompt_tokens: usize,
+    /// Generated tokens.
+    pub completion_tokens: usize,
+    /// Their sum.
+    pub total_tokens: usize,
+    /// How many prompt tokens came from the prefix-state cache.
+    pub prompt_tokens_details: PromptDetails,
+}
+
+/// The prompt-token breakdown of [`Usage`].
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+pub struct PromptDetails {
+    /// Prompt tokens whose state was taken from the cache.
+    pub cached_tokens: usize,
+}
+
+impl Usage {
+    /// Usage from the counts.
+    pub fn new(prompt_tokens: usize, cached_tokens: usize, completion_tokens: usize) -> Self {
+        Usage {
+            prompt_tokens,
+            completion_tokens,
+            total_tokens: prompt_tokens + completion_tokens,
+            prompt_tokens_details: PromptDetails { cached_tokens },
+        }
+    }
+}
+
+/// What every response and chunk of one request repeats.
+#[derive(Debug, Clone)]
+pub struct Meta {
+    /// `chatcmpl-...` or `cmpl-...`.
+    pub id: String,
+    /// Unix time of the request.
+    pub created: u64,
+    /// The served model's name.
+    pub model: String,
+}
+
+/// The OpenAI name of a finish reason. Generation cut short by a shutdown reports `length`,
+/// the only standard reason that means "the text was truncated".
+pub fn finish_reason(f: Finish) -> &'static str {
+    match f {
+        Finish::Stop => "stop",
+        Finish::Length | Finish::Cancelled => "length",
+    }
+}
+
+#[derive(Serialize)]
+struct ChatMessageOut<'a> {
+    role: &'static str,
+    content: &'a str,
+}
+
+#[derive(Serialize)]
+struct ChatChoice<'a> {
+    index: u32,
+    message: ChatMessageOut<'a>,
+    logprobs: Option<()>,
+    finish_reason: &'static str,
+}
+
+#[derive(Serialize)]
+struct ChatCompletion<'a> {
+    id: &'a str,
+    object: &'static str,
+    created: u64,
+    model: &'a str,
+    system_fingerprint: Option<()>,
+    choices: [ChatChoice<'a>; 1],
+    usage: Usage,
+}
+
+/// A whole `chat.completion` body.
+pub fn chat_completion(meta: &Meta, content: &str, finish: Finish, usage: Usage) -> String {
+    to_json(&ChatCompletion {
+        id: &meta.id,
+        object: "chat.completion",
+        created: meta.created,
+        model: &meta.model,
+        system_fingerprint: None,
+        choices: [ChatChoice {
+            index: 0,
+            message: ChatMessageOut {
+                role: "assistant",
+                content,
+            },
+            logprobs: None,
+            finish_reason: finish_reason(finish),
+        }],
+        usage,
+    })
+}
+
+#[derive(Serialize)]
+struct Delta<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    role: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    content: Option<&'a str>,
+}
+
+#[derive(Serialize)]
+struct ChunkChoice<'a> {
+    index: u32,
+    delta: Delta<'a>,
+    logprobs: Option<()>,
+    finish_reason: Option<&'static str>,
+}
+
+#[derive(Serialize)]
+struct ChatChunk<'a> {
+    id: &'a str,
+    object: &'static str,
+    created: u64,
+    model: &'a str,
+    system_fingerprint: Option<()>,
+    choices: Vec<ChunkChoice<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    usage: Option<Option<Usage>>,
+}
+
+/// What a chat stream chunk carries.
+#[derive(Debug, Clone, Copy)]
+pub enum ChatPiece<'a> {
+    /// The first chunk: the assistant role and empty content.
+    Role,
+    /// Some generated text.
+    Text(&'a str),
+    /// The last choice chunk: an empty delta and the finish reason.
+    Finish(Finish),
+    /// After the finish chunk when usage was asked for: no choices, the usage.
+    Usage(Usage),
+}
+
+/// One `chat.completion.chunk`. With `include_usage`, every chunk carries `"usage": null`
+/// except the usage chunk, as OpenAI's do.
+pub fn chat_chunk(meta: &Meta, piece: ChatPiece<'_>, include_usage: bool) -> String {
+    let choice = |delta, finish| {
+        vec![ChunkChoice {
+            index: 0,
+            delta,
+            logprobs: None,
+            finish_reason: finish,
+        }]
+    };
+    let (choices, usage) = match piece {
+        ChatPiece::Role => (
+            choice(
+                Delta {
+                    role: Some("assistant"),
+                    content: Some(""),
+                },
+                None,
+            ),
+            None,
+        ),
+        ChatPiece::Text(t) => (
+            choice(
+                Delta {
+                    role: None,
+                    content: Some(t),
+                },
+                None,
+            ),
+            None,
+        ),
+        ChatPiece::Finish(f) => (
+            choice(
+                Delta {
+                    role: None,
+                    content: None,
+                },
+                Some(finish_reason(f)),
+            ),
+            None,
+        ),
+        ChatPiece::Usage(u) => (Vec::new(), Some(u)),
+    };
+    to_json(&ChatChunk {
+        id: &meta.id,
+        object: "chat.completion.chunk",
+        created: meta.created,
+        model: &meta.model,
+        system_fingerprint: None,
+        choices,
+        usage: include_usage.then_some(usage),
+    })
+}
+
+#[derive(Serialize)]
+struct TextChoice<'a> {
+    text: &'a str,
+    index: u32,
+    logprobs: Option<()>,
+    finish_reason: Option<&'static str>,
+}
+
+#[derive(Serialize)]
+struct TextCompletion<'a> {
+    id: &'a str,
+    object: &'static str,
+    created: u64,
+    model: &'a str,
+    system_fingerprint: Option<()>,
+    choices: Vec<TextChoice<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    usage: Option<Option<Usage>>,
+}
+
+/// A whole `text_completion` body.
+pub fn completion(meta: &Meta, text: &str, finish: Finish, usage: Usage) -> String {
+    text_completion(
+        meta,
+        Some((text, Some(finish_reason(finish)))),
+        Some(Some(usage)),
+    )
+}
+
+/// One streamed `text_completion` chunk: some text, or (with `finish`) the last choice chunk.
+pub fn completion_chunk(
+    meta: &Meta,
+    text: &str,
+    finish: Option<Finish>,
+    include_usage: bool,
+) -> String {
+    text_completion(
+        meta,
+        Some((text, finish.map(finish_reason))),
+        include_usage.then_some(None),
+    )
+}
+
+/// The usage chunk that ends a completions stream when usage was asked for.
+pub fn completion_usage_chunk(meta: &Meta, usage: Usage) -> String {
+    text_completion(meta, None, Some(Some(usage)))
+}
+
+fn text_completion(
+    meta: &Meta,
+    choice: Option<(&str, Option<&'static str>)>,
+    usage: Option<Option<Usage>>,
+) -> String {
+    to_json(&TextCompletion {
+        id: &meta.id,
+        object: "text_completion",
+        created: meta.created,
+        model: &meta.model,
+        system_fingerprint: None,
+        choices: choice
+            .map(|(text, finish_reason)| TextChoice {
+                text,
+                index: 0,
+                logprobs: None,
+                finish_reason,
+            })
+            .into_iter()
+            .collect(),
+        usage,
+    })
+}
+
+/// Serialising these plain structs cannot fail; a failure would be a bug, reported as JSON
+/// rather than a panic.
+fn to_json<T: Serialize>(v: &T) -> String {
+    serde_json::to_string(v)
+        .unwrap_or_else(|e| format!(r#"{{"error":{{"message":"serialisation failed: {e}"}}}}"#))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rwkv_core::session::chat_turn;
+
+    #[test]
+    fn one_user_message_renders_like_chat_turn() {
+        let m = [Message {
+            role: Role::User,
+            content: " Hi\n\n\nthere \r\n".into(),
+        }];
+        assert_eq!(chat_segments(&m).concat(), chat_turn(" Hi\n\n\nthere \r\n"));
+    }
+
+    #[test]
+    fn conversation_rendering() {
+        let m = [
+            Message {
+                role: Role::System,
+                content: "Be brief.".into(),
+            },
+            Message {
+                role: Role::User,
+                content: "Hi".into(),
+            },
+            Message {
+                role: Role::Assistant,
+                content: "Hello!".into(),
+            },
+            Message {
+                role: Role::User,
+                content: "Bye".into(),
+            },
+        ];
+        assert_eq!(
+            chat_segments(&m).concat(),
+            "System: Be brief.\n\nUser: Hi\n\nAssistant: Hello!\n\nUser: Bye\n\nAssistant:"
+        );
+    }
+
+    #[test]
+    fn field_errors_name_the_field() {
+        let e = parse_completion(br#"{"prompt":"x","temperature":"hot"}"#).unwrap_err();
+        assert_eq!((e.status, e.param.as_deref()), (400, Some("temperature")));
+        let e = parse_completion(br#"{"prompt":"x","n":2}"#).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("n"));
+        let e = parse_chat(br#"{"messages":[{"role":"user","content":5}]}"#).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("messages[0].content"));
+        let e =
+            parse_chat(br#"{"messages":[{"role":"user","content":"x"}],"stop":[1]}"#).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("stop"));
+        assert!(parse_chat(b"{not json")
+            .unwrap_err()
+            .message
+            .contains("JSON"));
+        assert!(parse_chat(b"[]").is_err());
+        let e = parse_completion(br#"{"prompt":"x","logit_bias":{"a":1}}"#).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("logit_bias"));
+    }
+
+    #[test]
+    fn accepted_shapes() {
+        let r = parse_completion(
+            br#"{"prompt":[1,2,3],"stop":"x","seed":-1,"n":null,"logit_bias":{"7":-100}}"#,
+        )
+        .unwrap();
+        assert_eq!(r.params.logit_bias, vec![(7, -100.0)]);
+        assert_eq!(r.prompt, Prompt::Tokens(vec![1, 2, 3]));
+        assert_eq!(r.params.stop, vec!["x".to_string()]);
+        assert_eq!(r.params.seed, Some(u64::MAX));
+        assert_eq!((r.params.temperature, r.params.top_p), (1.0, 1.0));
+        let r = parse_completion(br#"{"prompt":["hi"],"max_tokens":5,"stream":true}"#).unwrap();
+        assert_eq!(r.prompt, Prompt::Text("hi".into()));
+        assert_eq!((r.params.max_tokens, r.params.stream), (Some(5), true));
+        let r = parse_chat(
+            br#"{"messages":[{"role":"developer","content":[{"type":"text","text":"a"}]}],
+                 "max_completion_tokens":7,"stream_options":{"include_usage":true}}"#,
+        )
+        .unwrap();
+        assert_eq!(r.messages[0].role, Role::System);
+        assert_eq!(
+            (r.params.max_tokens, r.params.include_usage),
+            (Some(7), true)
+        );
+    }
+
+    #[test]
+    fn chunk_shapes() {
+        let meta = Meta {
+            id: "chatcmpl-1".into(),
+            created: 5,
+            model: "m".into(),
+        };
+        let v: Value = serde_json::from_str(&chat_chunk(&meta, ChatPiece::Role, false)).unwrap();
+        assert_eq!(v["object"], "chat.completion.chunk");
+        assert_eq!(v["choices"][0]["delta"]["role"], "assistant");
+        assert!(v.get("usage").is_none());
+        let v: Value =
+            serde_json::from_str(&chat_chunk(&meta, ChatPiece::Finish(Finish::Stop), true))
+                .unwrap();
+        assert_eq!(v["choices"][0]["finish_reason"], "stop");
+        assert!(v["usage"].is_null() && v.get("usage").is_some());
+        let u = Usage::new(3, 1, 4);
+        let v: Value = serde_json::from_str(&completion_usage_chunk(&meta, u)).unwrap();
+        assert_eq!(v["usage"]["total_tokens"], 7);
+        assert_eq!(v["choices"].as_array().unwrap().len(), 0);
+    }
+}
