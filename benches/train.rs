@@ -12,7 +12,7 @@
 use rwkv::checkpoint::Generation;
 use rwkv::init::{init_tensors, InitSpec, Rng};
 use rwkv::kernels::sgemm::{gemm, gemm_bf16, gemm_crate};
-use rwkv::train::fused::{Fused7, Prepared};
+use rwkv::train::v7::{Fused7, Prepared};
 use std::time::Instant;
 
 fn rnd(n: usize, seed: u64) -> Vec<f32> {

@@ -6,7 +6,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use common::{fixture, tol_ratio, Expected};
 use rwkv::checkpoint::Checkpoint;
 use rwkv::init::Rng;
-use rwkv::train::ops::{Act, CrossEntropy, Heads, Norm, ShiftMix, Wkv4, Wkv7, Wkv7Out};
+use rwkv::train::graph::ops::{Act, CrossEntropy, Heads, Norm, ShiftMix, Wkv4, Wkv7, Wkv7Out};
 use rwkv::train::TrainModel;
 
 fn randn(n: usize, scale: f64, rng: &mut Rng) -> Vec<f64> {

@@ -1,13 +1,22 @@
 //! Time-parallel training of RWKV-7 and RWKV-4 from scratch on the CPU.
+//!
+//! - [`params`]: the parameters being trained (plain f32 vectors under the official names);
+//! - [`v7`]: RWKV-7's forward and backward pass, written out by hand (its WKV scan in
+//!   `v7/scan.rs`): where the RWKV-7 backward lives;
+//! - [`graph`]: both generations as a candle autograd graph with fused ops — the reference the
+//!   hand-written pass is tested against, and RWKV-4's engine;
+//! - [`optim`]: AdamW and the schedule; [`run`]: the loop, checkpoints, resumption, metrics,
+//!   the loss plot. Validation scores through `rwkv_core::eval`, as `rwkv eval` does.
 
-pub mod model;
-pub mod ops;
-
-pub use model::{Dims, TrainModel};
-pub mod fused;
+mod common;
+pub mod graph;
 pub mod optim;
+pub mod params;
 pub mod run;
-mod scan;
+pub mod v7;
+
+pub use graph::TrainModel;
+pub use params::{Dims, Params};
 
 pub use run::{train, Arch, Precision, TrainConfig};
 

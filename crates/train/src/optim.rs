@@ -95,7 +95,7 @@ impl Slot {
                 *pi = *pi * wd - step * *mi / (vi.sqrt() / bc2s + eps);
             }
         }
-        super::ops::dispatch!(body(
+        crate::common::dispatch!(body(
             p,
             g,
             &mut self.m,

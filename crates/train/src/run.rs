@@ -1,8 +1,9 @@
 //! `rwkv train`: the training loop, checkpoints, resumption, metrics and the loss plot.
 
-use super::fused::{Fused7, Prepared, Work};
-use super::model::{Ce, Dims, TrainModel};
 use super::optim::{lr_at, AdamConfig, Slot};
+use super::params::{Dims, Params};
+use crate::graph::{Ce, TrainModel};
+use crate::v7::{Fused7, Prepared, Work};
 use candle_core::{DType, Tensor};
 use rayon::prelude::*;
 use rwkv_core::checkpoint::{write_safetensors, Checkpoint, Generation, OutTensor};
@@ -343,18 +344,8 @@ fn vocab_for(spec: &str) -> Result<usize> {
 /// Mean loss over the text `range` of `toks`, cut into windows of `ctx` tokens, each window
 /// from a fresh state (every token after the first is predicted exactly once): the current
 /// weights scored by the inference engine, through the code of `rwkv eval --ctx`.
-pub fn window_loss(
-    m: &TrainModel,
-    toks: &Tokens,
-    range: (usize, usize),
-    ctx: usize,
-) -> Result<f64> {
-    let tensors = m.tensors()?;
-    let out: Vec<OutTensor> = tensors
-        .iter()
-        .map(|(n, s, d)| OutTensor::f32(n.clone(), s.clone(), d))
-        .collect();
-    let ck = Checkpoint::from_tensors("the model being trained", &out)?;
+pub fn window_loss(m: &Params, toks: &Tokens, range: (usize, usize), ctx: usize) -> Result<f64> {
+    let ck = Checkpoint::from_tensors("the model being trained", &m.out_tensors())?;
     let model = Model::from_checkpoint(&ck, None)?;
     let mut ids = Vec::with_capacity(range.1 - range.0);
     toks.copy(range.0, range.1, &mut ids);
@@ -369,16 +360,26 @@ fn values(t: &Tensor) -> Result<Vec<f32>> {
         .ce()
 }
 
+/// What computes the loss and the gradients (one trainer holds one, for its whole run).
+#[allow(clippy::large_enum_variant)]
+enum Engine {
+    /// RWKV-7's hand-written pass, with one work area per shard and the weights' prepared
+    /// forms.
+    V7(Fused7, Vec<ShardWork>, Prepared),
+    /// The candle graph (RWKV-4, which has no hand-written pass yet, and RWKV-7 with
+    /// `RWKV_TRAIN_GRAPH=1`, the reference that made the built-in model).
+    Graph,
+}
+
 /// The trainer's state between steps.
 struct Trainer {
     cfg: TrainConfig,
-    model: TrainModel,
+    params: Params,
     slots: Vec<Slot>,
     step: u64,
     rng: Rng,
     adam: AdamConfig,
-    /// The hand-written RWKV-7 pass and one work area per shard (RWKV-4 uses the graph).
-    fused: Option<(Fused7, Vec<ShardWork>, Prepared)>,
+    engine: Engine,
 }
 
 impl Trainer {
@@ -391,15 +392,16 @@ impl Trainer {
             head_size: cfg.head_size,
             seed: cfg.seed,
         };
-        let model = TrainModel::from_tensors(init_tensors(&spec)?, DType::F32)?;
-        Ok(Trainer::with_model(cfg, model))
+        Trainer::with_params(cfg, Params::from_tensors(init_tensors(&spec)?)?)
     }
 
     /// A trainer at step 0 with fresh optimizer state.
-    fn with_model(cfg: TrainConfig, model: TrainModel) -> Trainer {
-        let slots = model
-            .vars()
-            .map(|(n, v)| Slot::new(n, v.as_tensor().rank(), v.as_tensor().elem_count()))
+    fn with_params(cfg: TrainConfig, params: Params) -> Result<Trainer> {
+        let slots = params
+            .names()
+            .iter()
+            .zip(params.shapes())
+            .map(|(n, s)| Slot::new(n, s.len(), s.iter().product()))
             .collect();
         let adam = AdamConfig {
             beta1: 0.9,
@@ -409,42 +411,33 @@ impl Trainer {
         };
         // `RWKV_TRAIN_GRAPH=1` trains through the candle graph instead (to compare the two).
         let graph = std::env::var("RWKV_TRAIN_GRAPH").is_ok_and(|v| !v.is_empty() && v != "0");
-        let fused = (model.dims.arch != Generation::V4 && !graph)
-            .then(|| {
-                let (names, shapes): (Vec<String>, Vec<Vec<usize>>) = model
-                    .vars()
-                    .map(|(n, v)| (n.to_string(), v.as_tensor().dims().to_vec()))
-                    .unzip();
-                Fused7::new(&names, &shapes, model.dims.head_size).ok()
-            })
-            .flatten()
-            .map(|mut f| {
+        let engine = match params.dims.arch {
+            Generation::V7 if !graph => {
+                let mut f = Fused7::new(params.names(), params.shapes(), params.dims.head_size)?;
                 f.set_bf16(cfg.precision == Precision::Bf16 && rwkv_core::cpu::has_avx512_bf16());
-                f
-            })
-            .map(|f| (f, Vec::new(), Prepared::default()));
-        Trainer {
+                Engine::V7(f, Vec::new(), Prepared::default())
+            }
+            _ => Engine::Graph,
+        };
+        Ok(Trainer {
             rng: Rng::new(cfg.seed ^ 0x5eed_da7a),
             cfg,
-            model,
+            params,
             slots,
             step: 0,
             adam,
-            fused,
-        }
+            engine,
+        })
     }
 
     /// The saved state: weights under the official names, optimizer moments as
     /// `adam.m.NAME`/`adam.v.NAME`, the step, RNG and config in the metadata.
     fn save(&self, dir: &RunDir) -> Result<()> {
-        let tensors = self.model.tensors()?;
         // The weights first: they alone make model.safetensors.
-        let mut all: Vec<OutTensor> = tensors
-            .iter()
-            .map(|(n, s, d)| OutTensor::f32(n.clone(), s.clone(), d))
-            .collect();
+        let mut all = self.params.out_tensors();
         let weights = all.len();
-        for ((n, s, _), slot) in tensors.iter().zip(&self.slots) {
+        let named = self.params.names().iter().zip(self.params.shapes());
+        for ((n, s), slot) in named.zip(&self.slots) {
             all.push(OutTensor::f32(format!("adam.m.{n}"), s.clone(), &slot.m));
             all.push(OutTensor::f32(format!("adam.v.{n}"), s.clone(), &slot.v));
         }
@@ -499,7 +492,7 @@ impl Trainer {
             }
         }
         // The weights come from the state file (no initialisation to throw away).
-        let model = TrainModel::from_checkpoint_keys(&ck, DType::F32, |n| !n.starts_with("adam."))?;
+        let params = Params::from_checkpoint_keys(&ck, |n| !n.starts_with("adam."))?;
         let want = Dims {
             arch: cfg.arch.generation(),
             n_layer: cfg.layers,
@@ -511,16 +504,16 @@ impl Trainer {
             },
             vocab,
         };
-        if model.dims != want {
+        if params.dims != want {
             return Err(Error::bad(format!(
                 "resume: {} holds a model of {:?}, not {want:?}",
                 path.display(),
-                model.dims
+                params.dims
             )));
         }
-        let mut t = Trainer::with_model(cfg, model);
-        for ((n, var), slot) in t.model.vars().zip(t.slots.iter_mut()) {
-            let shape = var.as_tensor().dims();
+        let mut t = Trainer::with_params(cfg, params)?;
+        let named = t.params.names().iter().zip(t.params.shapes());
+        for ((n, shape), slot) in named.zip(t.slots.iter_mut()) {
             for (moment, out) in [("m", &mut slot.m), ("v", &mut slot.v)] {
                 let name = format!("adam.{moment}.{n}");
                 ck.expect_shape(&name, shape)?;
@@ -540,13 +533,13 @@ impl Trainer {
 
     /// How the products run, for the log.
     fn precision(&self) -> &'static str {
-        match &self.fused {
-            Some((f, ..)) if f.bf16() => "bf16 products",
-            Some(_) if self.cfg.precision == Precision::Bf16 => {
+        match &self.engine {
+            Engine::V7(f, ..) if f.bf16() => "bf16 products",
+            Engine::V7(..) if self.cfg.precision == Precision::Bf16 => {
                 "f32 products (no AVX512-BF16 here)"
             }
-            Some(_) => "f32",
-            None => "f32 (candle graph)",
+            Engine::V7(..) => "f32",
+            Engine::Graph => "f32 (candle graph)",
         }
     }
 
@@ -565,8 +558,12 @@ impl Trainer {
         let bounds: Vec<(usize, usize)> = (0..shards)
             .map(|i| (i * b / shards, (i + 1) * b / shards))
             .collect();
-        let model = &self.model;
         let l2wrap = self.cfg.l2wrap;
+        // The graph holds its own copy of the weights, made once per step.
+        let graph = match self.engine {
+            Engine::Graph => Some(TrainModel::from_params(&self.params, DType::F32)?),
+            Engine::V7(..) => None,
+        };
         for micro in 0..self.cfg.accum {
             inp.clear();
             tgt.clear();
@@ -577,12 +574,17 @@ impl Trainer {
                 c.train.copy(s + 1, s + ctx + 1, &mut tgt);
             }
             let (inp, tgt) = (&inp, &tgt);
-            if let Some((f, works, tr)) = &mut self.fused {
-                // The weights change once per step: their transposes too.
-                let fresh = micro == 0;
-                loss_sum += fused_step(f, works, model, &bounds, inp, tgt, ctx, l2wrap, tr, fresh)?;
-                continue;
-            }
+            let model = match (&mut self.engine, &graph) {
+                (Engine::V7(f, works, tr), _) => {
+                    // The weights change once per step: their transposes too.
+                    let fresh = micro == 0;
+                    let p = &self.params;
+                    loss_sum += fused_step(f, works, p, &bounds, inp, tgt, ctx, l2wrap, tr, fresh)?;
+                    continue;
+                }
+                (Engine::Graph, Some(g)) => g,
+                (Engine::Graph, None) => unreachable!("the graph is made above"),
+            };
             let parts: Vec<Result<(f64, Vec<Vec<f32>>)>> = bounds
                 .par_iter()
                 .map(|&(w0, w1)| {
@@ -613,16 +615,16 @@ impl Trainer {
             }
         }
         let inv = 1.0 / self.cfg.accum as f32;
-        let sqs = match &mut self.fused {
-            Some((_, works, _)) => {
+        let sqs = match &mut self.engine {
+            Engine::V7(_, works, _) => {
                 let (g, sqs) = shard_grads(works, inv);
                 grads = g;
                 sqs
             }
-            None => reduce_grads(&mut grads, &[], inv, false),
+            Engine::Graph => reduce_grads(&mut grads, &[], inv, false),
         };
         let out = self.update(grads, &sqs, loss_sum);
-        if let Some((_, works, _)) = &mut self.fused {
+        if let Engine::V7(_, works, _) = &mut self.engine {
             restore_grads(works, out.1);
         }
         out.0
@@ -659,67 +661,16 @@ impl Trainer {
             self.cfg.lr_final(),
         );
         self.step += 1;
-        let vars: Vec<_> = self.model.vars().map(|(_, v)| v.clone()).collect();
         let (step, adam) = (self.step, &self.adam);
         // Each parameter's update is independent: they run side by side on the pool, each in
         // place in the parameter's own storage.
-        let done = vars
-            .par_iter()
+        self.params
+            .values_mut()
+            .par_iter_mut()
             .zip(self.slots.par_iter_mut())
             .zip(grads.par_iter())
-            .map(|((var, slot), g)| -> Result<()> {
-                let op = AdamStep {
-                    slot: std::sync::Mutex::new(slot),
-                    g,
-                    clip,
-                    lr,
-                    step,
-                    adam,
-                };
-                var.as_tensor().inplace_op1(&op).ce()
-            })
-            .collect::<Result<Vec<()>>>();
-        (done.map(|_| (loss, norm, lr)), grads)
-    }
-}
-
-/// One parameter's AdamW update, applied to its tensor's storage in place.
-struct AdamStep<'a> {
-    slot: std::sync::Mutex<&'a mut Slot>,
-    g: &'a [f32],
-    /// The clipping factor of the gradient.
-    clip: f32,
-    lr: f64,
-    step: u64,
-    adam: &'a AdamConfig,
-}
-
-impl candle_core::InplaceOp1 for AdamStep<'_> {
-    fn name(&self) -> &'static str {
-        "adamw"
-    }
-
-    fn cpu_fwd(
-        &self,
-        storage: &mut candle_core::CpuStorage,
-        layout: &candle_core::Layout,
-    ) -> candle_core::Result<()> {
-        let (candle_core::CpuStorage::F32(v), Some((a, b))) =
-            (storage, layout.contiguous_offsets())
-        else {
-            candle_core::bail!("training parameters must be contiguous f32");
-        };
-        let p = &mut v[a..b];
-        if p.len() != self.g.len() {
-            candle_core::bail!(
-                "gradient of {} values for {} parameters",
-                self.g.len(),
-                p.len()
-            );
-        }
-        let mut slot = self.slot.lock().unwrap_or_else(|e| e.into_inner());
-        slot.update(p, self.g, self.clip, self.lr, self.step, self.adam);
-        Ok(())
+            .for_each(|((p, slot), g)| slot.update(p, g, clip, lr, step, adam));
+        (Ok((loss, norm, lr)), grads)
     }
 }
 
@@ -749,7 +700,7 @@ fn add_grads(sum: &mut Vec<Vec<f32>>, g: Vec<Vec<f32>>) {
 fn fused_step(
     f: &Fused7,
     works: &mut Vec<ShardWork>,
-    model: &TrainModel,
+    model: &Params,
     bounds: &[(usize, usize)],
     inp: &[u32],
     tgt: &[u32],
@@ -761,20 +712,8 @@ fn fused_step(
     works.resize_with(bounds.len(), Default::default);
     let rows = bounds.last().map_or(0, |b| b.1) * ctx;
     let scale = 1.0 / rows.max(1) as f32;
-    // Read locks on every parameter for the length of the pass; the shards share the slices.
-    let guards: Vec<_> = model
-        .vars()
-        .map(|(_, v)| v.as_tensor().storage_and_layout())
-        .collect();
-    let params = guards
-        .iter()
-        .map(|(g, l)| match (&**g, l.contiguous_offsets()) {
-            (candle_core::Storage::Cpu(cs), Some((a, b))) => Ok(&cs.as_slice::<f32>().ce()?[a..b]),
-            _ => Err(Error::Internal(
-                "training parameters must be contiguous f32 on the CPU".into(),
-            )),
-        })
-        .collect::<Result<Vec<&[f32]>>>()?;
+    // The shards share the parameters' slices.
+    let params: Vec<&[f32]> = model.values().iter().map(Vec::as_slice).collect();
     if fresh {
         f.prepare(&params, prepared);
     }
@@ -1069,7 +1008,7 @@ pub fn train(mut cfg: TrainConfig, resume: bool, stop_at: Option<u64>) -> Result
         let s = t.step;
         let last = s == cfg.steps;
         let val = if s % cfg.eval_every == 0 || last {
-            let v = window_loss(&t.model, corpus.val(), corpus.val_range, cfg.ctx)?;
+            let v = window_loss(&t.params, corpus.val(), corpus.val_range, cfg.ctx)?;
             last_val = v;
             Some(v)
         } else {
@@ -1125,7 +1064,7 @@ pub fn train(mut cfg: TrainConfig, resume: bool, stop_at: Option<u64>) -> Result
     }
     if t.step == first_step {
         // Resumed a run that had already reached --steps: nothing to train, still report.
-        last_val = window_loss(&t.model, corpus.val(), corpus.val_range, cfg.ctx)?;
+        last_val = window_loss(&t.params, corpus.val(), corpus.val_range, cfg.ctx)?;
     }
     let trained = (t.step - first_step) as f64 * tok_per_step;
     let tps = metrics

@@ -9,6 +9,7 @@
 // Index loops over several parallel per-channel arrays read more clearly than zipped iterators.
 #![allow(clippy::needless_range_loop)]
 
+use crate::common::{dispatch, WKV_CHUNK};
 use candle_core::{
     backend::BackendStorage, bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout,
     Result, Shape, Storage, Tensor, WithDType,
@@ -106,36 +107,6 @@ macro_rules! by_dtype {
         }
     };
 }
-
-/// Evaluates `$e` compiled for AVX2 and FMA when the CPU has them. The kernels here are generic
-/// code left to the compiler's vectoriser, and the baseline x86-64 target only has SSE2.
-macro_rules! dispatch {
-    ($e:expr) => {{
-        #[cfg(target_arch = "x86_64")]
-        {
-            #[target_feature(enable = "avx2,fma")]
-            unsafe fn fast<R>(f: impl FnOnce() -> R) -> R {
-                f()
-            }
-            if rwkv_core::cpu::has_avx2() {
-                // SAFETY: AVX2 and FMA were detected at run time.
-                unsafe {
-                    fast(
-                        #[inline(always)]
-                        || $e,
-                    )
-                }
-            } else {
-                $e
-            }
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        {
-            $e
-        }
-    }};
-}
-pub(crate) use dispatch;
 
 /// A read lock on a contiguous tensor's CPU data.
 struct Lock<G> {
@@ -582,11 +553,6 @@ impl CustomOp1 for CrossEntropy {
 
 // ---------------------------------------------------------------------------------------------
 // RWKV-7 WKV.
-
-/// Tokens between state checkpoints in the WKV-7 forward pass (as the official CUDA kernel):
-/// memory holds `T/16` states per head instead of `T`, and the backward pass recomputes the
-/// states inside one chunk at a time.
-pub const WKV_CHUNK: usize = 16;
 
 /// Shapes of a batch of sequences split into heads.
 #[derive(Clone, Copy, Debug)]

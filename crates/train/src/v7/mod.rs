@@ -13,8 +13,9 @@
 // Index loops over several parallel per-channel arrays read more clearly than zipped iterators.
 #![allow(clippy::needless_range_loop)]
 
-use super::ops::dispatch;
-use super::scan;
+mod scan;
+
+use crate::common::dispatch;
 use rayon::prelude::*;
 use rwkv_core::checkpoint::Generation;
 use rwkv_core::error::{Error, Result};

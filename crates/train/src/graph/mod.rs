@@ -3,10 +3,16 @@
 //! Parameters are candle `Var`s named and shaped exactly as in the official checkpoints, so a
 //! model is saved by writing its variables and loaded by any RWKV runtime. The forward pass
 //! follows RWKV-LM (`RWKV-v7/train_temp/src/model.py`, `RWKV-v4neo/src/model.py`) with the
-//! element-wise chains and the WKV scans fused into the ops of [`super::ops`].
+//! element-wise chains and the WKV scans fused into the ops of [`ops`].
+//!
+//! It is the reference the hand-written passes are tested against, and the engine of RWKV-4
+//! training (which has no hand-written pass yet).
 
-use super::ops::{Act, CrossEntropy, Heads, Norm, ShiftMix, Wkv4, Wkv7, Wkv7Out};
+pub mod ops;
+
+use crate::params::{infer_dims, Dims};
 use candle_core::{DType, Device, Tensor, Var};
+use ops::{Act, CrossEntropy, Heads, Norm, ShiftMix, Wkv4, Wkv7, Wkv7Out};
 use rwkv_core::checkpoint::{Checkpoint, Generation};
 use rwkv_core::error::{Error, Result};
 use rwkv_core::init::NamedTensor;
@@ -27,21 +33,6 @@ impl<T> Ce<T> for candle_core::Result<T> {
     fn ce(self) -> Result<T> {
         self.map_err(ce)
     }
-}
-
-/// The shape of a trainable model.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Dims {
-    /// Generation (V7 or V4).
-    pub arch: Generation,
-    /// Blocks.
-    pub n_layer: usize,
-    /// Width.
-    pub n_embd: usize,
-    /// Head size (RWKV-7).
-    pub head_size: usize,
-    /// Vocabulary size.
-    pub vocab: usize,
 }
 
 /// A trainable RWKV model: named variables in checkpoint order.
@@ -87,6 +78,11 @@ impl TrainModel {
             index,
             dtype,
         })
+    }
+
+    /// The graph of a model being trained, on a copy of its parameters.
+    pub fn from_params(p: &crate::params::Params, dtype: DType) -> Result<TrainModel> {
+        Self::from_tensors(p.tensors(), dtype)
     }
 
     /// Loads every tensor of an official checkpoint (any dtype) for training.
@@ -350,47 +346,4 @@ impl TrainModel {
     pub fn dtype(&self) -> DType {
         self.dtype
     }
-}
-
-/// The shape of a model from its tensors' names and shapes.
-fn infer_dims(shapes: &HashMap<&str, &[usize]>) -> Result<Dims> {
-    let emb = shapes
-        .get("emb.weight")
-        .copied()
-        .ok_or_else(|| Error::bad("tensor emb.weight is missing"))?;
-    let (vocab, c) = match emb {
-        [v, c] => (*v, *c),
-        s => {
-            return Err(Error::bad(format!(
-                "emb.weight has shape {s:?}, not [V, C]"
-            )))
-        }
-    };
-    let n_layer = (0..)
-        .take_while(|i| shapes.contains_key(format!("blocks.{i}.ln1.weight").as_str()))
-        .count();
-    if n_layer == 0 {
-        return Err(Error::bad("the model has no blocks (blocks.0.ln1.weight)"));
-    }
-    let (arch, head_size) = match shapes.get("blocks.0.att.r_k").copied() {
-        Some([h, n]) if h * n == c => (Generation::V7, *n),
-        Some(s) => {
-            return Err(Error::bad(format!(
-                "blocks.0.att.r_k has shape {s:?}, not [H, N] with H·N = {c}"
-            )))
-        }
-        None if shapes.contains_key("blocks.0.att.time_first") => (Generation::V4, 0),
-        None => {
-            return Err(Error::bad(
-                "training supports RWKV-7 (att.r_k) and RWKV-4 (att.time_first) models",
-            ))
-        }
-    };
-    Ok(Dims {
-        arch,
-        n_layer,
-        n_embd: c,
-        head_size,
-        vocab,
-    })
 }

@@ -15,7 +15,7 @@
 // Index loops over several parallel per-channel arrays read more clearly than zipped iterators.
 #![allow(clippy::needless_range_loop)]
 
-use super::ops::{dispatch, WKV_CHUNK};
+use crate::common::{dispatch, WKV_CHUNK};
 use rwkv_core::kernels::{exp, sigmoid};
 use rwkv_core::model::consts::{NORMALIZE_EPS, V7_DECAY_SCALE as W_SCALE};
 
