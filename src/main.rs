@@ -550,146 +550,138 @@ fn main() -> ExitCode {
     }
 }
 
-/// `rwkv train` flags; each overrides the same key of `--config`.
-#[derive(Args)]
+/// `rwkv train` flags; each overrides the key of the same name (`TrainConfig`'s, and `--config`'s
+/// file's): the flags that were given serialise to exactly those keys.
+#[derive(Args, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
 struct TrainArgs {
     /// A TOML file with any of the keys below (flag names without the dashes).
     #[arg(long)]
+    #[serde(skip)]
     config: Option<PathBuf>,
     /// Training text.
     #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     data: Option<PathBuf>,
     /// bytes, world or a tokenizer file [default: bytes].
     #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     tokenizer: Option<String>,
     /// Fraction at the end of --data held out for validation [default: 0.1].
     #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     val_fraction: Option<f64>,
     /// A separate validation text (instead of --val-fraction).
     #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     val_data: Option<PathBuf>,
     /// v7 or v4 [default: v7].
     #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     arch: Option<String>,
     /// Blocks [default: 4].
     #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     layers: Option<usize>,
     /// Width [default: 128].
     #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     dim: Option<usize>,
     /// Head size (v7) [default: 32].
     #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     head_size: Option<usize>,
     /// Tokens per training window [default: 64].
     #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     ctx: Option<usize>,
     /// Windows per micro-batch [default: 12].
     #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     batch: Option<usize>,
     /// Micro-batches per optimizer step (gradient accumulation) [default: 1].
     #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     accum: Option<usize>,
     /// Optimizer steps [default: 2000].
     #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     steps: Option<u64>,
     /// Peak learning rate [default: 6e-3].
     #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     lr: Option<f64>,
     /// Learning rate at the last step [default: lr / 100].
     #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     lr_final: Option<f64>,
     /// Warm-up steps [default: 100].
     #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     warmup: Option<u64>,
     /// AdamW weight decay on 2-D weights [default: 0.1].
     #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     weight_decay: Option<f64>,
     /// Largest global gradient norm [default: 1.0].
     #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     grad_clip: Option<f64>,
     /// L2Wrap factor [default: 1e-4].
     #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     l2wrap: Option<f64>,
     /// Random seed [default: 1337].
     #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     seed: Option<u64>,
     /// Run directory: checkpoints, metrics.jsonl, loss.svg [default: runs/latest].
     #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     out: Option<PathBuf>,
     /// Steps between checkpoints [default: 500].
     #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     save_every: Option<u64>,
     /// Steps between validations [default: 500; always at the last step].
     #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     eval_every: Option<u64>,
     /// Steps between metric lines [default: 10].
     #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     log_every: Option<u64>,
     /// Also write model.pth with every checkpoint.
     #[arg(long)]
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
     pth: bool,
     /// Continue the run in --out from its last checkpoint.
     #[arg(long)]
+    #[serde(skip)]
     resume: bool,
     /// Stop after this step as an interruption would (continue later with --resume).
     #[arg(long)]
+    #[serde(skip)]
     stop_at: Option<u64>,
     /// Worker threads (default: all cores).
     #[arg(long)]
+    #[serde(skip)]
     threads: Option<usize>,
     /// bf16: RWKV-7's matrix products take bfloat16 inputs and sum in f32, twice as fast on
     /// CPUs with AVX512-BF16 (f32 elsewhere); f32: everything in f32 [default: bf16].
     #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     precision: Option<String>,
 }
 
 fn train(a: TrainArgs) -> Result<()> {
     use rwkv::train::TrainConfig;
-    let mut c = match &a.config {
+    let c = match &a.config {
         Some(p) => TrainConfig::from_toml(p)?,
         None => TrainConfig::default(),
     };
-    macro_rules! set {
-        ($($f:ident),*) => { $( if let Some(v) = a.$f.clone() { c.$f = v; } )* };
-    }
-    set!(
-        data,
-        tokenizer,
-        val_fraction,
-        layers,
-        dim,
-        head_size,
-        ctx,
-        batch,
-        accum,
-        steps
-    );
-    set!(
-        lr,
-        warmup,
-        weight_decay,
-        grad_clip,
-        l2wrap,
-        seed,
-        out,
-        save_every,
-        eval_every
-    );
-    set!(log_every);
-    // Parsed here rather than by clap, whose errors take three lines.
-    if let Some(arch) = &a.arch {
-        c.arch = arch.parse()?;
-    }
-    if let Some(p) = &a.precision {
-        c.precision = p.parse()?;
-    }
-    if a.val_data.is_some() {
-        c.val_data = a.val_data.clone();
-    }
-    if a.lr_final.is_some() {
-        c.lr_final = a.lr_final;
-    }
-    c.pth |= a.pth;
+    let given = serde_json::to_value(&a).map_err(|e| Error::Internal(e.to_string()))?;
+    let c = c.with_overrides(given)?;
     rwkv::train::set_threads(a.threads)?;
     let s = rwkv::train::train(c, a.resume, a.stop_at)?;
     println!(

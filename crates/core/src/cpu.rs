@@ -1,7 +1,9 @@
 //! What this CPU can do, detected once per process: the instruction sets the kernels choose
 //! between at run time. Every kernel asks here, so that one environment variable turns a path
 //! off everywhere: `RWKV_NO_SIMD` (portable code only), `RWKV_NO_AVX512` (the AVX2 paths on
-//! an AVX-512 machine), `RWKV_NO_BF16` (f32 training products).
+//! an AVX-512 machine), `RWKV_NO_BF16` (f32 training products). The checks are `#[inline]`:
+//! the kernels ask once per row, and a call into another code-generation unit would cost more
+//! than the load of the cached answer.
 
 use std::sync::OnceLock;
 
@@ -10,6 +12,7 @@ fn unset(var: &str) -> bool {
 }
 
 /// Whether AVX2, FMA and F16C are available.
+#[inline]
 pub fn has_avx2() -> bool {
     static HAS: OnceLock<bool> = OnceLock::new();
     *HAS.get_or_init(|| {
@@ -29,6 +32,7 @@ pub fn has_avx2() -> bool {
 
 /// Whether AVX-512 (F, BW, VL) is available on top of AVX2 (`RWKV_NO_AVX512` turns it off, to
 /// measure or test the AVX2 paths on the same machine).
+#[inline]
 pub fn has_avx512() -> bool {
     static HAS: OnceLock<bool> = OnceLock::new();
     *HAS.get_or_init(|| {
@@ -48,6 +52,7 @@ pub fn has_avx512() -> bool {
 }
 
 /// Whether AVX-512 with VNNI (integer dot products) is available.
+#[inline]
 pub fn has_avx512_vnni() -> bool {
     static HAS: OnceLock<bool> = OnceLock::new();
     *HAS.get_or_init(|| {
@@ -65,6 +70,7 @@ pub fn has_avx512_vnni() -> bool {
 }
 
 /// Whether AVX512-BF16 (bfloat16 pair products) is available (`RWKV_NO_BF16` turns it off).
+#[inline]
 pub fn has_avx512_bf16() -> bool {
     static HAS: OnceLock<bool> = OnceLock::new();
     *HAS.get_or_init(|| {
@@ -81,12 +87,14 @@ pub fn has_avx512_bf16() -> bool {
 
 /// Whether the NEON kernels are used: always on aarch64 (NEON is part of every aarch64 CPU)
 /// unless `RWKV_NO_SIMD` is set.
+#[inline]
 pub fn has_neon() -> bool {
     static ON: OnceLock<bool> = OnceLock::new();
     *ON.get_or_init(|| cfg!(target_arch = "aarch64") && unset("RWKV_NO_SIMD"))
 }
 
 /// Whether the integer kernels may use `SDOT` (the `dotprod` extension, Armv8.2 and later).
+#[inline]
 pub fn has_neon_dotprod() -> bool {
     static HAS: OnceLock<bool> = OnceLock::new();
     *HAS.get_or_init(|| {

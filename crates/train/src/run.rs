@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 /// The generations `rwkv train` trains.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub enum Arch {
     /// RWKV-7.
     #[serde(rename = "v7")]
@@ -29,6 +29,21 @@ pub enum Arch {
     #[serde(rename = "v4")]
     V4,
 }
+
+/// Settings named by a string (`arch`, `precision`) read through their `FromStr`, so that a
+/// config file and a flag give the same message for a bad value.
+macro_rules! deserialize_from_str {
+    ($t:ty) => {
+        impl<'de> Deserialize<'de> for $t {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<$t, D::Error> {
+                let s = String::deserialize(d)?;
+                s.parse().map_err(serde::de::Error::custom)
+            }
+        }
+    };
+}
+deserialize_from_str!(Arch);
+deserialize_from_str!(Precision);
 
 impl Arch {
     /// The generation it trains.
@@ -58,7 +73,7 @@ impl std::fmt::Display for Arch {
 }
 
 /// How RWKV-7's matrix products run in training.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Precision {
     /// bfloat16 inputs and f32 sums, on CPUs with AVX512-BF16 (f32 elsewhere).
@@ -171,6 +186,16 @@ impl Default for TrainConfig {
 }
 
 impl TrainConfig {
+    /// This configuration with the settings in `overrides` (an object of the same keys, as
+    /// `rwkv train`'s flags serialise) replaced.
+    pub fn with_overrides(&self, overrides: serde_json::Value) -> Result<TrainConfig> {
+        let mut merged = serde_json::to_value(self).map_err(|e| Error::Internal(e.to_string()))?;
+        if let (Some(m), serde_json::Value::Object(o)) = (merged.as_object_mut(), overrides) {
+            m.extend(o);
+        }
+        serde_json::from_value(merged).map_err(|e| Error::bad(e.to_string()))
+    }
+
     /// Reads a TOML config file.
     pub fn from_toml(path: &Path) -> Result<TrainConfig> {
         let s = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
