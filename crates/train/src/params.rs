@@ -5,6 +5,7 @@
 use rwkv_core::checkpoint::{Checkpoint, Generation, OutTensor};
 use rwkv_core::error::{Error, Result};
 use rwkv_core::init::NamedTensor;
+use rwkv_core::schema;
 use std::collections::HashMap;
 
 /// The shape of a trainable model.
@@ -34,12 +35,14 @@ pub struct Params {
 impl Params {
     /// Parameters from named tensors (from `init_tensors` or a checkpoint).
     pub fn from_tensors(tensors: Vec<NamedTensor>) -> Result<Params> {
-        let dims = infer_dims(
-            &tensors
-                .iter()
-                .map(|(n, s, _)| (n.as_str(), s.as_slice()))
-                .collect(),
-        )?;
+        let shapes: HashMap<&str, &[usize]> = tensors
+            .iter()
+            .map(|(n, s, _)| (n.as_str(), s.as_slice()))
+            .collect();
+        let dims = infer_dims(&shapes)?;
+        // Every tensor as the generation's schema has it: no more, no fewer, no other shape.
+        let listed = tensors.iter().map(|(n, s, _)| (n.as_str(), s.as_slice()));
+        schema::check(&schema_dims(&dims, &shapes), listed)?;
         let mut p = Params {
             dims,
             names: Vec::new(),
@@ -111,6 +114,35 @@ impl Params {
     }
 }
 
+/// The schema's dimensions of a model of shape `d`, with its channel-mix size and LoRA ranks
+/// read from `shapes` (0 where a tensor is missing, which the schema check then names).
+fn schema_dims(d: &Dims, shapes: &HashMap<&str, &[usize]>) -> schema::Dims {
+    let col = |name: &str, i: usize| {
+        shapes
+            .get(name)
+            .and_then(|s| s.get(i).copied())
+            .unwrap_or(0)
+    };
+    let lora = match d.arch {
+        Generation::V7 => vec![
+            ("w", col("blocks.0.att.w1", 1)),
+            ("a", col("blocks.0.att.a1", 1)),
+            ("v", col("blocks.1.att.v1", 1)),
+            ("g", col("blocks.0.att.g1", 1)),
+        ],
+        _ => Vec::new(),
+    };
+    schema::Dims {
+        generation: d.arch,
+        n_layer: d.n_layer,
+        n_embd: d.n_embd,
+        head_size: d.head_size,
+        ffn_dim: col("blocks.0.ffn.key.weight", 0),
+        vocab: d.vocab,
+        lora,
+    }
+}
+
 /// The shape of a model from its tensors' names and shapes.
 pub(crate) fn infer_dims(shapes: &HashMap<&str, &[usize]>) -> Result<Dims> {
     let emb = shapes
@@ -152,4 +184,48 @@ pub(crate) fn infer_dims(shapes: &HashMap<&str, &[usize]>) -> Result<Dims> {
         head_size,
         vocab,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rwkv_core::init::{init_tensors, InitSpec};
+
+    #[test]
+    fn parameters_outside_the_schema_are_refused_by_name() {
+        for arch in [Generation::V4, Generation::V7] {
+            let spec = InitSpec {
+                arch,
+                n_layer: 2,
+                n_embd: 64,
+                vocab: 50,
+                head_size: 16,
+                seed: 1,
+            };
+            let good = init_tensors(&spec).unwrap();
+            assert!(Params::from_tensors(good.clone()).is_ok(), "{arch}");
+            let mut bad = good.clone();
+            let t = bad
+                .iter_mut()
+                .find(|t| t.0 == "blocks.1.ffn.key.weight")
+                .unwrap();
+            t.1 = vec![t.1[0] / 2, t.1[1]];
+            t.2.truncate(t.1[0] * t.1[1]);
+            let e = Params::from_tensors(bad)
+                .err()
+                .expect("mis-shaped")
+                .to_string();
+            assert!(e.contains("blocks.1.ffn.key.weight"), "{arch}: {e}");
+            let mut short = good;
+            short.retain(|t| t.0 != "blocks.1.ln2.bias");
+            let e = Params::from_tensors(short)
+                .err()
+                .expect("missing")
+                .to_string();
+            assert!(
+                e.contains("missing tensor blocks.1.ln2.bias"),
+                "{arch}: {e}"
+            );
+        }
+    }
 }
