@@ -4,7 +4,8 @@
 Measures `rwkv bench` on the RWKV-7 0.1B shape (random weights made with `rwkv init`) in bf16,
 int8 and q4 — generation and a 512-token prompt — and the training recipe's tokens/s
 (`rwkv train --data data/tinyshakespeare.txt`, the median of its logged windows). A change
-meant to keep speed (a refactor) should show ratios within the runs' spread.
+meant to keep speed (a refactor) should show ratios within the runs' spread. The environment
+is passed on: `RWKV_NO_AVX512=1 scripts/compare-speed.py …` measures the AVX2 paths.
 
 Usage: scripts/compare-speed.py OLD NEW [--rounds 3] [--threads 2] [--steps 2000]
                                 [--dir /tmp/rwkv-speed] [--no-train] [--no-bench]
@@ -55,7 +56,7 @@ def main():
             for fmt, f in models.items():
                 for side in ("old", "new") if r % 2 == 0 else ("new", "old"):
                     out = run([bins[side], "bench", "-m", f, "--threads", str(a.threads),
-                               "--prompt", "512", "--gen", "128", "--runs", "1", "--json"])
+                               "--prompt", "512", "--gen", "256", "--runs", "3", "--json"])
                     j = json.loads(out.stdout)
                     add(f"{fmt} generation", side, j["gen_tokens_per_s"])
                     add(f"{fmt} prompt 512", side, j["prompt_tokens_per_s"])

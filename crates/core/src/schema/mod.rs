@@ -318,9 +318,14 @@ fn ddd(c: usize) -> Vec<f64> {
     (0..c).map(|i| i as f64 / c as f64).collect()
 }
 
-/// `ddd^e + add` for every channel.
+/// `ddd^e + add` for every channel, as f32.
+fn pow_values(c: usize, e: f64, add: f64) -> Vec<f32> {
+    ddd(c).iter().map(|d| (d.powf(e) + add) as f32).collect()
+}
+
+/// [`pow_values`] as an initialisation.
 fn pow_mix(c: usize, e: f64, add: f64) -> Init {
-    Init::Values(ddd(c).iter().map(|d| (d.powf(e) + add) as f32).collect())
+    Init::Values(pow_values(c, e, add))
 }
 
 /// `1 - ddd^e` for every channel.

@@ -5,7 +5,7 @@
 //! F = ⌊3.5·C / 32⌋·32.
 
 use super::v4::gated_ffn_matrices;
-use super::{ddd, ramp, Dims, Init, Params, Role};
+use super::{pow_mix, pow_values, ramp, Dims, Init, Params, Role};
 use crate::checkpoint::Generation;
 use crate::tensor::Layout;
 
@@ -25,13 +25,7 @@ pub(super) fn blocks(d: &Dims, o: &mut Params) {
     let (l, c, n, f) = (d.n_layer, d.n_embd, d.head_size, d.ffn_dim);
     let h = d.n_head();
     let (dm, dd) = (d.rank("maa"), d.rank("decay"));
-    let ddd = ddd(c);
-    // `ddd^e + add`, and v6's `1 - that` (the mix weights the other side of the shift).
-    let pw = |e: f64, add: f64| {
-        ddd.iter()
-            .map(|d| (d.powf(e) + add) as f32)
-            .collect::<Vec<_>>()
-    };
+    // v6 mixes weight the other side of the shift: `1 - (ddd^e + add)`, in f32.
     let one_minus = |v: Vec<f32>| Init::Values(v.into_iter().map(|x| 1.0 - x).collect());
     for i in 0..l {
         let (b, r01, r10) = o.block_start(i, l, c);
@@ -55,7 +49,11 @@ pub(super) fn blocks(d: &Dims, o: &mut Params) {
                 ("r", 0.5 * r10, 0.0),
                 ("g", 0.5 * r10, 0.0),
             ] {
-                o.vec(format!("{p}.time_maa_{nm}"), c, one_minus(pw(e, add)));
+                o.vec(
+                    format!("{p}.time_maa_{nm}"),
+                    c,
+                    one_minus(pow_values(c, e, add)),
+                );
             }
             let lora = Role::Matrix(Layout::InOut);
             o.push(
@@ -90,7 +88,7 @@ pub(super) fn blocks(d: &Dims, o: &mut Params) {
                 ("r", 0.5 * r10, 0.0),
                 ("g", 0.5 * r10, 0.0),
             ] {
-                o.vec(format!("{p}.time_mix_{nm}"), c, Init::Values(pw(e, add)));
+                o.vec(format!("{p}.time_mix_{nm}"), c, pow_mix(c, e, add));
             }
             o.push(
                 format!("{p}.time_decay"),
@@ -113,11 +111,19 @@ pub(super) fn blocks(d: &Dims, o: &mut Params) {
         o.norm(&format!("{p}.ln_x"), c);
         let q = format!("{b}.ffn");
         if v6 {
-            o.vec(format!("{q}.time_maa_k"), c, one_minus(pw(r10, 0.0)));
-            o.vec(format!("{q}.time_maa_r"), c, one_minus(pw(r10, 0.0)));
+            o.vec(
+                format!("{q}.time_maa_k"),
+                c,
+                one_minus(pow_values(c, r10, 0.0)),
+            );
+            o.vec(
+                format!("{q}.time_maa_r"),
+                c,
+                one_minus(pow_values(c, r10, 0.0)),
+            );
         } else {
-            o.vec(format!("{q}.time_mix_k"), c, Init::Values(pw(r10, 0.0)));
-            o.vec(format!("{q}.time_mix_r"), c, Init::Values(pw(r10, 0.0)));
+            o.vec(format!("{q}.time_mix_k"), c, pow_mix(c, r10, 0.0));
+            o.vec(format!("{q}.time_mix_r"), c, pow_mix(c, r10, 0.0));
         }
         gated_ffn_matrices(o, &q, c, f);
     }
