@@ -1,8 +1,8 @@
 //! Training benchmark on one thread: the matrix products of one shard of the tiny-Shakespeare
 //! recipe (6 windows of 64 tokens, width 128, LoRA rank 32, vocabulary 256) through the f32
 //! and bfloat16 product kernels and the `gemm` crate, in GFLOP/s, then the whole hand-written
-//! RWKV-7 forward and backward pass of that shard in both precisions, in milliseconds and
-//! tokens per second.
+//! RWKV-7 and RWKV-4 forward and backward passes of that shard in both precisions, in
+//! milliseconds and tokens per second.
 //!
 //! ```sh
 //! cargo bench --bench train
@@ -12,7 +12,11 @@
 use rwkv::checkpoint::Generation;
 use rwkv::init::{init_tensors, InitSpec, Rng};
 use rwkv::kernels::sgemm::{gemm, gemm_bf16, gemm_crate};
-use rwkv::train::v7::{Fused7, Prepared};
+use rwkv::train::pass::products::Prepared;
+use rwkv::train::pass::Pass;
+use rwkv::train::v4::Fused4;
+use rwkv::train::v7::Fused7;
+use rwkv::train::Params;
 use std::time::Instant;
 
 fn rnd(n: usize, seed: u64) -> Vec<f32> {
@@ -82,76 +86,79 @@ fn main() {
         std::hint::black_box(&out);
     }
 
-    // The whole pass over one shard of the recipe.
-    let spec = InitSpec {
-        arch: Generation::V7,
-        n_layer: 4,
-        n_embd: c,
-        vocab: v,
-        head_size: 32,
-        seed: 1,
-    };
-    let ts = init_tensors(&spec).unwrap();
-    let names: Vec<String> = ts.iter().map(|t| t.0.clone()).collect();
-    let shapes: Vec<Vec<usize>> = ts.iter().map(|t| t.1.clone()).collect();
-    // Random values everywhere (the initial zero projections would make parts of it trivial).
-    let vals: Vec<Vec<f32>> = ts
-        .iter()
-        .enumerate()
-        .map(|(i, t)| {
-            rnd(t.2.len(), 10 + i as u64)
+    // The whole pass over one shard of the recipe, for each trained generation.
+    for arch in [Generation::V7, Generation::V4] {
+        let spec = InitSpec {
+            arch,
+            n_layer: 4,
+            n_embd: c,
+            vocab: v,
+            head_size: 32,
+            seed: 1,
+        };
+        // Random values everywhere (the initial zero projections would make parts of it
+        // trivial).
+        let mut ts = init_tensors(&spec).unwrap();
+        for (i, t) in ts.iter_mut().enumerate() {
+            t.2 = rnd(t.2.len(), 10 + i as u64)
                 .iter()
                 .map(|x| x * 0.2)
-                .collect()
-        })
-        .collect();
-    let p: Vec<&[f32]> = vals.iter().map(|v| v.as_slice()).collect();
-    let (bs, t) = (6, 64);
+                .collect();
+        }
+        let params = Params::from_tensors(ts).unwrap();
+        for bf16 in [false, true] {
+            if bf16 && !rwkv::cpu::has_avx512_bf16() {
+                println!("(no bfloat16 products on this CPU)");
+                continue;
+            }
+            let ms = match arch {
+                Generation::V4 => {
+                    time_pass(Fused4::new(&params).unwrap(), &params, bf16, only_pass)
+                }
+                _ => time_pass(Fused7::new(&params).unwrap(), &params, bf16, only_pass),
+            };
+            let (bs, t) = SHARD;
+            println!(
+                "{arch:?} forward + backward ({}), 4 layers × 128, {bs} windows × {t} tokens, \
+                 one thread: {ms:.2} ms ({:.0} tokens/s)",
+                if bf16 { "bf16 products" } else { "f32" },
+                (bs * t) as f64 / ms * 1e3
+            );
+        }
+    }
+}
+
+/// Windows and tokens per window of one shard of the recipe.
+const SHARD: (usize, usize) = (6, 64);
+
+/// The median time in milliseconds of one shard through `pass` with the parameters `params`.
+fn time_pass<P: Pass>(mut pass: P, params: &Params, bf16: bool, only_pass: bool) -> f64 {
+    let (bs, t) = SHARD;
+    let p: Vec<&[f32]> = params.values().iter().map(|v| v.as_slice()).collect();
     let mut rng = Rng::new(5);
     let toks: Vec<u32> = (0..bs * t).map(|_| (rng.next_u64() % 256) as u32).collect();
     let tgts: Vec<u32> = (0..bs * t).map(|_| (rng.next_u64() % 256) as u32).collect();
-    for bf16 in [false, true] {
-        if bf16 && !rwkv::cpu::has_avx512_bf16() {
-            println!("(no bfloat16 products on this CPU)");
-            continue;
-        }
-        let mut fu = Fused7::new(&names, &shapes, 32).unwrap();
-        fu.set_bf16(bf16);
-        let mut pr = Prepared::default();
-        fu.prepare(&p, &mut pr);
-        // In pieces of `TRAIN_BENCH_PIECE` windows (as the trainer runs a shard; default 3).
-        let per: usize = std::env::var("TRAIN_BENCH_PIECE")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .filter(|&p| p > 0 && bs % p == 0)
-            .unwrap_or(3);
-        let mut work = fu.work(per, t);
-        let mut g = fu.zero_grads();
-        let mut times = Vec::new();
-        for _ in 0..if only_pass { 300 } else { 30 } {
-            let s = Instant::now();
-            for w0 in (0..bs).step_by(per) {
-                let r = w0 * t..(w0 + per) * t;
-                fu.accumulate(
-                    &p,
-                    &pr,
-                    &toks[r.clone()],
-                    &tgts[r],
-                    1.0 / 768.0,
-                    1e-4,
-                    &mut work,
-                    &mut g,
-                )
+    pass.products_mut().set_bf16(bf16);
+    let mut pr = Prepared::default();
+    pass.products().prepare(&p, &mut pr);
+    // In pieces of `TRAIN_BENCH_PIECE` windows (as the trainer runs a shard; default 3).
+    let per: usize = std::env::var("TRAIN_BENCH_PIECE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|&p| p > 0 && bs % p == 0)
+        .unwrap_or(3);
+    let mut work = pass.work(per, t);
+    let mut g = pass.products().zero_grads();
+    let mut times = Vec::new();
+    for _ in 0..if only_pass { 300 } else { 30 } {
+        let s = Instant::now();
+        for w0 in (0..bs).step_by(per) {
+            let r = w0 * t..(w0 + per) * t;
+            let (x, y) = (&toks[r.clone()], &tgts[r]);
+            pass.accumulate(&p, &pr, x, y, 1.0 / 768.0, 1e-4, &mut work, &mut g)
                 .unwrap();
-            }
-            times.push(s.elapsed().as_secs_f64());
         }
-        let ms = median(times) * 1e3;
-        println!(
-            "forward + backward ({}), 4 layers × 128, {bs} windows × {t} tokens, one thread: \
-             {ms:.2} ms ({:.0} tokens/s)",
-            if bf16 { "bf16 products" } else { "f32" },
-            (bs * t) as f64 / ms * 1e3
-        );
+        times.push(s.elapsed().as_secs_f64());
     }
+    median(times) * 1e3
 }

@@ -682,7 +682,7 @@ fn train(a: TrainArgs) -> Result<()> {
     };
     let given = serde_json::to_value(&a).map_err(|e| Error::Internal(e.to_string()))?;
     let c = c.with_overrides(given)?;
-    rwkv::train::set_threads(a.threads)?;
+    rwkv::kernels::set_threads(a.threads)?;
     let s = rwkv::train::train(c, a.resume, a.stop_at)?;
     println!(
         "model {} | validation loss {:.4} | {:.0} tokens/s",

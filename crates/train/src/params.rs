@@ -27,6 +27,10 @@ pub struct Dims {
 pub struct Params {
     /// Shape.
     pub dims: Dims,
+    /// The schema's dimensions (the channel-mix size and LoRA ranks too), checked against
+    /// every tensor.
+    schema: schema::Dims,
+    index: HashMap<String, usize>,
     names: Vec<String>,
     shapes: Vec<Vec<usize>>,
     values: Vec<Vec<f32>>,
@@ -42,9 +46,12 @@ impl Params {
         let dims = infer_dims(&shapes)?;
         // Every tensor as the generation's schema has it: no more, no fewer, no other shape.
         let listed = tensors.iter().map(|(n, s, _)| (n.as_str(), s.as_slice()));
-        schema::check(&schema_dims(&dims, &shapes), listed)?;
+        let schema = schema_dims(&dims, &shapes);
+        schema::check(&schema, listed)?;
         let mut p = Params {
             dims,
+            schema,
+            index: HashMap::new(),
             names: Vec::new(),
             shapes: Vec::new(),
             values: Vec::new(),
@@ -56,6 +63,7 @@ impl Params {
                     data.len()
                 )));
             }
+            p.index.insert(name.clone(), p.names.len());
             p.names.push(name);
             p.shapes.push(shape);
             p.values.push(data);
@@ -71,6 +79,19 @@ impl Params {
             ts.push((name.clone(), meta.shape.clone(), ck.f32_vec(name)?));
         }
         Self::from_tensors(ts)
+    }
+
+    /// The schema's dimensions of the model.
+    pub fn schema(&self) -> &schema::Dims {
+        &self.schema
+    }
+
+    /// The place of tensor `name` in the order of [`Params::names`].
+    pub fn find(&self, name: &str) -> Result<usize> {
+        self.index
+            .get(name)
+            .copied()
+            .ok_or_else(|| Error::bad(format!("tensor {name} is missing")))
     }
 
     /// Names, in checkpoint order.

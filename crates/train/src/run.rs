@@ -2,9 +2,10 @@
 
 use super::optim::{lr_at, AdamConfig, Slot};
 use super::params::{Dims, Params};
-use crate::graph::{Ce, TrainModel};
-use crate::v7::{Fused7, Prepared, Work};
-use candle_core::{DType, Tensor};
+use crate::pass::products::Prepared;
+use crate::pass::Pass;
+use crate::v4::Fused4;
+use crate::v7::Fused7;
 use rayon::prelude::*;
 use rwkv_core::checkpoint::{write_safetensors, Checkpoint, Generation, OutTensor};
 use rwkv_core::data::{self, Tokens};
@@ -377,23 +378,56 @@ pub fn window_loss(m: &Params, toks: &Tokens, range: (usize, usize), ctx: usize)
     Ok(eval::score(&model, &ids, 0, Some(ctx), &mut |_, _| {})?.loss)
 }
 
-/// Reads a tensor as f32 values.
-fn values(t: &Tensor) -> Result<Vec<f32>> {
-    t.to_dtype(DType::F32)
-        .and_then(|t| t.flatten_all())
-        .and_then(|t| t.to_vec1::<f32>())
-        .ce()
+/// A generation's hand-written pass with one work area per shard and the weights' forms for
+/// the products.
+struct Runner<P: Pass> {
+    pass: P,
+    works: Vec<ShardWork<P::Work>>,
+    prepared: Prepared,
 }
 
 /// What computes the loss and the gradients (one trainer holds one, for its whole run).
-#[allow(clippy::large_enum_variant)]
 enum Engine {
-    /// RWKV-7's hand-written pass, with one work area per shard and the weights' prepared
-    /// forms.
-    V7(Fused7, Vec<ShardWork>, Prepared),
-    /// The candle graph (RWKV-4, which has no hand-written pass yet, and RWKV-7 with
-    /// `RWKV_TRAIN_GRAPH=1`, the reference that made the built-in model).
-    Graph,
+    V4(Runner<Fused4>),
+    V7(Runner<Fused7>),
+}
+
+/// Evaluates `$body` with `$r` bound to the engine's [`Runner`], whichever its generation.
+macro_rules! each {
+    ($engine:expr, $r:ident => $body:expr) => {
+        match $engine {
+            Engine::V4($r) => $body,
+            Engine::V7($r) => $body,
+        }
+    };
+}
+
+impl Engine {
+    /// The pass for `params`, with bfloat16 products if `bf16` and the CPU has them.
+    fn new(params: &Params, bf16: bool) -> Result<Engine> {
+        fn runner<P: Pass>(mut pass: P, bf16: bool) -> Runner<P> {
+            pass.products_mut().set_bf16(bf16);
+            Runner {
+                pass,
+                works: Vec::new(),
+                prepared: Prepared::default(),
+            }
+        }
+        Ok(match params.dims.arch {
+            Generation::V4 => Engine::V4(runner(Fused4::new(params)?, bf16)),
+            Generation::V7 => Engine::V7(runner(Fused7::new(params)?, bf16)),
+            g => {
+                return Err(Error::bad(format!(
+                    "training covers RWKV-4 and RWKV-7, not {g:?}"
+                )))
+            }
+        })
+    }
+
+    /// Whether the products take bfloat16 inputs.
+    fn bf16(&self) -> bool {
+        each!(self, r => r.pass.products().bf16())
+    }
 }
 
 /// The trainer's state between steps.
@@ -434,16 +468,7 @@ impl Trainer {
             eps: 1e-18,
             weight_decay: cfg.weight_decay,
         };
-        // `RWKV_TRAIN_GRAPH=1` trains through the candle graph instead (to compare the two).
-        let graph = std::env::var("RWKV_TRAIN_GRAPH").is_ok_and(|v| !v.is_empty() && v != "0");
-        let engine = match params.dims.arch {
-            Generation::V7 if !graph => {
-                let mut f = Fused7::new(params.names(), params.shapes(), params.dims.head_size)?;
-                f.set_bf16(cfg.precision == Precision::Bf16 && rwkv_core::cpu::has_avx512_bf16());
-                Engine::V7(f, Vec::new(), Prepared::default())
-            }
-            _ => Engine::Graph,
-        };
+        let engine = Engine::new(&params, cfg.precision == Precision::Bf16)?;
         Ok(Trainer {
             rng: Rng::new(cfg.seed ^ 0x5eed_da7a),
             cfg,
@@ -558,13 +583,10 @@ impl Trainer {
 
     /// How the products run, for the log.
     fn precision(&self) -> &'static str {
-        match &self.engine {
-            Engine::V7(f, ..) if f.bf16() => "bf16 products",
-            Engine::V7(..) if self.cfg.precision == Precision::Bf16 => {
-                "f32 products (no AVX512-BF16 here)"
-            }
-            Engine::V7(..) => "f32",
-            Engine::Graph => "f32 (candle graph)",
+        match self.cfg.precision {
+            _ if self.engine.bf16() => "bf16 products",
+            Precision::Bf16 => "f32 products (no AVX512-BF16 here)",
+            Precision::F32 => "f32",
         }
     }
 
@@ -572,7 +594,6 @@ impl Trainer {
     fn step(&mut self, c: &Corpus) -> Result<(f64, f64, f64)> {
         let (ctx, b) = (self.cfg.ctx, self.cfg.batch);
         let (lo, hi) = c.train_range;
-        let mut grads: Vec<Vec<f32>> = Vec::new();
         let mut loss_sum = 0.0;
         let (mut inp, mut tgt) = (Vec::with_capacity(b * ctx), Vec::with_capacity(b * ctx));
         // Data parallelism: the windows are split into one shard per thread, each shard runs
@@ -584,11 +605,6 @@ impl Trainer {
             .map(|i| (i * b / shards, (i + 1) * b / shards))
             .collect();
         let l2wrap = self.cfg.l2wrap;
-        // The graph holds its own copy of the weights, made once per step.
-        let graph = match self.engine {
-            Engine::Graph => Some(TrainModel::from_params(&self.params, DType::F32)?),
-            Engine::V7(..) => None,
-        };
         for micro in 0..self.cfg.accum {
             inp.clear();
             tgt.clear();
@@ -598,61 +614,18 @@ impl Trainer {
                 c.train.copy(s, s + ctx, &mut inp);
                 c.train.copy(s + 1, s + ctx + 1, &mut tgt);
             }
-            let (inp, tgt) = (&inp, &tgt);
-            let model = match (&mut self.engine, &graph) {
-                (Engine::V7(f, works, tr), _) => {
-                    // The weights change once per step: their transposes too.
-                    let fresh = micro == 0;
-                    let p = &self.params;
-                    loss_sum += fused_step(f, works, p, &bounds, inp, tgt, ctx, l2wrap, tr, fresh)?;
-                    continue;
-                }
-                (Engine::Graph, Some(g)) => g,
-                (Engine::Graph, None) => unreachable!("the graph is made above"),
-            };
-            let parts: Vec<Result<(f64, Vec<Vec<f32>>)>> = bounds
-                .par_iter()
-                .map(|&(w0, w1)| {
-                    let n = w1 - w0;
-                    let (r0, r1) = (w0 * ctx, w1 * ctx);
-                    let loss = model.loss(&inp[r0..r1], &tgt[r0..r1], n, ctx, l2wrap)?;
-                    let l = loss.to_scalar::<f32>().ce()? as f64;
-                    let gs = loss.backward().ce()?;
-                    let scale = n as f32 / b as f32;
-                    let g = model
-                        .vars()
-                        .map(|(_, var)| match gs.get(var.as_tensor()) {
-                            Some(g) => {
-                                let mut v = values(g)?;
-                                v.iter_mut().for_each(|x| *x *= scale);
-                                Ok(v)
-                            }
-                            None => Ok(vec![0.0; var.as_tensor().elem_count()]),
-                        })
-                        .collect::<Result<Vec<_>>>()?;
-                    Ok((l * n as f64 / b as f64, g))
-                })
-                .collect();
-            for part in parts {
-                let (l, g) = part?;
-                loss_sum += l;
-                add_grads(&mut grads, g);
-            }
+            // The weights change once per step: their prepared forms too.
+            let fresh = micro == 0;
+            let p = &self.params;
+            loss_sum += each!(&mut self.engine, r => {
+                fused_step(r, p, &bounds, &inp, &tgt, ctx, l2wrap, fresh)?
+            });
         }
         let inv = 1.0 / self.cfg.accum as f32;
-        let sqs = match &mut self.engine {
-            Engine::V7(_, works, _) => {
-                let (g, sqs) = shard_grads(works, inv);
-                grads = g;
-                sqs
-            }
-            Engine::Graph => reduce_grads(&mut grads, &[], inv, false),
-        };
-        let out = self.update(grads, &sqs, loss_sum);
-        if let Engine::V7(_, works, _) = &mut self.engine {
-            restore_grads(works, out.1);
-        }
-        out.0
+        let (grads, sqs) = each!(&mut self.engine, r => shard_grads(&mut r.works, inv));
+        let (out, grads) = self.update(grads, &sqs, loss_sum);
+        each!(&mut self.engine, r => restore_grads(&mut r.works, grads));
+        out
     }
 
     /// The optimizer's half of [`Trainer::step`]: from the summed gradients (scaled by
@@ -702,45 +675,33 @@ impl Trainer {
 /// Tokens per piece of a shard in the hand-written pass.
 const PIECE_TOKENS: usize = 192;
 
-/// One shard's work area and gradient buffers, kept from step to step.
+/// One shard's work areas and gradient buffers, kept from step to step.
 /// (Work areas by shape: a shard that does not divide into whole pieces needs two.)
-type ShardWork = std::sync::Mutex<Option<(Vec<Work>, Vec<Vec<f32>>)>>;
-
-/// Adds one part's gradients into the running sum (which starts empty).
-fn add_grads(sum: &mut Vec<Vec<f32>>, g: Vec<Vec<f32>>) {
-    if sum.is_empty() {
-        *sum = g;
-    } else {
-        for (a, b) in sum.iter_mut().zip(&g) {
-            a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
-        }
-    }
-}
+type ShardWork<W> = std::sync::Mutex<Option<(Vec<W>, Vec<Vec<f32>>)>>;
 
 /// One micro-batch through the hand-written pass: each shard of windows runs on its own thread
-/// with its own work area and gradient buffers; returns the mean loss and adds the gradients,
-/// in shard order, into `grads`. With `fresh` (a step's first micro-batch) it first remakes the
-/// weights' transposes in `transposed`.
+/// with its own work area and gradient buffers; returns the mean loss and adds the gradients
+/// into each shard's buffers. With `fresh` (a step's first micro-batch) it first remakes the
+/// weights' forms for the products and zeroes the gradients.
 #[allow(clippy::too_many_arguments)]
-fn fused_step(
-    f: &Fused7,
-    works: &mut Vec<ShardWork>,
+fn fused_step<P: Pass>(
+    r: &mut Runner<P>,
     model: &Params,
     bounds: &[(usize, usize)],
     inp: &[u32],
     tgt: &[u32],
     ctx: usize,
     l2wrap: f64,
-    prepared: &mut Prepared,
     fresh: bool,
 ) -> Result<f64> {
+    let (f, works, prepared) = (&r.pass, &mut r.works, &mut r.prepared);
     works.resize_with(bounds.len(), Default::default);
     let rows = bounds.last().map_or(0, |b| b.1) * ctx;
     let scale = 1.0 / rows.max(1) as f32;
     // The shards share the parameters' slices.
     let params: Vec<&[f32]> = model.values().iter().map(Vec::as_slice).collect();
     if fresh {
-        f.prepare(&params, prepared);
+        f.products().prepare(&params, prepared);
     }
     let pr = &*prepared;
     let mut slots: Vec<_> = works
@@ -755,7 +716,7 @@ fn fused_step(
         .zip(slots.par_iter_mut())
         .map(|(&(w0, w1), slot)| {
             let per = piece.min(w1 - w0).max(1);
-            let (ws, g) = slot.get_or_insert_with(|| (Vec::new(), f.zero_grads()));
+            let (ws, g) = slot.get_or_insert_with(|| (Vec::new(), f.products().zero_grads()));
             // The shard's gradients add up over a step's micro-batches.
             if fresh {
                 g.iter_mut().for_each(|v| v.fill(0.0));
@@ -766,7 +727,7 @@ fn fused_step(
             for p0 in (w0..w1).step_by(per) {
                 let p1 = (p0 + per).min(w1);
                 let shape = (p1 - p0, ctx);
-                let w = match ws.iter().position(|w| w.shape() == shape) {
+                let w = match ws.iter().position(|w| P::shape(w) == shape) {
                     Some(i) => &mut ws[i],
                     None => {
                         ws.push(f.work(shape.0, shape.1));
@@ -797,7 +758,7 @@ fn fused_step(
 
 /// The step's gradients from the shards of the hand-written pass: the first shard's buffers
 /// (moved out; [`restore_grads`] puts them back) with the others added, in shard order.
-fn shard_grads(works: &mut [ShardWork], inv: f32) -> (Vec<Vec<f32>>, Vec<f64>) {
+fn shard_grads<W>(works: &mut [ShardWork<W>], inv: f32) -> (Vec<Vec<f32>>, Vec<f64>) {
     let mut slots: Vec<_> = works
         .iter_mut()
         .filter_map(|w| w.get_mut().unwrap_or_else(|e| e.into_inner()).as_mut())
@@ -807,35 +768,20 @@ fn shard_grads(works: &mut [ShardWork], inv: f32) -> (Vec<Vec<f32>>, Vec<f64>) {
     };
     let mut sum = std::mem::take(&mut first.1);
     let rest: Vec<&Vec<Vec<f32>>> = slots[1..].iter().map(|s| &s.1).collect();
-    let sqs = reduce_grads(&mut sum, &rest, inv, true);
+    let sqs = reduce_grads(&mut sum, &rest, inv);
     (sum, sqs)
 }
 
 /// Adds the other shards' gradients (`rest`, in order) into `sum`, scales it by `inv` and
 /// returns each tensor's sum of squares, in one sweep on the pool. The squares are added in
 /// tensor order by the caller, so the norm (and the clipping) do not depend on how the pool
-/// split the work. With `partial` each tensor's squares are summed in eight running sums
-/// (faster); without, in one (the order that made the built-in model, kept for the candle
-/// graph so that its run reproduces that model bit for bit).
-fn reduce_grads(
-    sum: &mut [Vec<f32>],
-    rest: &[&Vec<Vec<f32>>],
-    inv: f32,
-    partial: bool,
-) -> Vec<f64> {
+/// split the work.
+fn reduce_grads(sum: &mut [Vec<f32>], rest: &[&Vec<Vec<f32>>], inv: f32) -> Vec<f64> {
     sum.par_iter_mut()
         .enumerate()
         .map(|(i, acc)| {
             for g in rest {
                 acc.iter_mut().zip(&g[i]).for_each(|(x, y)| *x += y);
-            }
-            if !partial {
-                let mut sq = 0.0f64;
-                for x in acc.iter_mut() {
-                    *x *= inv;
-                    sq += (*x as f64) * (*x as f64);
-                }
-                return sq;
             }
             // Eight partial sums (one running sum is a serial chain of f64 additions).
             let mut sq = [0.0f64; 8];
@@ -856,7 +802,7 @@ fn reduce_grads(
 }
 
 /// Gives the first shard its gradient buffers back (see [`shard_grads`]).
-fn restore_grads(works: &mut [ShardWork], grads: Vec<Vec<f32>>) {
+fn restore_grads<W>(works: &mut [ShardWork<W>], grads: Vec<Vec<f32>>) {
     if let Some(Some(first)) = works
         .first_mut()
         .map(|w| w.get_mut().unwrap_or_else(|e| e.into_inner()))

@@ -16,6 +16,7 @@
 #![allow(clippy::needless_range_loop)]
 
 use crate::common::{dispatch, WKV_CHUNK};
+use crate::pass::kernels::dot;
 use rwkv_core::kernels::{exp, sigmoid};
 use rwkv_core::model::consts::{NORMALIZE_EPS, V7_DECAY_SCALE as W_SCALE};
 
@@ -237,25 +238,6 @@ fn prepare(
         *s = sigmoid(*w);
         *d = exp(-(W_SCALE as f32) * *s);
     }
-}
-
-/// `Σ a·b` with sixteen partial sums (one running sum is a serial chain that does not
-/// vectorise).
-#[inline(always)]
-pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let n = a.len().min(b.len());
-    let (a, b) = (&a[..n], &b[..n]);
-    let mut acc = [0f32; 16];
-    let mut tail = 0f32;
-    for i in n / 16 * 16..n {
-        tail += a[i] * b[i];
-    }
-    for (x, y) in a.chunks_exact(16).zip(b.chunks_exact(16)) {
-        for l in 0..16 {
-            acc[l] += x[l] * y[l];
-        }
-    }
-    acc.iter().sum::<f32>() + tail
 }
 
 /// The portable forward scan of one head (any head size).

@@ -1,0 +1,286 @@
+//! The matrix products of the hand-written passes: which parameters are matrices (from the
+//! generation's schema), the forms of the weights the products read ([`Prepared`], remade
+//! once per optimizer step), and the products themselves on the calling thread, with
+//! transposes expressed as strides instead of copies.
+
+use crate::params::Params;
+use rayon::prelude::*;
+use rwkv_core::error::{Error, Result};
+use rwkv_core::kernels::sgemm::{gemm, gemm_bf16, gemm_bf16_packed, PackedB};
+use rwkv_core::schema::{self, Role};
+use rwkv_core::tensor::Layout;
+
+/// The matrix parameters of one model and the precision its products run in.
+pub struct Products {
+    /// The matrices, by parameter index (`None` for the other parameters).
+    mats: Vec<Option<Mat>>,
+    /// Every parameter's length.
+    lens: Vec<usize>,
+    /// Matrix products with bfloat16 inputs ([`Products::set_bf16`]).
+    bf16: bool,
+}
+
+impl Products {
+    /// The matrices among the parameters, as their schema says (f32 products).
+    pub fn new(params: &Params) -> Result<Products> {
+        let mut mats: Vec<Option<Mat>> = vec![None; params.names().len()];
+        for p in schema::params(params.schema()) {
+            if let (Role::Matrix(layout), &[a, b]) = (p.role, p.shape.as_slice()) {
+                mats[params.find(&p.name)?] = Some(match layout {
+                    Layout::OutIn => Mat {
+                        k: b,
+                        n: a,
+                        linear: true,
+                    },
+                    Layout::InOut => Mat {
+                        k: a,
+                        n: b,
+                        linear: false,
+                    },
+                });
+            }
+        }
+        Ok(Products {
+            mats,
+            lens: params.values().iter().map(Vec::len).collect(),
+            bf16: false,
+        })
+    }
+
+    /// Runs the matrix products with their inputs rounded to bfloat16 and f32 sums
+    /// (mixed precision, as RWKV-LM trains): twice the rate on CPUs that multiply bfloat16
+    /// pairs ([`rwkv_core::cpu::has_avx512_bf16`]), f32 products elsewhere. Everything else
+    /// (the WKV scan, the norms, the parameters and their gradients) stays f32.
+    pub fn set_bf16(&mut self, on: bool) {
+        self.bf16 = on && rwkv_core::cpu::has_avx512_bf16();
+    }
+
+    /// Whether the products take bfloat16 inputs.
+    pub fn bf16(&self) -> bool {
+        self.bf16
+    }
+
+    /// Makes the weights' forms the products read ([`Prepared`]), on the pool, after every
+    /// change of the weights: in f32 the `[in, out]` transposes of the linear weights (the
+    /// forward pass then reads every weight's rows in place instead of gathering its columns
+    /// in every product) and copies of the LoRA matrices; in bfloat16 every matrix packed
+    /// twice, for the forward product and for the input gradient's.
+    pub fn prepare(&self, p: &[&[f32]], out: &mut Prepared) {
+        out.fwd.resize_with(p.len(), || Operand::None);
+        out.bwd.resize_with(p.len(), || Operand::None);
+        let bf16 = self.bf16;
+        let jobs = out.fwd.par_iter_mut().zip(out.bwd.par_iter_mut());
+        jobs.enumerate().for_each(|(i, (f, b))| {
+            let Some(m) = &self.mats[i] else {
+                return;
+            };
+            let w = p[i];
+            let (k, n) = (m.k, m.n);
+            // The forward product's B is `[k, n]`: a linear weight `[n, k]` read transposed,
+            // a LoRA matrix as it is; the input gradient's B is its transpose.
+            let (fs, bs) = if m.linear {
+                ((1, k), (k, 1))
+            } else {
+                ((n, 1), (1, n))
+            };
+            if bf16 {
+                for (o, kk, nn, st) in [(&mut *f, k, n, fs), (&mut *b, n, k, bs)] {
+                    match o {
+                        Operand::Bf16(pb) if pb.shape() == (kk, nn) => pb.repack(w, st),
+                        _ => {
+                            if let Some(pb) = PackedB::new(kk, nn, w, st) {
+                                *o = Operand::Bf16(pb);
+                            }
+                        }
+                    }
+                }
+                return;
+            }
+            *b = Operand::None;
+            if !matches!(f, Operand::F32(_)) {
+                *f = Operand::F32(Vec::new());
+            }
+            let Operand::F32(o) = f else {
+                unreachable!("just set")
+            };
+            o.resize(w.len(), 0.0);
+            if !m.linear {
+                o.copy_from_slice(w);
+                return;
+            }
+            // In 16 × 16 blocks, so that both sides stay in the L1 cache.
+            for j0 in (0..n).step_by(16) {
+                for l0 in (0..k).step_by(16) {
+                    for j in j0..(j0 + 16).min(n) {
+                        for l in l0..(l0 + 16).min(k) {
+                            o[l * n + j] = w[j * k + l];
+                        }
+                    }
+                }
+            }
+        });
+    }
+
+    /// Zeroed gradient buffers, one per parameter.
+    pub fn zero_grads(&self) -> Vec<Vec<f32>> {
+        self.lens.iter().map(|&l| vec![0.0; l]).collect()
+    }
+
+    /// Checks that the parameters `p`, their prepared forms `pr` and the gradient buffers `g`
+    /// are those of this model (so that the passes can index them without further checks).
+    pub fn check(&self, p: &[&[f32]], pr: &Prepared, g: &[Vec<f32>]) -> Result<()> {
+        if p.len() != self.lens.len() || g.len() != self.lens.len() || pr.fwd.len() != p.len() {
+            return Err(Error::Internal("parameter count changed".into()));
+        }
+        for (i, m) in self.mats.iter().enumerate() {
+            let Some(m) = m else { continue };
+            let ok = match (&pr.fwd[i], &pr.bwd[i]) {
+                (Operand::F32(v), _) => !self.bf16 && v.len() == self.lens[i],
+                (Operand::Bf16(f), Operand::Bf16(b)) => {
+                    self.bf16 && f.shape() == (m.k, m.n) && b.shape() == (m.n, m.k)
+                }
+                _ => false,
+            };
+            if !ok {
+                return Err(Error::Internal(format!("parameter {i} is not prepared")));
+            }
+        }
+        for (i, (a, b)) in p.iter().zip(g.iter()).enumerate() {
+            if a.len() != self.lens[i] || b.len() != self.lens[i] {
+                return Err(Error::Internal(format!("parameter {i} changed size")));
+            }
+        }
+        Ok(())
+    }
+
+    /// `c [m, n] (+)= A·B` in the pass's precision.
+    #[allow(clippy::too_many_arguments)]
+    fn gemm(
+        &self,
+        m: usize,
+        n: usize,
+        k: usize,
+        c: &mut [f32],
+        acc: bool,
+        a: &[f32],
+        sa: (usize, usize),
+        b: &[f32],
+        sb: (usize, usize),
+    ) {
+        if self.bf16 {
+            gemm_bf16(m, n, k, c, acc, a, sa, b, sb);
+        } else {
+            gemm(m, n, k, c, acc, a, sa, b, sb);
+        }
+    }
+
+    /// `y [m, n] (+)= x [m, k] · B` for matrix parameter `i` (`B` a linear weight's transpose,
+    /// or a LoRA matrix).
+    /// With `then`, applies it to `y` afterwards (in bfloat16, to each few rows as they are
+    /// finished, while they are in the L1 cache).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn mw(
+        &self,
+        x: &[f32],
+        pr: &Prepared,
+        i: usize,
+        m: usize,
+        y: &mut [f32],
+        acc: bool,
+        then: Option<fn(&mut [f32])>,
+    ) {
+        let Some(Mat { k, n, .. }) = self.mats[i] else {
+            unreachable!("parameter {i} is not a matrix")
+        };
+        match &pr.fwd[i] {
+            Operand::F32(b) => {
+                gemm(m, n, k, y, acc, x, (k, 1), b, (n, 1));
+                if let Some(f) = then {
+                    f(&mut y[..m * n]);
+                }
+            }
+            Operand::Bf16(b) => gemm_bf16_packed(m, y, acc, x, (k, 1), b, then),
+            Operand::None => unreachable!("checked by Products::check"),
+        }
+    }
+
+    /// `dx [m, k] (+)= dy [m, n] · Bᵀ` for the `B [k, n]` of [`Products::mw`].
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn mw_dx(
+        &self,
+        dy: &[f32],
+        pr: &Prepared,
+        p: &[&[f32]],
+        i: usize,
+        m: usize,
+        dx: &mut [f32],
+        acc: bool,
+    ) {
+        let Some(Mat { k, n, linear }) = self.mats[i] else {
+            unreachable!("parameter {i} is not a matrix")
+        };
+        match &pr.bwd[i] {
+            Operand::Bf16(b) => gemm_bf16_packed(m, dx, acc, dy, (n, 1), b, None),
+            // A linear weight is `[n, k]` (Bᵀ row-major), a LoRA matrix `[k, n]`.
+            _ if linear => gemm(m, k, n, dx, acc, dy, (n, 1), p[i], (k, 1)),
+            _ => gemm(m, k, n, dx, acc, dy, (n, 1), p[i], (1, n)),
+        }
+    }
+
+    /// `dW [n, k] += dyᵀ · x`.
+    pub(crate) fn lin_dw(
+        &self,
+        dy: &[f32],
+        x: &[f32],
+        m: usize,
+        n: usize,
+        k: usize,
+        dw: &mut [f32],
+    ) {
+        self.gemm(n, k, m, dw, true, dy, (1, n), x, (k, 1));
+    }
+
+    /// `dB [k, n] += xᵀ · dy`.
+    pub(crate) fn mm_db(
+        &self,
+        x: &[f32],
+        dy: &[f32],
+        m: usize,
+        k: usize,
+        n: usize,
+        db: &mut [f32],
+    ) {
+        self.gemm(k, n, m, db, true, x, (1, k), dy, (n, 1));
+    }
+}
+
+/// A matrix parameter: the forward product multiplies by `B [k, n]` (a linear weight, stored
+/// `[n, k]`, transposed; a LoRA matrix as stored).
+#[derive(Clone, Copy)]
+struct Mat {
+    k: usize,
+    n: usize,
+    linear: bool,
+}
+
+/// A matrix in the form a product reads.
+#[derive(Default)]
+pub enum Operand {
+    /// Not a matrix (or not needed in this precision).
+    #[default]
+    None,
+    /// f32, row-major `B`.
+    F32(Vec<f32>),
+    /// Packed bfloat16 pairs.
+    Bf16(PackedB),
+}
+
+/// The weights in the forms the products read ([`Products::prepare`]), remade once per
+/// optimizer step.
+#[derive(Default)]
+pub struct Prepared {
+    /// By parameter: `B` of the forward product.
+    fwd: Vec<Operand>,
+    /// By parameter: `Bᵀ`, of the input gradient's product (bfloat16 only).
+    bwd: Vec<Operand>,
+}
