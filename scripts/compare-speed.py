@@ -7,7 +7,7 @@ int8 and q4 — generation and a 512-token prompt — and the training recipe's 
 meant to keep speed (a refactor) should show ratios within the runs' spread. The environment
 is passed on: `RWKV_NO_AVX512=1 scripts/compare-speed.py …` measures the AVX2 paths.
 
-Usage: scripts/compare-speed.py OLD NEW [--rounds 3] [--threads 2] [--steps 2000]
+Usage: scripts/compare-speed.py OLD NEW [--rounds 3] [--threads 2] [--steps 2000] [--arch v7]
                                 [--dir /tmp/rwkv-speed] [--no-train] [--no-bench]
 """
 import argparse
@@ -30,6 +30,7 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--steps", type=int, default=2000)
     ap.add_argument("--dir", default="/tmp/rwkv-speed")
+    ap.add_argument("--arch", default="v7", help="the generation the training runs train")
     ap.add_argument("--no-train", action="store_true")
     ap.add_argument("--no-bench", action="store_true")
     a = ap.parse_args()
@@ -68,11 +69,11 @@ def main():
             for side in ("old", "new") if r % 2 == 0 else ("new", "old"):
                 out_dir = os.path.join(a.dir, f"train-{side}-{r}")
                 run([bins[side], "train", "--data", data, "--threads", str(a.threads),
-                     "--steps", str(a.steps), "--out", out_dir])
+                     "--steps", str(a.steps), "--arch", a.arch, "--out", out_dir])
                 with open(os.path.join(out_dir, "metrics.jsonl")) as fh:
                     tps = [json.loads(l)["tokens_per_s"] for l in fh if l.strip()]
                 v = statistics.median(tps)
-                add("training recipe", side, v)
+                add(f"training recipe {a.arch}", side, v)
                 print(f"round {r + 1} {side} training: {v:.0f} tokens/s", file=sys.stderr)
     print(f"{'measure (tokens/s)':24} {'old median':>12} {'new median':>12} {'new/old':>8}")
     whats = []

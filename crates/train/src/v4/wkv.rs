@@ -129,6 +129,12 @@ pub fn backward(
         dw.fill(0.0);
         du.fill(0.0);
         for win in 0..mc / c / t {
+            // Past the window's last token: zero adjoints at an exponent no term reaches, so
+            // that the last token's update below is their plain start (every product with
+            // them is zero).
+            ah.fill(0.0);
+            bh.fill(0.0);
+            rr.fill(-EMPTY);
             for ti in (0..t).rev() {
                 let o = (win * t + ti) * c;
                 let row = o..o + c;
@@ -140,37 +146,7 @@ pub fn backward(
                 );
                 let (aa, bb, pp) = (&sa[row.clone()], &sb[row.clone()], &sp[row.clone()]);
                 let (dk, dv) = (&mut g.dk[row.clone()], &mut g.dv[row]);
-                let last = ti + 1 == t;
-                for j in 0..c {
-                    let ww = u[j] + k[j];
-                    let m = pp[j].max(ww);
-                    let (e1, e2) = (exp(pp[j] - m), exp(ww - m));
-                    let dd = e1 * bb[j] + e2;
-                    // Direct use of k_t, v_t in y_t through e^{u+k_t}.
-                    let e = e2 / dd;
-                    let dyk = gy[j] * (v[j] - yr[j]) * e;
-                    du[j] += dyk;
-                    let (mut dkj, mut dvj) = (dyk, gy[j] * e);
-                    let (ga, gb) = (gy[j] / dd, -gy[j] * yr[j] / dd);
-                    if last {
-                        (ah[j], bh[j], rr[j]) = (ga, gb, m);
-                    } else {
-                        // Through a_{t+1} = e^w a_t + e^k v, b_{t+1} = e^w b_t + e^k.
-                        let ek = exp(k[j] - rr[j]);
-                        dkj += ek * (v[j] * ah[j] + bh[j]);
-                        dvj += ek * ah[j];
-                        dw[j] += exp(w[j] - rr[j] + pp[j]) * (ah[j] * aa[j] + bh[j] * bb[j]);
-                        // α_t = g/D_t + e^w α_{t+1} (β likewise), rescaled to
-                        // r_t = min(m_t, r_{t+1} - w).
-                        let rt = m.min(rr[j] - w[j]);
-                        let (s1, s2) = (exp(rt - m), exp(w[j] - rr[j] + rt));
-                        ah[j] = ga * s1 + ah[j] * s2;
-                        bh[j] = gb * s1 + bh[j] * s2;
-                        rr[j] = rt;
-                    }
-                    dk[j] = dkj;
-                    dv[j] = dvj;
-                }
+                back_row(u, w, k, v, gy, yr, aa, bb, pp, ah, bh, rr, dw, du, dk, dv);
             }
         }
         // w = -exp(time_decay): dw/d(time_decay) = w.
@@ -180,4 +156,64 @@ pub fn backward(
         }
     }
     dispatch!(body(x, y, state, dy, g, scratch))
+}
+
+/// One token's step of [`backward`] over all channels: from the row's `k, v, dy, y` and the
+/// state before it `aa, bb, pp`, sets its `dk`, `dv` and moves the carry `α, β, r` one token
+/// back, adding to `d(w)`, `d(u)`. Every slice is an argument of its own, so the compiler
+/// knows that none overlaps another and vectorises the loop (with the slices in a struct or
+/// an array it would need a run-time check per pair, and gives up).
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn back_row(
+    u: &[f32],
+    w: &[f32],
+    k: &[f32],
+    v: &[f32],
+    gy: &[f32],
+    yr: &[f32],
+    aa: &[f32],
+    bb: &[f32],
+    pp: &[f32],
+    ah: &mut [f32],
+    bh: &mut [f32],
+    rr: &mut [f32],
+    dw: &mut [f32],
+    du: &mut [f32],
+    dk: &mut [f32],
+    dv: &mut [f32],
+) {
+    let c = u.len();
+    let (w, k, v, gy, yr) = (&w[..c], &k[..c], &v[..c], &gy[..c], &yr[..c]);
+    let (aa, bb, pp) = (&aa[..c], &bb[..c], &pp[..c]);
+    let (ah, bh, rr, dw, du) = (
+        &mut ah[..c],
+        &mut bh[..c],
+        &mut rr[..c],
+        &mut dw[..c],
+        &mut du[..c],
+    );
+    let (dk, dv) = (&mut dk[..c], &mut dv[..c]);
+    for j in 0..c {
+        let ww = u[j] + k[j];
+        let m = pp[j].max(ww);
+        let (e1, e2) = (exp(pp[j] - m), exp(ww - m));
+        let dd = e1 * bb[j] + e2;
+        // Direct use of k_t, v_t in y_t through e^{u+k_t}.
+        let e = e2 / dd;
+        let dyk = gy[j] * (v[j] - yr[j]) * e;
+        du[j] += dyk;
+        // Through a_{t+1} = e^w a_t + e^k v, b_{t+1} = e^w b_t + e^k.
+        let ek = exp(k[j] - rr[j]);
+        dk[j] = dyk + ek * (v[j] * ah[j] + bh[j]);
+        dv[j] = gy[j] * e + ek * ah[j];
+        dw[j] += exp(w[j] - rr[j] + pp[j]) * (ah[j] * aa[j] + bh[j] * bb[j]);
+        // α_t = g/D_t + e^w α_{t+1} (β likewise), rescaled to r_t = min(m_t, r_{t+1} - w).
+        let (ga, gb) = (gy[j] / dd, -gy[j] * yr[j] / dd);
+        let rt = m.min(rr[j] - w[j]);
+        let (s1, s2) = (exp(rt - m), exp(w[j] - rr[j] + rt));
+        ah[j] = ga * s1 + ah[j] * s2;
+        bh[j] = gb * s1 + bh[j] * s2;
+        rr[j] = rt;
+    }
 }
