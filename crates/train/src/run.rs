@@ -811,25 +811,6 @@ fn restore_grads<W>(works: &mut [ShardWork<W>], grads: Vec<Vec<f32>>) {
     }
 }
 
-/// Keeps freed memory in the allocator instead of returning it to the system: every op of every
-/// step allocates buffers of the same sizes, and handing them back (glibc unmaps blocks above
-/// its threshold) makes each step page-fault them in again.
-fn keep_freed_memory() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    {
-        extern "C" {
-            fn mallopt(param: i32, value: i32) -> i32;
-        }
-        const M_TRIM_THRESHOLD: i32 = -1;
-        const M_MMAP_THRESHOLD: i32 = -3;
-        // SAFETY: mallopt only changes allocator tuning parameters.
-        unsafe {
-            mallopt(M_MMAP_THRESHOLD, 32 << 20);
-            mallopt(M_TRIM_THRESHOLD, 256 << 20);
-        }
-    }
-}
-
 /// Writes the loss curve (training loss per logged step, validation loss where measured) as
 /// an SVG.
 pub fn plot(metrics: &[Metric], path: &Path) -> Result<()> {
@@ -911,7 +892,6 @@ fn read_metrics(path: &Path, upto: u64) -> Vec<Metric> {
 pub fn train(mut cfg: TrainConfig, resume: bool, stop_at: Option<u64>) -> Result<Summary> {
     cfg.check()?;
     cfg.lr_final = Some(cfg.lr_final());
-    keep_freed_memory();
     let dir = RunDir(cfg.out.clone());
     std::fs::create_dir_all(&dir.0).map_err(|e| Error::io(&dir.0, e))?;
     let vocab = vocab_for(&cfg.tokenizer)?;
