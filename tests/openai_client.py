@@ -73,10 +73,25 @@ if stop:
     cut = client.completions.create(stop=[stop], **kw)
     assert stop not in cut.choices[0].text and cut.choices[0].finish_reason == "stop", cut
 
+# Several choices, and log-probabilities in the client's types.
+two = client.completions.create(model=model, prompt="x", max_tokens=4, n=2, seed=1)
+assert [c.index for c in two.choices] == [0, 1], two
+ev = client.completions.create(model=model, prompt="To be", max_tokens=1, echo=True,
+                               logprobs=2, temperature=0)
+lp = ev.choices[0].logprobs
+assert ev.choices[0].text.startswith("To be"), ev
+assert lp.token_logprobs[0] is None and len(lp.tokens) == len("To be") + 1, lp
+assert all(len(t) <= 2 for t in lp.top_logprobs[1:]), lp
+ch = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "Hi"}],
+                                    max_tokens=3, logprobs=True, top_logprobs=2, temperature=0)
+content = ch.choices[0].logprobs.content
+assert len(content) == ch.usage.completion_tokens, ch
+assert all(len(t.top_logprobs) == 2 and t.logprob <= 0 for t in content), content
+
 # Errors surface as the client's typed exceptions.
 try:
-    client.completions.create(model=model, prompt="x", n=2)
-    raise AssertionError("n=2 was accepted")
+    client.completions.create(model=model, prompt="x", n=17)
+    raise AssertionError("n=17 was accepted")
 except openai.BadRequestError as e:
     assert e.status_code == 400 and "n" in str(e), e
 

@@ -564,7 +564,58 @@ fn bad_requests_get_openai_errors() {
         400,
         Some("max_tokens"),
     );
-    check(s.post(c, &completion("x", json!({"n": 2}))), 400, Some("n"));
+    check(
+        s.post(c, &completion("x", json!({"n": 17}))),
+        400,
+        Some("n"),
+    );
+    check(s.post(c, &completion("x", json!({"n": 0}))), 400, Some("n"));
+    check(
+        s.post(c, &json!({"prompt": vec!["a"; 33], "n": 2})),
+        400,
+        Some("n"),
+    );
+    check(
+        s.post(c, &completion("x", json!({"logprobs": 21}))),
+        400,
+        Some("logprobs"),
+    );
+    check(
+        s.post(c, &completion("x", json!({"n": 2, "best_of": 3}))),
+        400,
+        Some("best_of"),
+    );
+    check(
+        s.post(ch, &chat(&[("user", "x")], json!({"top_logprobs": 2}))),
+        400,
+        Some("top_logprobs"),
+    );
+    check(
+        s.post(
+            ch,
+            &chat(
+                &[("user", "x")],
+                json!({"logprobs": true, "top_logprobs": 21}),
+            ),
+        ),
+        400,
+        Some("top_logprobs"),
+    );
+    check(
+        s.post("/tokenize", &json!({"text": "x"})),
+        400,
+        Some("prompt"),
+    );
+    check(
+        s.post("/detokenize", &json!({"tokens": [1, 300]})),
+        400,
+        Some("tokens"),
+    );
+    check(
+        s.post("/detokenize", &json!({"tokens": "ab"})),
+        400,
+        Some("tokens"),
+    );
     check(
         s.post(c, &completion("x", json!({"stop": [1, 2]}))),
         400,
@@ -612,7 +663,7 @@ fn bad_requests_get_openai_errors() {
         Some("messages"),
     );
     check(
-        s.post(ch, &chat(&[("user", "x")], json!({"n": 3}))),
+        s.post(ch, &chat(&[("user", "x")], json!({"n": 30}))),
         400,
         Some("n"),
     );
@@ -775,4 +826,273 @@ fn the_official_openai_client_works() {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// The model's log-softmax of every position of `tokens` (one fresh state), from the logits
+/// `rwkv logits` prints, over the 256 tokens the byte tokenizer can produce (the fixture's
+/// head has 300 rows).
+fn reference_logprobs(tokens: &[u32]) -> Vec<Vec<f64>> {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/v7/model.safetensors"
+    );
+    let model = rwkv::model::Model::load(std::path::Path::new(path)).unwrap();
+    let mut st = model.new_state();
+    let all = model
+        .forward(tokens, &mut st, rwkv::model::Logits::All)
+        .unwrap();
+    all.chunks_exact(model.vocab_size())
+        .map(|row| {
+            let row = &row[..256];
+            let max = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) as f64;
+            let lse = max
+                + row
+                    .iter()
+                    .map(|&l| (l as f64 - max).exp())
+                    .sum::<f64>()
+                    .ln();
+            row.iter().map(|&l| l as f64 - lse).collect()
+        })
+        .collect()
+}
+
+#[test]
+fn echo_and_logprobs_are_the_models_log_probabilities() {
+    let s = Server::start(&[]);
+    let prompt = "ROMEO: But soft";
+    let ids: Vec<u32> = prompt.bytes().map(u32::from).collect();
+    let want = reference_logprobs(&ids);
+    // lm-evaluation-harness's log-likelihood request: echo, one logprob, one token.
+    for (max_tokens, p) in [(1, json!(prompt)), (0, json!(ids)), (1, json!([ids]))] {
+        let body = json!({"prompt": p, "echo": true, "logprobs": 3, "max_tokens": max_tokens,
+                          "temperature": 0});
+        let (st, v) = s.post("/v1/completions", &body);
+        assert_eq!(st, 200, "{v}");
+        let c = &v["choices"][0];
+        let text = c["text"].as_str().unwrap();
+        assert!(text.starts_with(prompt), "{v}");
+        let lp = &c["logprobs"];
+        let toks = lp["tokens"].as_array().unwrap();
+        assert_eq!(toks.len(), ids.len() + max_tokens, "{v}");
+        assert_eq!(toks[0], "R");
+        assert!(lp["token_logprobs"][0].is_null() && lp["top_logprobs"][0].is_null());
+        for (i, &id) in ids.iter().enumerate().skip(1) {
+            let got = lp["token_logprobs"][i].as_f64().unwrap();
+            let exact = want[i - 1][id as usize];
+            assert!((got - exact).abs() < 1e-4, "token {i}: {got} vs {exact}");
+            let top = lp["top_logprobs"][i].as_object().unwrap();
+            assert!(!top.is_empty() && top.len() <= 3, "{v}");
+            let best = want[i - 1]
+                .iter()
+                .cloned()
+                .fold(f64::NEG_INFINITY, f64::max);
+            let top_best = top
+                .values()
+                .map(|x| x.as_f64().unwrap())
+                .fold(f64::NEG_INFINITY, f64::max);
+            assert!(
+                (top_best - best).abs() < 1e-4,
+                "token {i}: {top_best} vs {best}"
+            );
+        }
+        let offsets: Vec<u64> = lp["text_offset"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap())
+            .collect();
+        assert_eq!(offsets[..3], [0, 1, 2]);
+        if max_tokens == 1 {
+            // The greedy token is the most likely one after the whole prompt.
+            let last = want.last().unwrap();
+            let argmax = (0..256)
+                .max_by(|&a, &b| last[a].total_cmp(&last[b]))
+                .unwrap();
+            let got = lp["token_logprobs"][ids.len()].as_f64().unwrap();
+            assert!(
+                (got - last[argmax]).abs() < 1e-4,
+                "{got} vs {}",
+                last[argmax]
+            );
+        } else {
+            assert_eq!(text, prompt);
+            assert_eq!(usage(&v).1, 0);
+        }
+    }
+    // Without echo, the logprobs are the generated tokens' only; streamed, the same values.
+    let body = completion(
+        prompt,
+        json!({"logprobs": 2, "max_tokens": 6, "temperature": 0}),
+    );
+    let (_, whole) = s.post("/v1/completions", &body);
+    let lp = &whole["choices"][0]["logprobs"];
+    assert_eq!(lp["tokens"].as_array().unwrap().len(), 6, "{whole}");
+    assert_eq!(lp["text_offset"][0], prompt.len());
+    let mut stream_body = body.clone();
+    stream_body["stream"] = json!(true);
+    let (events, done) = s.stream("/v1/completions", &stream_body);
+    assert!(done);
+    let streamed: Vec<Value> = events
+        .iter()
+        .filter_map(|e| {
+            e["choices"][0]["logprobs"]["token_logprobs"]
+                .as_array()
+                .cloned()
+        })
+        .flatten()
+        .collect();
+    assert_eq!(&streamed, lp["token_logprobs"].as_array().unwrap());
+    assert_eq!(streamed_text(&events), text_of(&whole));
+}
+
+#[test]
+fn chat_logprobs_come_in_openai_shape() {
+    let s = Server::start(&[]);
+    let body = chat(
+        &[("user", "Hi")],
+        json!({"logprobs": true, "top_logprobs": 3, "max_tokens": 5, "temperature": 0}),
+    );
+    let (st, v) = s.post("/v1/chat/completions", &body);
+    assert_eq!(st, 200, "{v}");
+    let content = v["choices"][0]["logprobs"]["content"].as_array().unwrap();
+    assert_eq!(content.len() as u64, usage(&v).1, "{v}");
+    for e in content {
+        let top = e["top_logprobs"].as_array().unwrap();
+        assert_eq!(top.len(), 3, "{e}");
+        // Greedy: the chosen token is the most likely.
+        assert_eq!(e["logprob"], top[0]["logprob"], "{e}");
+        assert_eq!(e["token"], top[0]["token"], "{e}");
+        assert!(e["bytes"].is_array());
+        assert!(e["logprob"].as_f64().unwrap() <= 0.0);
+    }
+    let (st, v) = s.post("/v1/chat/completions", &chat(&[("user", "Hi")], json!({})));
+    assert_eq!(st, 200);
+    assert!(v["choices"][0]["logprobs"].is_null(), "{v}");
+}
+
+#[test]
+fn n_choices_share_one_prompt() {
+    let s = Server::start(&[]);
+    let c = "/v1/completions";
+    // Greedy choices are all the one greedy completion.
+    let (_, one) = s.post(
+        c,
+        &completion("JULIET:", json!({"max_tokens": 8, "temperature": 0})),
+    );
+    let (st, v) = s.post(
+        c,
+        &completion(
+            "JULIET:",
+            json!({"max_tokens": 8, "temperature": 0, "n": 3}),
+        ),
+    );
+    assert_eq!(st, 200, "{v}");
+    let choices = v["choices"].as_array().unwrap();
+    assert_eq!(choices.len(), 3);
+    for (i, ch) in choices.iter().enumerate() {
+        assert_eq!(ch["index"], i);
+        assert_eq!(ch["text"], one["choices"][0]["text"]);
+    }
+    // The prompt counts once, the completions add up.
+    assert_eq!(usage(&v).0, usage(&one).0);
+    assert_eq!(usage(&v).1, 3 * usage(&one).1);
+    // Sampled choices differ, and a seed makes them reproducible.
+    let body = completion(
+        "JULIET:",
+        json!({"max_tokens": 12, "temperature": 1.0, "n": 4, "seed": 9}),
+    );
+    let (_, a) = s.post(c, &body);
+    let (_, b) = s.post(c, &body);
+    let texts = |v: &Value| -> Vec<String> {
+        v["choices"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["text"].as_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(texts(&a), texts(&b));
+    let mut distinct = texts(&a);
+    distinct.dedup();
+    assert!(distinct.len() > 1, "{:?}", texts(&a));
+    // Streamed: every choice's chunks carry its index and add up to the same texts.
+    let mut sb = body.clone();
+    sb["stream"] = json!(true);
+    let (events, done) = s.stream(c, &sb);
+    assert!(done);
+    let mut streamed = vec![String::new(); 4];
+    for e in &events {
+        for ch in e["choices"].as_array().unwrap() {
+            let i = ch["index"].as_u64().unwrap() as usize;
+            streamed[i].push_str(ch["text"].as_str().unwrap_or(""));
+        }
+    }
+    assert_eq!(streamed, texts(&a));
+    // Chat too.
+    let body = chat(
+        &[("user", "Hi")],
+        json!({"max_tokens": 6, "n": 2, "seed": 3}),
+    );
+    let (st, v) = s.post("/v1/chat/completions", &body);
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["choices"].as_array().unwrap().len(), 2);
+    assert_eq!(v["choices"][1]["index"], 1);
+}
+
+#[test]
+fn several_prompts_answer_in_order() {
+    let s = Server::start(&[]);
+    let c = "/v1/completions";
+    let greedy = |p: &str| {
+        let (_, v) = s.post(
+            c,
+            &completion(p, json!({"max_tokens": 5, "temperature": 0})),
+        );
+        text_of(&v)
+    };
+    let (a, b) = (greedy("ROMEO:"), greedy("To be"));
+    let (st, v) = s.post(
+        c,
+        &json!({"prompt": ["ROMEO:", "To be"], "max_tokens": 5, "temperature": 0, "n": 2}),
+    );
+    assert_eq!(st, 200, "{v}");
+    let got: Vec<&str> = v["choices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["text"].as_str().unwrap())
+        .collect();
+    assert_eq!(got, [a.as_str(), a.as_str(), b.as_str(), b.as_str()]);
+}
+
+#[test]
+fn tokenizer_endpoints_round_trip() {
+    let s = Server::start(&[]);
+    let (st, info) = s.get("/tokenizer_info");
+    assert_eq!(st, 200);
+    let info: Value = serde_json::from_str(&info).unwrap();
+    assert_eq!(info["vocab_size"], 300);
+    let (st, v) = s.post(
+        "/tokenize",
+        &json!({"prompt": "héllo", "add_special_tokens": false}),
+    );
+    assert_eq!(st, 200, "{v}");
+    let ids = v["tokens"].clone();
+    assert_eq!(ids, json!("héllo".bytes().collect::<Vec<u8>>()));
+    assert_eq!(v["count"], 6);
+    let (st, v) = s.post("/detokenize", &json!({"tokens": ids}));
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["prompt"], "héllo");
+    // Chat messages tokenize as the chat endpoint renders them.
+    let (_, v) = s.post(
+        "/tokenize",
+        &json!({"messages": [{"role": "user", "content": "Hi"}]}),
+    );
+    let text: String = v["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u8 as char)
+        .collect();
+    assert_eq!(text, "User: Hi\n\nAssistant:");
 }

@@ -7,7 +7,7 @@
 
 use rwkv_core::session::Finish;
 use serde::Serialize;
-use serde_json::{Map, Value};
+use serde_json::{json, Map, Value};
 
 /// An error in OpenAI's format: `{"error":{"message","type","param","code"}}` with an HTTP
 /// status.
@@ -102,7 +102,22 @@ pub struct Params {
     pub include_usage: bool,
     /// `logit_bias`: added to a token's logit before sampling; -100 bans the token.
     pub logit_bias: Vec<(u32, f32)>,
+    /// `n`: choices per prompt, 1 to [`MAX_N`].
+    pub n: usize,
+    /// Log-probabilities of the generated tokens with this many alternatives (chat:
+    /// `logprobs: true` and `top_logprobs`; completions: `logprobs: k`), at most
+    /// [`MAX_TOP_LOGPROBS`].
+    pub logprobs: Option<usize>,
 }
+
+/// Most choices per prompt (`n`): each is a sequence in the engine's batch.
+pub const MAX_N: u64 = 16;
+
+/// Most alternatives per token in `logprobs` (OpenAI's limit for `top_logprobs`).
+pub const MAX_TOP_LOGPROBS: u64 = 20;
+
+/// Most prompts in one completions request.
+pub const MAX_PROMPTS: usize = 64;
 
 /// A completions prompt.
 #[derive(Debug, Clone, PartialEq)]
@@ -116,8 +131,11 @@ pub enum Prompt {
 /// A parsed `POST /v1/completions` body.
 #[derive(Debug, Clone, PartialEq)]
 pub struct CompletionRequest {
-    /// The prompt.
-    pub prompt: Prompt,
+    /// The prompts (one or more; `n` choices each).
+    pub prompts: Vec<Prompt>,
+    /// `echo`: each choice's text starts with its prompt (and, with `logprobs`, so do its
+    /// log-probabilities).
+    pub echo: bool,
     /// Sampling and stopping.
     pub params: Params,
 }
@@ -155,35 +173,49 @@ pub struct ChatRequest {
 pub fn parse_completion(body: &[u8]) -> Result<CompletionRequest, ApiError> {
     let obj = parse_object(body)?;
     let f = Fields(&obj);
-    let prompt = match f.get("prompt") {
+    let prompts = match f.get("prompt") {
         None => return Err(ApiError::invalid("'prompt' is required", Some("prompt"))),
-        Some(Value::String(s)) => Prompt::Text(s.clone()),
+        Some(Value::String(s)) => vec![Prompt::Text(s.clone())],
         Some(Value::Array(items)) => parse_prompt_array(items)?,
-        Some(_) => {
-            return Err(ApiError::invalid(
-                "'prompt' must be a string, an array of one string, or an array of token ids",
-                Some("prompt"),
-            ))
-        }
+        Some(_) => return Err(bad_prompt()),
     };
-    f.only_one("best_of")?;
-    if f.bool("echo")? {
-        return Err(ApiError::invalid("'echo' is not supported", Some("echo")));
-    }
-    if f.get("logprobs").is_some() {
-        return Err(ApiError::invalid(
-            "'logprobs' is not supported",
-            Some("logprobs"),
-        ));
-    }
     if matches!(f.get("suffix"), Some(Value::String(s)) if !s.is_empty()) {
         return Err(ApiError::invalid(
             "'suffix' is not supported",
             Some("suffix"),
         ));
     }
-    let params = parse_params(&f, None)?;
-    Ok(CompletionRequest { prompt, params })
+    let echo = f.bool("echo")?;
+    let mut params = parse_params(&f, None)?;
+    params.logprobs = match f.get("logprobs") {
+        None => None,
+        Some(v) => match v.as_u64() {
+            Some(k) if k <= MAX_TOP_LOGPROBS => Some(k as usize),
+            _ => {
+                return Err(ApiError::invalid(
+                    format!("'logprobs' must be an integer from 0 to {MAX_TOP_LOGPROBS}"),
+                    Some("logprobs"),
+                ))
+            }
+        },
+    };
+    // best_of: the choices to sample of which n are returned; only best_of = n is served.
+    if let Some(b) = f.uint("best_of")? {
+        if b != params.n as u64 {
+            return Err(ApiError::invalid(
+                format!(
+                    "'best_of' is {b}, but only best_of = n ({}) is supported",
+                    params.n
+                ),
+                Some("best_of"),
+            ));
+        }
+    }
+    Ok(CompletionRequest {
+        prompts,
+        echo,
+        params,
+    })
 }
 
 /// Parses the body of a chat completions request.
@@ -213,12 +245,6 @@ pub fn parse_chat(body: &[u8]) -> Result<ChatRequest, ApiError> {
         .enumerate()
         .map(|(i, m)| parse_message(i, m))
         .collect::<Result<Vec<_>, _>>()?;
-    if f.bool("logprobs")? {
-        return Err(ApiError::invalid(
-            "'logprobs' is not supported",
-            Some("logprobs"),
-        ));
-    }
     for name in ["tools", "functions"] {
         if matches!(f.get(name), Some(Value::Array(a)) if !a.is_empty()) {
             return Err(ApiError::invalid(
@@ -227,8 +253,71 @@ pub fn parse_chat(body: &[u8]) -> Result<ChatRequest, ApiError> {
             ));
         }
     }
-    let params = parse_params(&f, Some("max_completion_tokens"))?;
+    let mut params = parse_params(&f, Some("max_completion_tokens"))?;
+    let top = f.uint("top_logprobs")?;
+    params.logprobs = match (f.bool("logprobs")?, top) {
+        (_, Some(k)) if k > MAX_TOP_LOGPROBS => {
+            return Err(ApiError::invalid(
+                format!("'top_logprobs' is {k}, more than {MAX_TOP_LOGPROBS}"),
+                Some("top_logprobs"),
+            ))
+        }
+        (true, k) => Some(k.unwrap_or(0) as usize),
+        (false, Some(_)) => {
+            return Err(ApiError::invalid(
+                "'top_logprobs' needs 'logprobs': true",
+                Some("top_logprobs"),
+            ))
+        }
+        (false, None) => None,
+    };
     Ok(ChatRequest { messages, params })
+}
+
+/// Parses a `POST /tokenize` body: `{"prompt": "…"}` or `{"messages": […]}` (rendered as
+/// the chat endpoint renders them); returns the text segments to tokenize. Special tokens are
+/// never added, so `add_special_tokens` is accepted and has no effect.
+pub fn parse_tokenize(body: &[u8]) -> Result<Vec<String>, ApiError> {
+    let obj = parse_object(body)?;
+    let f = Fields(&obj);
+    f.bool("add_special_tokens")?;
+    match (f.get("prompt"), f.get("messages")) {
+        (Some(Value::String(s)), None) => Ok(vec![s.clone()]),
+        (None, Some(Value::Array(list))) if !list.is_empty() => {
+            let messages = list
+                .iter()
+                .enumerate()
+                .map(|(i, m)| parse_message(i, m))
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(chat_segments(&messages))
+        }
+        (None, Some(_)) => Err(ApiError::invalid(
+            "'messages' must be a non-empty array",
+            Some("messages"),
+        )),
+        (Some(_), None) => Err(ApiError::invalid(
+            "'prompt' must be a string",
+            Some("prompt"),
+        )),
+        _ => Err(ApiError::invalid(
+            "give either 'prompt' or 'messages'",
+            Some("prompt"),
+        )),
+    }
+}
+
+/// Parses a `POST /detokenize` body: `{"tokens": [id, …]}`.
+pub fn parse_detokenize(body: &[u8]) -> Result<Vec<u32>, ApiError> {
+    let obj = parse_object(body)?;
+    match Fields(&obj).get("tokens") {
+        Some(Value::Array(ids)) => token_ids(ids).ok_or_else(|| {
+            ApiError::invalid("'tokens' must be an array of token ids", Some("tokens"))
+        }),
+        _ => Err(ApiError::invalid(
+            "'tokens' (an array of token ids) is required",
+            Some("tokens"),
+        )),
+    }
 }
 
 /// Renders a conversation in the RWKV chat format, one segment per message plus the final
@@ -277,19 +366,35 @@ fn parse_object(body: &[u8]) -> Result<Map<String, Value>, ApiError> {
     }
 }
 
-fn parse_prompt_array(items: &[Value]) -> Result<Prompt, ApiError> {
-    let bad = || {
-        ApiError::invalid(
-            "'prompt' must be a string, an array of one string, or an array of token ids \
-             (one prompt per request: n > 1 and batched prompts are not supported)",
-            Some("prompt"),
-        )
+fn bad_prompt() -> ApiError {
+    ApiError::invalid(
+        "'prompt' must be a string, an array of strings, an array of token ids, or an array \
+         of arrays of token ids",
+        Some("prompt"),
+    )
+}
+
+/// `[string, …]`, `[id, …]` (one tokenized prompt) or `[[id, …], …]`.
+fn parse_prompt_array(items: &[Value]) -> Result<Vec<Prompt>, ApiError> {
+    let prompts = if items.iter().all(Value::is_number) {
+        vec![Prompt::Tokens(token_ids(items).ok_or_else(bad_prompt)?)]
+    } else {
+        items
+            .iter()
+            .map(|v| match v {
+                Value::String(s) => Ok(Prompt::Text(s.clone())),
+                Value::Array(ids) => token_ids(ids).map(Prompt::Tokens).ok_or_else(bad_prompt),
+                _ => Err(bad_prompt()),
+            })
+            .collect::<Result<Vec<_>, _>>()?
     };
-    match items {
-        [Value::String(s)] => Ok(Prompt::Text(s.clone())),
-        [Value::Array(ids)] => token_ids(ids).ok_or_else(bad).map(Prompt::Tokens),
-        ids => token_ids(ids).ok_or_else(bad).map(Prompt::Tokens),
+    if prompts.is_empty() || prompts.len() > MAX_PROMPTS {
+        return Err(ApiError::invalid(
+            format!("'prompt' must hold 1 to {MAX_PROMPTS} prompts"),
+            Some("prompt"),
+        ));
     }
+    Ok(prompts)
 }
 
 fn token_ids(ids: &[Value]) -> Option<Vec<u32>> {
@@ -358,7 +463,16 @@ fn parse_message(i: usize, m: &Value) -> Result<Message, ApiError> {
 }
 
 fn parse_params(f: &Fields<'_>, max_alias: Option<&str>) -> Result<Params, ApiError> {
-    f.only_one("n")?;
+    let n = match f.uint("n")? {
+        None => 1,
+        Some(n) if (1..=MAX_N).contains(&n) => n as usize,
+        Some(n) => {
+            return Err(ApiError::invalid(
+                format!("'n' is {n}; it must be from 1 to {MAX_N}"),
+                Some("n"),
+            ))
+        }
+    };
     let mut max_tokens = f.uint("max_tokens")?;
     if let Some(alias) = max_alias {
         max_tokens = max_tokens.or(f.uint(alias)?);
@@ -447,6 +561,8 @@ fn parse_params(f: &Fields<'_>, max_alias: Option<&str>) -> Result<Params, ApiEr
         seed,
         stream,
         include_usage,
+        n,
+        logprobs: None,
     })
 }
 
@@ -490,17 +606,6 @@ impl Fields<'_> {
             Some(Value::Bool(b)) => Ok(*b),
             Some(_) => Err(ApiError::invalid(
                 format!("'{k}' must be a boolean"),
-                Some(k),
-            )),
-        }
-    }
-
-    /// Fields such as `n` that this server supports only at 1.
-    fn only_one(&self, k: &str) -> Result<(), ApiError> {
-        match self.uint(k)? {
-            None | Some(1) => Ok(()),
-            Some(x) => Err(ApiError::invalid(
-                format!("'{k}' is {x}, but only {k}=1 is supported"),
                 Some(k),
             )),
         }
@@ -559,6 +664,80 @@ pub fn finish_reason(f: Finish) -> &'static str {
     }
 }
 
+/// One token as `logprobs` shows it: its text (invalid UTF-8 replaced) and its bytes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenText {
+    /// The text.
+    pub text: String,
+    /// The bytes.
+    pub bytes: Vec<u8>,
+}
+
+/// One token's entry in a `logprobs` list: the token, its log-probability (`None` for a
+/// prompt's first token, which nothing predicts) and the most likely tokens at its place.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LogprobEntry {
+    /// The token.
+    pub token: TokenText,
+    /// Its log-probability.
+    pub logprob: Option<f32>,
+    /// The alternatives, most likely first.
+    pub top: Vec<(TokenText, f32)>,
+}
+
+/// Chat's `logprobs` object: `{"content": [{token, logprob, bytes, top_logprobs}], "refusal":
+/// null}`.
+pub fn chat_logprobs(entries: &[LogprobEntry]) -> Value {
+    let one = |t: &TokenText, lp: f32| json!({"token": t.text, "logprob": lp, "bytes": t.bytes});
+    let content: Vec<Value> = entries
+        .iter()
+        .map(|e| {
+            let mut v = one(&e.token, e.logprob.unwrap_or(0.0));
+            v["top_logprobs"] = e.top.iter().map(|(t, lp)| one(t, *lp)).collect();
+            v
+        })
+        .collect();
+    json!({"content": content, "refusal": null})
+}
+
+/// The completions' `logprobs` object: parallel lists `tokens`, `token_logprobs`,
+/// `top_logprobs` (a map from token text to log-probability, `null` where the log-probability
+/// is) and `text_offset` (each token's character offset in the choice's text, counted from
+/// `offset`).
+pub fn completion_logprobs(entries: &[LogprobEntry], offset: usize) -> Value {
+    let mut at = offset;
+    let (mut tokens, mut lps, mut tops, mut offsets) = (vec![], vec![], vec![], vec![]);
+    for e in entries {
+        tokens.push(json!(e.token.text));
+        lps.push(json!(e.logprob));
+        tops.push(match e.logprob {
+            None => Value::Null,
+            Some(_) => Value::Object(
+                e.top
+                    .iter()
+                    .map(|(t, lp)| (t.text.clone(), json!(lp)))
+                    .collect(),
+            ),
+        });
+        offsets.push(json!(at));
+        at += e.token.text.chars().count();
+    }
+    json!({"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets})
+}
+
+/// One choice of a response (or of a chunk).
+#[derive(Debug, Clone, Copy)]
+pub struct Choice<'a> {
+    /// Its index.
+    pub index: usize,
+    /// Its text (a chunk's: the new text).
+    pub text: &'a str,
+    /// Why it ended (a chunk's: only on its last chunk).
+    pub finish: Option<Finish>,
+    /// Its `logprobs` object ([`chat_logprobs`] or [`completion_logprobs`]).
+    pub logprobs: Option<&'a Value>,
+}
+
 #[derive(Serialize)]
 struct ChatMessageOut<'a> {
     role: &'static str,
@@ -567,10 +746,10 @@ struct ChatMessageOut<'a> {
 
 #[derive(Serialize)]
 struct ChatChoice<'a> {
-    index: u32,
+    index: usize,
     message: ChatMessageOut<'a>,
-    logprobs: Option<()>,
-    finish_reason: &'static str,
+    logprobs: Option<&'a Value>,
+    finish_reason: Option<&'static str>,
 }
 
 #[derive(Serialize)]
@@ -580,27 +759,30 @@ struct ChatCompletion<'a> {
     created: u64,
     model: &'a str,
     system_fingerprint: Option<()>,
-    choices: [ChatChoice<'a>; 1],
+    choices: Vec<ChatChoice<'a>>,
     usage: Usage,
 }
 
 /// A whole `chat.completion` body.
-pub fn chat_completion(meta: &Meta, content: &str, finish: Finish, usage: Usage) -> String {
+pub fn chat_completion(meta: &Meta, choices: &[Choice<'_>], usage: Usage) -> String {
     to_json(&ChatCompletion {
         id: &meta.id,
         object: "chat.completion",
         created: meta.created,
         model: &meta.model,
         system_fingerprint: None,
-        choices: [ChatChoice {
-            index: 0,
-            message: ChatMessageOut {
-                role: "assistant",
-                content,
-            },
-            logprobs: None,
-            finish_reason: finish_reason(finish),
-        }],
+        choices: choices
+            .iter()
+            .map(|c| ChatChoice {
+                index: c.index,
+                message: ChatMessageOut {
+                    role: "assistant",
+                    content: c.text,
+                },
+                logprobs: c.logprobs,
+                finish_reason: c.finish.map(finish_reason),
+            })
+            .collect(),
         usage,
     })
 }
@@ -615,9 +797,9 @@ struct Delta<'a> {
 
 #[derive(Serialize)]
 struct ChunkChoice<'a> {
-    index: u32,
+    index: usize,
     delta: Delta<'a>,
-    logprobs: Option<()>,
+    logprobs: Option<&'a Value>,
     finish_reason: Option<&'static str>,
 }
 
@@ -636,56 +818,42 @@ struct ChatChunk<'a> {
 /// What a chat stream chunk carries.
 #[derive(Debug, Clone, Copy)]
 pub enum ChatPiece<'a> {
-    /// The first chunk: the assistant role and empty content.
-    Role,
-    /// Some generated text.
-    Text(&'a str),
-    /// The last choice chunk: an empty delta and the finish reason.
-    Finish(Finish),
-    /// After the finish chunk when usage was asked for: no choices, the usage.
+    /// A choice's first chunk: the assistant role and empty content.
+    Role(usize),
+    /// Some generated text of a choice (with its tokens' log-probabilities, if asked for);
+    /// with `finish`, the choice's last chunk.
+    Text(Choice<'a>),
+    /// After every choice's finish chunk when usage was asked for: no choices, the usage.
     Usage(Usage),
 }
 
 /// One `chat.completion.chunk`. With `include_usage`, every chunk carries `"usage": null`
 /// except the usage chunk, as OpenAI's do.
 pub fn chat_chunk(meta: &Meta, piece: ChatPiece<'_>, include_usage: bool) -> String {
-    let choice = |delta, finish| {
-        vec![ChunkChoice {
-            index: 0,
-            delta,
-            logprobs: None,
-            finish_reason: finish,
-        }]
-    };
     let (choices, usage) = match piece {
-        ChatPiece::Role => (
-            choice(
-                Delta {
+        ChatPiece::Role(index) => (
+            vec![ChunkChoice {
+                index,
+                delta: Delta {
                     role: Some("assistant"),
                     content: Some(""),
                 },
-                None,
-            ),
+                logprobs: None,
+                finish_reason: None,
+            }],
             None,
         ),
-        ChatPiece::Text(t) => (
-            choice(
-                Delta {
+        ChatPiece::Text(c) => (
+            vec![ChunkChoice {
+                index: c.index,
+                delta: Delta {
                     role: None,
-                    content: Some(t),
+                    // The finish chunk has an empty delta.
+                    content: (c.finish.is_none() || !c.text.is_empty()).then_some(c.text),
                 },
-                None,
-            ),
-            None,
-        ),
-        ChatPiece::Finish(f) => (
-            choice(
-                Delta {
-                    role: None,
-                    content: None,
-                },
-                Some(finish_reason(f)),
-            ),
+                logprobs: c.logprobs,
+                finish_reason: c.finish.map(finish_reason),
+            }],
             None,
         ),
         ChatPiece::Usage(u) => (Vec::new(), Some(u)),
@@ -704,8 +872,8 @@ pub fn chat_chunk(meta: &Meta, piece: ChatPiece<'_>, include_usage: bool) -> Str
 #[derive(Serialize)]
 struct TextChoice<'a> {
     text: &'a str,
-    index: u32,
-    logprobs: Option<()>,
+    index: usize,
+    logprobs: Option<&'a Value>,
     finish_reason: Option<&'static str>,
 }
 
@@ -722,52 +890,36 @@ struct TextCompletion<'a> {
 }
 
 /// A whole `text_completion` body.
-pub fn completion(meta: &Meta, text: &str, finish: Finish, usage: Usage) -> String {
-    text_completion(
-        meta,
-        Some((text, Some(finish_reason(finish)))),
-        Some(Some(usage)),
-    )
+pub fn completion(meta: &Meta, choices: &[Choice<'_>], usage: Usage) -> String {
+    text_completion(meta, choices, Some(Some(usage)))
 }
 
-/// One streamed `text_completion` chunk: some text, or (with `finish`) the last choice chunk.
-pub fn completion_chunk(
-    meta: &Meta,
-    text: &str,
-    finish: Option<Finish>,
-    include_usage: bool,
-) -> String {
-    text_completion(
-        meta,
-        Some((text, finish.map(finish_reason))),
-        include_usage.then_some(None),
-    )
+/// One streamed `text_completion` chunk: some text of a choice, or (with `finish`) its last
+/// chunk.
+pub fn completion_chunk(meta: &Meta, choice: Choice<'_>, include_usage: bool) -> String {
+    text_completion(meta, &[choice], include_usage.then_some(None))
 }
 
 /// The usage chunk that ends a completions stream when usage was asked for.
 pub fn completion_usage_chunk(meta: &Meta, usage: Usage) -> String {
-    text_completion(meta, None, Some(Some(usage)))
+    text_completion(meta, &[], Some(Some(usage)))
 }
 
-fn text_completion(
-    meta: &Meta,
-    choice: Option<(&str, Option<&'static str>)>,
-    usage: Option<Option<Usage>>,
-) -> String {
+fn text_completion(meta: &Meta, choices: &[Choice<'_>], usage: Option<Option<Usage>>) -> String {
     to_json(&TextCompletion {
         id: &meta.id,
         object: "text_completion",
         created: meta.created,
         model: &meta.model,
         system_fingerprint: None,
-        choices: choice
-            .map(|(text, finish_reason)| TextChoice {
-                text,
-                index: 0,
-                logprobs: None,
-                finish_reason,
+        choices: choices
+            .iter()
+            .map(|c| TextChoice {
+                text: c.text,
+                index: c.index,
+                logprobs: c.logprobs,
+                finish_reason: c.finish.map(finish_reason),
             })
-            .into_iter()
             .collect(),
         usage,
     })
@@ -824,8 +976,25 @@ mod tests {
     fn field_errors_name_the_field() {
         let e = parse_completion(br#"{"prompt":"x","temperature":"hot"}"#).unwrap_err();
         assert_eq!((e.status, e.param.as_deref()), (400, Some("temperature")));
-        let e = parse_completion(br#"{"prompt":"x","n":2}"#).unwrap_err();
+        let e = parse_completion(br#"{"prompt":"x","n":0}"#).unwrap_err();
         assert_eq!(e.param.as_deref(), Some("n"));
+        let e = parse_completion(br#"{"prompt":"x","n":17}"#).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("n"));
+        let e = parse_completion(br#"{"prompt":"x","logprobs":21}"#).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("logprobs"));
+        let e = parse_completion(br#"{"prompt":"x","n":2,"best_of":3}"#).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("best_of"));
+        let e = parse_completion(br#"{"prompt":[[1],"a",{}]}"#).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("prompt"));
+        let many = format!(r#"{{"prompt":{:?}}}"#, vec!["a"; MAX_PROMPTS + 1]);
+        let e = parse_completion(many.as_bytes()).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("prompt"));
+        let msg = r#""messages":[{"role":"user","content":"x"}]"#;
+        let e = parse_chat(format!(r#"{{{msg},"top_logprobs":2}}"#).as_bytes()).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("top_logprobs"));
+        let e = parse_chat(format!(r#"{{{msg},"logprobs":true,"top_logprobs":21}}"#).as_bytes())
+            .unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("top_logprobs"));
         let e = parse_chat(br#"{"messages":[{"role":"user","content":5}]}"#).unwrap_err();
         assert_eq!(e.param.as_deref(), Some("messages[0].content"));
         let e =
@@ -847,13 +1016,28 @@ mod tests {
         )
         .unwrap();
         assert_eq!(r.params.logit_bias, vec![(7, -100.0)]);
-        assert_eq!(r.prompt, Prompt::Tokens(vec![1, 2, 3]));
+        assert_eq!(r.prompts, vec![Prompt::Tokens(vec![1, 2, 3])]);
         assert_eq!(r.params.stop, vec!["x".to_string()]);
         assert_eq!(r.params.seed, Some(u64::MAX));
         assert_eq!((r.params.temperature, r.params.top_p), (1.0, 1.0));
         let r = parse_completion(br#"{"prompt":["hi"],"max_tokens":5,"stream":true}"#).unwrap();
-        assert_eq!(r.prompt, Prompt::Text("hi".into()));
+        assert_eq!(r.prompts, vec![Prompt::Text("hi".into())]);
         assert_eq!((r.params.max_tokens, r.params.stream), (Some(5), true));
+        let r = parse_completion(
+            br#"{"prompt":["a",[5,6]],"echo":true,"logprobs":3,"n":2,"best_of":2,"max_tokens":0}"#,
+        )
+        .unwrap();
+        let want = vec![Prompt::Text("a".into()), Prompt::Tokens(vec![5, 6])];
+        assert_eq!((r.prompts, r.echo), (want, true));
+        assert_eq!((r.params.logprobs, r.params.n), (Some(3), 2));
+        assert_eq!(r.params.max_tokens, Some(0));
+        let r = parse_completion(br#"{"prompt":[[1,2],[3]]}"#).unwrap();
+        assert_eq!(r.prompts.len(), 2);
+        let r = parse_chat(
+            br#"{"messages":[{"role":"user","content":"x"}],"logprobs":true,"top_logprobs":5}"#,
+        )
+        .unwrap();
+        assert_eq!(r.params.logprobs, Some(5));
         let r = parse_chat(
             br#"{"messages":[{"role":"developer","content":[{"type":"text","text":"a"}]}],
                  "max_completion_tokens":7,"stream_options":{"include_usage":true}}"#,
@@ -873,18 +1057,59 @@ mod tests {
             created: 5,
             model: "m".into(),
         };
-        let v: Value = serde_json::from_str(&chat_chunk(&meta, ChatPiece::Role, false)).unwrap();
+        let v: Value = serde_json::from_str(&chat_chunk(&meta, ChatPiece::Role(1), false)).unwrap();
         assert_eq!(v["object"], "chat.completion.chunk");
         assert_eq!(v["choices"][0]["delta"]["role"], "assistant");
+        assert_eq!(v["choices"][0]["index"], 1);
         assert!(v.get("usage").is_none());
+        let last = Choice {
+            index: 0,
+            text: "",
+            finish: Some(Finish::Stop),
+            logprobs: None,
+        };
         let v: Value =
-            serde_json::from_str(&chat_chunk(&meta, ChatPiece::Finish(Finish::Stop), true))
-                .unwrap();
+            serde_json::from_str(&chat_chunk(&meta, ChatPiece::Text(last), true)).unwrap();
         assert_eq!(v["choices"][0]["finish_reason"], "stop");
+        assert!(v["choices"][0]["delta"].get("content").is_none());
         assert!(v["usage"].is_null() && v.get("usage").is_some());
         let u = Usage::new(3, 1, 4);
         let v: Value = serde_json::from_str(&completion_usage_chunk(&meta, u)).unwrap();
         assert_eq!(v["usage"]["total_tokens"], 7);
         assert_eq!(v["choices"].as_array().unwrap().len(), 0);
+    }
+
+    fn tok(t: &str) -> TokenText {
+        TokenText {
+            text: t.into(),
+            bytes: t.as_bytes().to_vec(),
+        }
+    }
+
+    #[test]
+    fn logprob_shapes() {
+        let entries = [
+            LogprobEntry {
+                token: tok("He"),
+                logprob: None,
+                top: vec![],
+            },
+            LogprobEntry {
+                token: tok("llo"),
+                logprob: Some(-0.5),
+                top: vec![(tok("llo"), -0.5), (tok("y"), -1.5)],
+            },
+        ];
+        let v = completion_logprobs(&entries, 0);
+        assert_eq!(v["tokens"], json!(["He", "llo"]));
+        assert_eq!(v["token_logprobs"], json!([null, -0.5]));
+        assert_eq!(v["top_logprobs"], json!([null, {"llo": -0.5, "y": -1.5}]));
+        assert_eq!(v["text_offset"], json!([0, 2]));
+        let v = chat_logprobs(&entries[1..]);
+        let c = &v["content"][0];
+        assert_eq!((&c["token"], &c["logprob"]), (&json!("llo"), &json!(-0.5)));
+        assert_eq!(c["bytes"], json!([108, 108, 111]));
+        assert_eq!(c["top_logprobs"][1]["token"], "y");
+        assert!(v["refusal"].is_null());
     }
 }

@@ -51,17 +51,70 @@ pub struct Job {
     pub stop_tokens: Vec<u32>,
     /// Added to these tokens' logits before sampling; -100 or less bans the token.
     pub logit_bias: Vec<(u32, f32)>,
-    /// Where the output goes; dropping the receiver cancels the job.
+    /// Choices to generate from the prompt: it is read once and its state forked per choice.
+    pub n: usize,
+    /// The index of the job's first choice in its response (a request with several prompts
+    /// numbers the choices prompt by prompt, `n` each).
+    pub first_choice: usize,
+    /// With `Some(k)`, each generated token's log-probability and the `k` most likely tokens
+    /// at its place are reported ([`Event::Logprob`]).
+    pub logprobs: Option<usize>,
+    /// Report the log-probability of every prompt token ([`Event::Prompt`]): the prompt is
+    /// then read from the start (the cache holds no logits of its inner positions).
+    pub prompt_logprobs: bool,
+    /// Where the output goes (one sender may serve the jobs of one request); dropping the
+    /// receiver cancels the job.
     pub events: UnboundedSender<Event>,
+}
+
+/// One token's log-probability under the model (log-softmax of its logits over the tokens
+/// the tokenizer can produce, which for the released models is the whole vocabulary; before
+/// sampling settings and `logit_bias`) and the most likely tokens at its place.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprob {
+    /// The token.
+    pub token: u32,
+    /// Its log-probability.
+    pub logprob: f32,
+    /// The most likely tokens and their log-probabilities, most likely first.
+    pub top: Vec<(u32, f32)>,
 }
 
 /// What the engine tells a request's handler.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
-    /// More generated text.
-    Text(String),
-    /// Generation ended.
-    Done(Done),
+    /// More generated text of a choice.
+    Text {
+        /// The choice's index in the response.
+        choice: usize,
+        /// The text.
+        text: String,
+    },
+    /// A generated token's log-probability (sent before the token's text, which a stop
+    /// string may hold back or drop).
+    Logprob {
+        /// The choice's index in the response.
+        choice: usize,
+        /// The token.
+        lp: TokenLogprob,
+    },
+    /// The log-probabilities of a job's prompt tokens (`None` for the first, which nothing
+    /// predicts), for its choices `first_choice..first_choice + n`; sent before their text.
+    Prompt {
+        /// The job's first choice.
+        first_choice: usize,
+        /// Its number of choices.
+        n: usize,
+        /// One per prompt token.
+        logprobs: Vec<Option<TokenLogprob>>,
+    },
+    /// A choice ended.
+    Done {
+        /// The choice's index in the response.
+        choice: usize,
+        /// Its summary.
+        done: Done,
+    },
     /// The request failed (after it was accepted).
     Error(String),
 }
@@ -150,6 +203,7 @@ impl Engine {
             active: Vec::new(),
             scratch: Scratch::default(),
             token_buf: Vec::with_capacity(64),
+            raw: Vec::new(),
         };
         let thread = std::thread::Builder::new()
             .name("rwkv-engine".into())
@@ -265,9 +319,16 @@ impl TextStream {
     }
 }
 
-/// One active sequence.
+/// One active sequence (one choice of a job).
 struct Seq {
-    job: Job,
+    /// The job, shared by its choices.
+    job: Arc<Job>,
+    /// The index of this choice in the response.
+    choice: usize,
+    /// Whether the job's other choices were forked from this one (or it is one of them).
+    forked: bool,
+    /// The prompt tokens' log-probabilities so far, when the job asks for them.
+    prompt_lp: Vec<Option<TokenLogprob>>,
     state: State,
     /// Prompt tokens already in `state`.
     pos: usize,
@@ -308,6 +369,8 @@ struct Worker {
     active: Vec<Seq>,
     scratch: Scratch,
     token_buf: Vec<u8>,
+    /// The logits before sampling changes them, for [`Job::logprobs`].
+    raw: Vec<f32>,
 }
 
 /// Marks the engine dead however its thread ends (including a panic), so that `/health`
@@ -384,7 +447,12 @@ impl Worker {
                 return;
             }
         };
-        let (state, pos, logits) = match self.cache.lookup(&job.prompt) {
+        let lookup = if job.prompt_logprobs {
+            None
+        } else {
+            self.cache.lookup(&job.prompt)
+        };
+        let (state, pos, logits) = match lookup {
             Some(hit) => {
                 self.metrics.cache_hits.fetch_add(1, SeqCst);
                 let logits = (hit.len == job.prompt.len()).then_some(hit.logits);
@@ -402,8 +470,17 @@ impl Worker {
             .cached_prompt_tokens
             .fetch_add(pos as u64, SeqCst);
         let text = TextStream::new(job.stop.clone());
+        let prompt_lp = if job.prompt_logprobs {
+            // Nothing predicts the first token.
+            vec![None]
+        } else {
+            Vec::new()
+        };
         self.active.push(Seq {
-            job,
+            choice: job.first_choice,
+            forked: job.n <= 1,
+            prompt_lp,
+            job: Arc::new(job),
             state,
             pos,
             cached: pos,
@@ -434,7 +511,10 @@ impl Worker {
             if s.finished.is_none() {
                 let rest = s.text.finish();
                 if !rest.is_empty() {
-                    s.send(Event::Text(rest));
+                    s.send(Event::Text {
+                        choice: s.choice,
+                        text: rest,
+                    });
                 }
                 s.finished = Some(Finish::Length);
             }
@@ -454,6 +534,7 @@ impl Worker {
             }
         }
         self.retire();
+        self.fork();
         for i in 0..self.active.len() {
             if self.active[i].logits.is_some() {
                 self.sample(i);
@@ -462,6 +543,48 @@ impl Worker {
         self.retire();
         self.forward();
         self.retire();
+    }
+
+    /// Forks the other choices of every job whose prompt has just been read: each starts from
+    /// the same state and next-token logits, with its own sampler (seeded `seed + k` for its
+    /// `k`-th choice, when the job has a seed).
+    fn fork(&mut self) {
+        let mut clones = Vec::new();
+        for s in &mut self.active {
+            if s.forked || s.logits.is_none() {
+                continue;
+            }
+            s.forked = true;
+            for k in 1..s.job.n {
+                let mut cfg = s.job.sampler.clone();
+                cfg.seed = cfg.seed.map(|x| x.wrapping_add(k as u64));
+                let sampler = match Sampler::new(cfg, self.vocab) {
+                    Ok(x) => x,
+                    Err(e) => {
+                        s.send(Event::Error(e.to_string()));
+                        s.dropped = true;
+                        break;
+                    }
+                };
+                clones.push(Seq {
+                    job: s.job.clone(),
+                    choice: s.job.first_choice + k,
+                    forked: true,
+                    prompt_lp: Vec::new(),
+                    state: s.state.clone(),
+                    pos: s.pos,
+                    cached: s.cached,
+                    logits: s.logits.clone(),
+                    last: 0,
+                    sampler,
+                    text: TextStream::new(s.job.stop.clone()),
+                    generated: 0,
+                    finished: None,
+                    dropped: false,
+                });
+            }
+        }
+        self.active.extend(clones);
     }
 
     /// Samples the next token of sequence `i` and streams its text; marks the sequence
@@ -476,6 +599,10 @@ impl Worker {
         let Some(mut logits) = s.logits.take() else {
             return;
         };
+        if s.job.logprobs.is_some() {
+            self.raw.clear();
+            self.raw.extend_from_slice(&logits);
+        }
         if self.decodable < logits.len() {
             logits[self.decodable..].fill(f32::NEG_INFINITY);
         }
@@ -491,12 +618,22 @@ impl Worker {
             }
         }
         let tok = s.sampler.sample(&mut logits);
+        if let Some(k) = s.job.logprobs {
+            let lp = token_logprob(&self.raw[..self.decodable], tok, k);
+            s.send(Event::Logprob {
+                choice: s.choice,
+                lp,
+            });
+        }
         s.generated += 1;
         self.metrics.completion_tokens.fetch_add(1, SeqCst);
         if s.job.stop_tokens.contains(&tok) {
             let rest = s.text.finish();
             if !rest.is_empty() {
-                s.send(Event::Text(rest));
+                s.send(Event::Text {
+                    choice: s.choice,
+                    text: rest,
+                });
             }
             s.finished = Some(Finish::Stop);
             return;
@@ -510,14 +647,20 @@ impl Worker {
         s.sampler.accept(tok, penalty_weight(&self.token_buf));
         let (text, stopped) = s.text.push(&self.token_buf);
         if !text.is_empty() {
-            s.send(Event::Text(text));
+            s.send(Event::Text {
+                choice: s.choice,
+                text,
+            });
         }
         if stopped {
             s.finished = Some(Finish::Stop);
         } else if s.generated >= s.job.max_tokens {
             let rest = s.text.finish();
             if !rest.is_empty() {
-                s.send(Event::Text(rest));
+                s.send(Event::Text {
+                    choice: s.choice,
+                    text: rest,
+                });
             }
             s.finished = Some(Finish::Length);
         } else {
@@ -540,21 +683,16 @@ impl Worker {
             if s.pos < n {
                 // Chunks end at cache boundaries and are cut from the boundary before, so a
                 // prompt is split the same way whatever else is in the batch.
-                let boundary = s
-                    .job
-                    .boundaries
-                    .iter()
-                    .copied()
-                    .find(|&b| b > s.pos)
-                    .unwrap_or(n)
-                    .min(n);
+                let boundary = boundary_of(&s.job, s.pos);
                 let end = boundary.min(s.pos + PREFILL_CHUNK);
                 if prefill > 0 && prefill + (end - s.pos) > PREFILL_BUDGET {
                     continue;
                 }
                 prefill += end - s.pos;
                 rows += end - s.pos;
-                let which = if end == boundary {
+                let which = if s.job.prompt_logprobs {
+                    Logits::All
+                } else if end == boundary {
                     Logits::Last
                 } else {
                     Logits::None
@@ -595,6 +733,31 @@ impl Worker {
             match chunk_end {
                 None => s.logits = Some(logits),
                 Some(end) => {
+                    let mut logits = logits;
+                    if s.job.prompt_logprobs {
+                        // Row j predicts prompt token pos + j + 1; the last row of the whole
+                        // prompt predicts the first generated token.
+                        let (v, d) = (self.vocab, self.decodable);
+                        let k = s.job.logprobs.unwrap_or(0);
+                        for (j, row) in logits.chunks_exact(v).enumerate() {
+                            if let Some(&next) = s.job.prompt.get(s.pos + j + 1) {
+                                s.prompt_lp.push(Some(token_logprob(&row[..d], next, k)));
+                            }
+                        }
+                        let last = logits.len().saturating_sub(v);
+                        logits.drain(..last);
+                        if end == s.job.prompt.len() {
+                            let ev = Event::Prompt {
+                                first_choice: s.job.first_choice,
+                                n: s.job.n,
+                                logprobs: std::mem::take(&mut s.prompt_lp),
+                            };
+                            s.send(ev);
+                        } else if end != boundary_of(&s.job, s.pos) {
+                            // Not a cache boundary: the logits were only for the prompt.
+                            logits.clear();
+                        }
+                    }
                     s.pos = end;
                     if !logits.is_empty() {
                         self.cache.insert(&s.job.prompt[..end], &s.state, &logits);
@@ -624,7 +787,8 @@ impl Worker {
                 cached_tokens: s.cached,
                 completion_tokens: s.generated,
             };
-            let _ = s.job.events.send(Event::Done(done));
+            let choice = s.choice;
+            let _ = s.job.events.send(Event::Done { choice, done });
             false
         });
     }
@@ -636,6 +800,47 @@ impl Worker {
             .store(self.shared.queued.load(SeqCst) as u64, SeqCst);
         m.cache_entries.store(self.cache.len() as u64, SeqCst);
         m.cache_bytes.store(self.cache.bytes() as u64, SeqCst);
+    }
+}
+
+/// The first cache boundary after prompt position `pos` (or the prompt's end).
+fn boundary_of(job: &Job, pos: usize) -> usize {
+    let n = job.prompt.len();
+    job.boundaries
+        .iter()
+        .copied()
+        .find(|&b| b > pos)
+        .unwrap_or(n)
+        .min(n)
+}
+
+/// The log-probability of `token` under `logits` (log-softmax) and the `k` most likely tokens,
+/// most likely first (ties to the lower id).
+pub fn token_logprob(logits: &[f32], token: u32, k: usize) -> TokenLogprob {
+    let max = logits.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+    let sum: f64 = logits.iter().map(|&l| ((l - max) as f64).exp()).sum();
+    let lse = max + sum.ln() as f32;
+    let mut top: Vec<(u32, f32)> = Vec::with_capacity(k + 1);
+    if k > 0 {
+        for (i, &l) in logits.iter().enumerate() {
+            if top.len() == k && l <= top[k - 1].1 {
+                continue;
+            }
+            let at = top.partition_point(|&(_, x)| x >= l);
+            top.insert(at, (i as u32, l));
+            top.truncate(k);
+        }
+    }
+    for t in &mut top {
+        t.1 -= lse;
+    }
+    let logprob = logits
+        .get(token as usize)
+        .map_or(f32::NEG_INFINITY, |&l| l - lse);
+    TokenLogprob {
+        token,
+        logprob,
+        top,
     }
 }
 

@@ -8,14 +8,16 @@
 //! prefix held in the [`cache`].
 //!
 //! Endpoints: `GET /v1/models`, `GET /v1/models/{id}`, `POST /v1/completions`,
-//! `POST /v1/chat/completions`, `GET /health`, `GET /metrics` (Prometheus text format).
+//! `POST /v1/chat/completions`, `GET /health`, `GET /metrics` (Prometheus text format), and
+//! vLLM's tokenizer endpoints `GET /tokenizer_info`, `POST /tokenize`, `POST /detokenize` (the
+//! remote tokenizer of lm-evaluation-harness).
 
 pub mod api;
 pub mod cache;
 pub mod engine;
 pub mod metrics;
 
-use api::{ApiError, ChatPiece, Meta, Params, Prompt, Usage};
+use api::{ApiError, ChatPiece, Choice, LogprobEntry, Meta, Params, Prompt, TokenText, Usage};
 use axum::body::{Body, Bytes};
 use axum::extract::{Path as UrlPath, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode, Uri};
@@ -23,11 +25,12 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
-use engine::{Engine, EngineConfig, Event, Job, SubmitError};
+use engine::{Engine, EngineConfig, Event, Job, SubmitError, TokenLogprob};
 use metrics::Metrics;
 use rwkv_core::error::{Error, Result};
 use rwkv_core::model::Model;
 use rwkv_core::sample::SamplerConfig;
+use rwkv_core::session::Finish;
 use rwkv_core::tokenizer::{self, Tokenizer};
 use std::collections::VecDeque;
 use std::convert::Infallible;
@@ -233,6 +236,9 @@ fn router(app: App) -> Router {
         .route("/v1/models/{id}", get(model_by_id))
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat_completions))
+        .route("/tokenizer_info", get(tokenizer_info))
+        .route("/tokenize", post(tokenize_text))
+        .route("/detokenize", post(detokenize))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn_with_state(app.clone(), count_requests))
@@ -247,6 +253,9 @@ fn endpoint_label(path: &str) -> &'static str {
         "/v1/models" => "/v1/models",
         "/health" => "/health",
         "/metrics" => "/metrics",
+        "/tokenizer_info" => "/tokenizer_info",
+        "/tokenize" => "/tokenize",
+        "/detokenize" => "/detokenize",
         p if p.starts_with("/v1/models/") => "/v1/models/{id}",
         _ => "other",
     }
@@ -360,24 +369,59 @@ async fn chat_completions(State(app): State<App>, headers: HeaderMap, body: Body
         .unwrap_or_else(error_response)
 }
 
+/// Most choices one request may ask for (prompts × `n`).
+pub const MAX_CHOICES: usize = 64;
+
 async fn completions_inner(app: App, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
     let body = read_body(&headers, body).await?;
     let req = api::parse_completion(&body)?;
-    let prompt = match req.prompt {
-        Prompt::Text(t) => tokenize(&app, vec![t]).await?.0,
-        // Checked against the vocabulary with every prompt in `App::job`.
-        Prompt::Tokens(ids) => ids,
+    let n = req.params.n;
+    if req.prompts.len() * n > MAX_CHOICES {
+        return Err(ApiError::invalid(
+            format!(
+                "{} prompts × n = {n} make more than {MAX_CHOICES} choices",
+                req.prompts.len()
+            ),
+            Some("n"),
+        ));
+    }
+    let mut jobs = Vec::with_capacity(req.prompts.len());
+    let mut prompts = Vec::with_capacity(req.prompts.len());
+    for (i, p) in req.prompts.into_iter().enumerate() {
+        let (ids, text) = match p {
+            Prompt::Text(t) => (tokenize(&app, vec![t.clone()]).await?.0, t),
+            // Checked against the vocabulary with every prompt in `App::job`.
+            Prompt::Tokens(ids) => {
+                let text = app.detokenize(&ids);
+                (ids, text)
+            }
+        };
+        let boundaries = vec![ids.len()];
+        let mut job = app.job(
+            ids,
+            boundaries,
+            &req.params,
+            DEFAULT_COMPLETION_TOKENS,
+            &[],
+            "prompt",
+        )?;
+        job.first_choice = i * n;
+        job.prompt_logprobs = req.echo && req.params.logprobs.is_some();
+        prompts.push(EchoPrompt {
+            chars: text.chars().count(),
+            text: if req.echo { text } else { String::new() },
+            ids: job.prompt.clone(),
+        });
+        jobs.push(job);
+    }
+    let plan = Plan {
+        kind: Kind::Completion,
+        n,
+        logprobs: req.params.logprobs.is_some(),
+        echo: req.echo,
+        prompts,
     };
-    let boundaries = vec![prompt.len()];
-    let job = app.job(
-        prompt,
-        boundaries,
-        &req.params,
-        DEFAULT_COMPLETION_TOKENS,
-        &[],
-        "prompt",
-    )?;
-    respond(app, job, req.params, Kind::Completion).await
+    respond(app, jobs, req.params, plan).await
 }
 
 async fn chat_inner(app: App, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
@@ -393,7 +437,67 @@ async fn chat_inner(app: App, headers: HeaderMap, body: Body) -> Result<Response
         &["\n\n", "\nUser:"],
         "messages",
     )?;
-    respond(app, job, req.params, Kind::Chat).await
+    let plan = Plan {
+        kind: Kind::Chat,
+        n: req.params.n,
+        logprobs: req.params.logprobs.is_some(),
+        echo: false,
+        prompts: Vec::new(),
+    };
+    respond(app, vec![job], req.params, plan).await
+}
+
+async fn tokenizer_info(State(app): State<App>) -> Response {
+    let body = serde_json::json!({
+        "model": app.0.model,
+        "vocab_size": app.0.vocab,
+        "max_model_len": app.0.max_prompt_tokens,
+        // The vocabularies' end-of-text token (id 0) has no text form; nothing is added to
+        // a prompt when it is tokenized.
+        "eos_token": null,
+        "bos_token": null,
+        "pad_token": null,
+        "add_bos_token": false,
+        "chat_template": null,
+    });
+    json_response(200, body.to_string())
+}
+
+/// `POST /tokenize`: `{"prompt": "…"}` (or chat `{"messages": […]}`, rendered as the chat
+/// endpoint renders them) → `{"tokens": […], "count": n, "max_model_len": …}`.
+async fn tokenize_text(State(app): State<App>, headers: HeaderMap, body: Body) -> Response {
+    let inner = async {
+        let body = read_body(&headers, body).await?;
+        let segments = api::parse_tokenize(&body)?;
+        let (ids, _) = tokenize(&app, segments).await?;
+        let body = serde_json::json!({
+            "tokens": ids,
+            "count": ids.len(),
+            "max_model_len": app.0.max_prompt_tokens,
+        });
+        Ok::<_, ApiError>(json_response(200, body.to_string()))
+    };
+    inner.await.unwrap_or_else(error_response)
+}
+
+/// `POST /detokenize`: `{"tokens": […]}` → `{"prompt": "…"}`.
+async fn detokenize(State(app): State<App>, headers: HeaderMap, body: Body) -> Response {
+    let inner = async {
+        let body = read_body(&headers, body).await?;
+        let ids = api::parse_detokenize(&body)?;
+        if let Some(bad) = ids.iter().find(|&&t| t as usize >= app.0.vocab) {
+            return Err(ApiError::invalid(
+                format!(
+                    "token id {bad} is outside the model's vocabulary of {}",
+                    app.0.vocab
+                ),
+                Some("tokens"),
+            ));
+        }
+        let body = serde_json::json!({"prompt": app.detokenize(&ids)});
+        Ok(json_response(200, body.to_string()))
+    };
+    inner.await.unwrap_or_else(error_response)
 }
 
 /// Reads the body up to [`MAX_BODY_BYTES`]: 413 beyond, whether announced by Content-Length
@@ -534,8 +638,51 @@ impl App {
             // Token 0 is end-of-text for the World, 20B and byte vocabularies alike.
             stop_tokens: vec![0],
             logit_bias: p.logit_bias.clone(),
+            n: p.n,
+            first_choice: 0,
+            logprobs: p.logprobs,
+            prompt_logprobs: false,
             events: tokio::sync::mpsc::unbounded_channel().0,
         })
+    }
+
+    /// A token as `logprobs` shows it: its text, or, for a token that is not whole UTF-8
+    /// (part of a character), `bytes:\xNN…` as OpenAI writes those (so that two such
+    /// tokens never share a key of the completions' `top_logprobs`).
+    fn token_text(&self, id: u32) -> TokenText {
+        let mut bytes = Vec::new();
+        // An id the tokenizer cannot decode shows as empty (the engine never samples one).
+        let _ = self.0.tokenizer.token_bytes_into(id, &mut bytes);
+        let text = match std::str::from_utf8(&bytes) {
+            Ok(t) => t.to_string(),
+            Err(_) => {
+                let hex: String = bytes.iter().map(|b| format!("\\x{b:02x}")).collect();
+                format!("bytes:{hex}")
+            }
+        };
+        TokenText { text, bytes }
+    }
+
+    /// The `logprobs` entry of a token.
+    fn entry(&self, lp: &TokenLogprob) -> LogprobEntry {
+        LogprobEntry {
+            token: self.token_text(lp.token),
+            logprob: Some(lp.logprob),
+            top: lp
+                .top
+                .iter()
+                .map(|&(t, l)| (self.token_text(t), l))
+                .collect(),
+        }
+    }
+
+    /// The text of token ids (invalid UTF-8 replaced).
+    fn detokenize(&self, ids: &[u32]) -> String {
+        let mut bytes = Vec::new();
+        for &id in ids {
+            let _ = self.0.tokenizer.token_bytes_into(id, &mut bytes);
+        }
+        String::from_utf8_lossy(&bytes).into_owned()
     }
 
     fn meta(&self, kind: Kind) -> Meta {
@@ -557,54 +704,113 @@ enum Kind {
     Chat,
 }
 
-/// Queues the job and answers: one JSON body, or a stream of server-sent events.
-async fn respond(app: App, mut job: Job, params: Params, kind: Kind) -> Result<Response, ApiError> {
+/// A completions prompt as the response needs it.
+struct EchoPrompt {
+    /// Its text, with `echo` (empty without).
+    text: String,
+    /// Its length in characters (where the completion's `text_offset`s start without `echo`).
+    chars: usize,
+    /// Its tokens.
+    ids: Vec<u32>,
+}
+
+/// How a request's jobs become its response.
+struct Plan {
+    kind: Kind,
+    /// Choices per job.
+    n: usize,
+    /// Whether the choices carry `logprobs`.
+    logprobs: bool,
+    /// Whether each completion starts with its prompt.
+    echo: bool,
+    /// The completions' prompts, by job.
+    prompts: Vec<EchoPrompt>,
+}
+
+/// One choice as it is assembled.
+#[derive(Default)]
+struct ChoiceState {
+    /// Its text so far (streaming: not yet sent).
+    text: String,
+    /// Its tokens' log-probabilities (streaming: not yet sent).
+    lps: Vec<LogprobEntry>,
+    /// The chat reply's first visible character was seen.
+    started: bool,
+    /// Characters sent so far (the next `text_offset`, streaming).
+    offset: usize,
+    finish: Option<Finish>,
+}
+
+/// Queues the jobs and answers: one JSON body, or a stream of server-sent events.
+async fn respond(
+    app: App,
+    jobs: Vec<Job>,
+    params: Params,
+    plan: Plan,
+) -> Result<Response, ApiError> {
     let (tx, rx) = unbounded_channel();
-    job.events = tx;
-    app.0.engine.submit(job).map_err(|e| match e {
-        SubmitError::QueueFull => ApiError::new(
-            429,
-            "rate_limit_error",
-            "the server is busy (its request queue is full); retry later",
-        )
-        .with_code("queue_full"),
-        SubmitError::ShuttingDown => {
-            ApiError::new(503, "server_error", "the server is shutting down")
+    let total = jobs.len() * plan.n;
+    for mut job in jobs {
+        job.events = tx.clone();
+        app.0.engine.submit(job).map_err(|e| match e {
+            SubmitError::QueueFull => ApiError::new(
+                429,
+                "rate_limit_error",
+                "the server is busy (its request queue is full); retry later",
+            )
+            .with_code("queue_full"),
+            SubmitError::ShuttingDown => {
+                ApiError::new(503, "server_error", "the server is shutting down")
+            }
+        })?;
+    }
+    drop(tx);
+    let meta = app.meta(plan.kind);
+    let mut choices: Vec<ChoiceState> = (0..total).map(|_| ChoiceState::default()).collect();
+    for (i, c) in choices.iter_mut().enumerate() {
+        match plan.prompts.get(i / plan.n) {
+            // Echoed prompt text without log-probabilities goes first; with them it comes
+            // with the prompt's log-probabilities.
+            Some(p) if plan.echo && !plan.logprobs => c.text = p.text.clone(),
+            Some(p) if !plan.echo => c.offset = p.chars,
+            _ => {}
         }
-    })?;
-    let meta = app.meta(kind);
-    let sse = Sse {
+    }
+    let mut sse = Sse {
+        app,
         rx,
         meta,
-        kind,
+        plan,
         include_usage: params.include_usage,
+        choices,
+        done: 0,
+        usage: Usage::new(0, 0, 0),
         frames: VecDeque::new(),
-        started: false,
         ended: false,
     };
-    if params.stream {
-        let mut sse = sse;
-        if kind == Kind::Chat {
-            sse.frame(api::chat_chunk(
-                &sse.meta,
-                ChatPiece::Role,
-                sse.include_usage,
-            ));
-        }
-        let stream = futures_util::stream::unfold(sse, |mut s| async move {
-            let frame = s.next_frame().await?;
-            Some((Ok::<Bytes, Infallible>(frame), s))
-        });
-        let mut resp = Body::from_stream(stream).into_response();
-        let h = resp.headers_mut();
-        h.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("text/event-stream"),
-        );
-        h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-        return Ok(resp);
+    if !params.stream {
+        return Ok(whole(sse).await);
     }
-    Ok(whole(sse).await)
+    for i in 0..total {
+        if sse.plan.kind == Kind::Chat {
+            let f = api::chat_chunk(&sse.meta, ChatPiece::Role(i), sse.include_usage);
+            sse.frame(f);
+        } else if !sse.choices[i].text.is_empty() {
+            sse.flush(i);
+        }
+    }
+    let stream = futures_util::stream::unfold(sse, |mut s| async move {
+        let frame = s.next_frame().await?;
+        Some((Ok::<Bytes, Infallible>(frame), s))
+    });
+    let mut resp = Body::from_stream(stream).into_response();
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    Ok(resp)
 }
 
 /// Strips the space the model puts after `Assistant:` (and any other leading whitespace)
@@ -620,19 +826,146 @@ fn trim_reply_start<'a>(text: &'a str, started: &mut bool) -> &'a str {
 
 /// The engine events of one request, turned into response text.
 struct Sse {
+    app: App,
     rx: UnboundedReceiver<Event>,
     meta: Meta,
-    kind: Kind,
+    plan: Plan,
     include_usage: bool,
+    choices: Vec<ChoiceState>,
+    /// Choices finished.
+    done: usize,
+    usage: Usage,
     frames: VecDeque<Bytes>,
-    started: bool,
     ended: bool,
+}
+
+/// What an engine event meant for the response.
+enum Step {
+    /// Choice `i` has more to say (text or log-probabilities).
+    More(usize),
+    /// Choice `i` ended.
+    Finished(usize),
+    /// The request failed.
+    Failed(ApiError),
 }
 
 impl Sse {
     fn frame(&mut self, json: String) {
         self.frames
             .push_back(Bytes::from(format!("data: {json}\n\n")));
+    }
+
+    /// Takes one engine event into the choices' state; `None` when it changes nothing to send.
+    fn take(&mut self, ev: Option<Event>) -> Option<Step> {
+        let Some(ev) = ev else {
+            return Some(Step::Failed(ApiError::new(
+                503,
+                "server_error",
+                "the engine stopped",
+            )));
+        };
+        match ev {
+            Event::Text { choice, text } => {
+                let c = self.choices.get_mut(choice)?;
+                let t = match self.plan.kind {
+                    Kind::Chat => trim_reply_start(&text, &mut c.started),
+                    Kind::Completion => &text,
+                };
+                c.text.push_str(t);
+                Some(Step::More(choice))
+            }
+            Event::Logprob { choice, lp } => {
+                let e = self.app.entry(&lp);
+                self.choices.get_mut(choice)?.lps.push(e);
+                None
+            }
+            Event::Prompt {
+                first_choice,
+                n,
+                logprobs,
+            } => {
+                let p = self.plan.prompts.get(first_choice / self.plan.n.max(1))?;
+                let entries: Vec<LogprobEntry> = p
+                    .ids
+                    .iter()
+                    .zip(&logprobs)
+                    .map(|(&id, lp)| match lp {
+                        Some(lp) => self.app.entry(lp),
+                        None => LogprobEntry {
+                            token: self.app.token_text(id),
+                            logprob: None,
+                            top: Vec::new(),
+                        },
+                    })
+                    .collect();
+                let text = p.text.clone();
+                for i in first_choice..(first_choice + n).min(self.choices.len()) {
+                    let c = &mut self.choices[i];
+                    c.text.insert_str(0, &text);
+                    c.lps.splice(0..0, entries.iter().cloned());
+                }
+                // Streaming sends each choice's prompt part now.
+                Some(Step::More(first_choice))
+            }
+            Event::Done { choice, done } => {
+                let c = self.choices.get_mut(choice)?;
+                c.finish = Some(done.finish);
+                self.done += 1;
+                let u = &mut self.usage;
+                // A job's prompt counts once, with its first choice.
+                if choice % self.plan.n.max(1) == 0 {
+                    u.prompt_tokens += done.prompt_tokens;
+                    u.prompt_tokens_details.cached_tokens += done.cached_tokens;
+                }
+                u.completion_tokens += done.completion_tokens;
+                u.total_tokens = u.prompt_tokens + u.completion_tokens;
+                Some(Step::Finished(choice))
+            }
+            Event::Error(m) => Some(Step::Failed(ApiError::new(500, "server_error", m))),
+        }
+    }
+
+    /// The `logprobs` object of choice `i`'s pending entries (which it takes).
+    fn logprobs(&mut self, i: usize) -> Option<serde_json::Value> {
+        if !self.plan.logprobs {
+            return None;
+        }
+        let c = &mut self.choices[i];
+        let lps = std::mem::take(&mut c.lps);
+        Some(match self.plan.kind {
+            Kind::Chat => api::chat_logprobs(&lps),
+            Kind::Completion => {
+                let v = api::completion_logprobs(&lps, c.offset);
+                c.offset += lps
+                    .iter()
+                    .map(|e| e.token.text.chars().count())
+                    .sum::<usize>();
+                v
+            }
+        })
+    }
+
+    /// Sends choice `i`'s pending text and log-probabilities as one chunk (and its finish
+    /// reason, once it has one).
+    fn flush(&mut self, i: usize) {
+        let finish = self.choices[i].finish;
+        let pending = !self.choices[i].text.is_empty() || !self.choices[i].lps.is_empty();
+        if !pending && finish.is_none() {
+            return;
+        }
+        let logprobs = self.logprobs(i);
+        let text = std::mem::take(&mut self.choices[i].text);
+        let choice = Choice {
+            index: i,
+            text: &text,
+            finish,
+            logprobs: logprobs.as_ref(),
+        };
+        let json = match self.plan.kind {
+            Kind::Chat => api::chat_chunk(&self.meta, ChatPiece::Text(choice), self.include_usage),
+            Kind::Completion => api::completion_chunk(&self.meta, choice, self.include_usage),
+        };
+        self.frame(json);
     }
 
     /// The next server-sent event, or `None` after `data: [DONE]`.
@@ -645,46 +978,35 @@ impl Sse {
                 return None;
             }
             let ev = self.rx.recv().await;
-            let (meta, usage) = (&self.meta, self.include_usage);
-            match ev {
-                Some(Event::Text(t)) => {
-                    let t = match self.kind {
-                        Kind::Chat => trim_reply_start(&t, &mut self.started),
-                        Kind::Completion => &t,
-                    };
-                    if !t.is_empty() {
-                        let json = match self.kind {
-                            Kind::Chat => api::chat_chunk(meta, ChatPiece::Text(t), usage),
-                            Kind::Completion => api::completion_chunk(meta, t, None, usage),
-                        };
-                        self.frame(json);
+            match self.take(ev) {
+                None => {}
+                Some(Step::More(i)) => {
+                    // A prompt's part goes to each of its choices.
+                    let n = if self.plan.echo { self.plan.n } else { 1 };
+                    for j in i..(i + n).min(self.choices.len()) {
+                        if self.choices[j].finish.is_none() {
+                            self.flush(j);
+                        }
                     }
                 }
-                Some(Event::Done(d)) => {
-                    let u = Usage::new(d.prompt_tokens, d.cached_tokens, d.completion_tokens);
-                    let (last, usage_chunk) = match self.kind {
-                        Kind::Chat => (
-                            api::chat_chunk(meta, ChatPiece::Finish(d.finish), usage),
-                            api::chat_chunk(meta, ChatPiece::Usage(u), usage),
-                        ),
-                        Kind::Completion => (
-                            api::completion_chunk(meta, "", Some(d.finish), usage),
-                            api::completion_usage_chunk(meta, u),
-                        ),
-                    };
-                    self.frame(last);
-                    if usage {
-                        self.frame(usage_chunk);
+                Some(Step::Finished(i)) => {
+                    self.flush(i);
+                    if self.done == self.choices.len() {
+                        if self.include_usage {
+                            let json = match self.plan.kind {
+                                Kind::Chat => {
+                                    api::chat_chunk(&self.meta, ChatPiece::Usage(self.usage), true)
+                                }
+                                Kind::Completion => {
+                                    api::completion_usage_chunk(&self.meta, self.usage)
+                                }
+                            };
+                            self.frame(json);
+                        }
+                        self.end();
                     }
-                    self.end();
                 }
-                Some(Event::Error(m)) => {
-                    let e = ApiError::new(500, "server_error", m);
-                    self.frame(e.body());
-                    self.end();
-                }
-                None => {
-                    let e = ApiError::new(503, "server_error", "the engine stopped");
+                Some(Step::Failed(e)) => {
                     self.frame(e.body());
                     self.end();
                 }
@@ -699,35 +1021,31 @@ impl Sse {
     }
 }
 
-/// Waits for the whole generation and builds the JSON response.
+/// Waits for every choice and builds the JSON response.
 async fn whole(mut s: Sse) -> Response {
-    let mut text = String::new();
-    let done = loop {
-        match s.rx.recv().await {
-            Some(Event::Text(t)) => text.push_str(&t),
-            Some(Event::Done(d)) => break d,
-            Some(Event::Error(m)) => return error_response(ApiError::new(500, "server_error", m)),
-            None => {
-                return error_response(ApiError::new(503, "server_error", "the engine stopped"))
-            }
+    while s.done < s.choices.len() {
+        let ev = s.rx.recv().await;
+        if let Some(Step::Failed(e)) = s.take(ev) {
+            return error_response(e);
         }
-    };
-    let usage = Usage::new(
-        done.prompt_tokens,
-        done.cached_tokens,
-        done.completion_tokens,
-    );
-    let body = match s.kind {
-        Kind::Chat => {
-            let mut started = false;
-            api::chat_completion(
-                &s.meta,
-                trim_reply_start(&text, &mut started),
-                done.finish,
-                usage,
-            )
-        }
-        Kind::Completion => api::completion(&s.meta, &text, done.finish, usage),
+    }
+    let logprobs: Vec<Option<serde_json::Value>> =
+        (0..s.choices.len()).map(|i| s.logprobs(i)).collect();
+    let choices: Vec<Choice<'_>> = s
+        .choices
+        .iter()
+        .zip(&logprobs)
+        .enumerate()
+        .map(|(index, (c, lp))| Choice {
+            index,
+            text: &c.text,
+            finish: c.finish,
+            logprobs: lp.as_ref(),
+        })
+        .collect();
+    let body = match s.plan.kind {
+        Kind::Chat => api::chat_completion(&s.meta, &choices, s.usage),
+        Kind::Completion => api::completion(&s.meta, &choices, s.usage),
     };
     json_response(200, body)
 }
