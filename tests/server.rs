@@ -78,10 +78,15 @@ impl Server {
 
     /// Sends one request and returns the open response, headers read.
     fn send(&self, method: &str, path: &str, body: &[u8]) -> HttpResponse {
+        self.send_with(method, path, body, "")
+    }
+
+    /// [`Server::send`] with extra header lines (each ending in `\r\n`).
+    fn send_with(&self, method: &str, path: &str, body: &[u8], extra: &str) -> HttpResponse {
         let mut c = self.connect();
         let head = format!(
             "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n\
-             Content-Length: {}\r\nConnection: close\r\n\r\n",
+             Content-Length: {}\r\nConnection: close\r\n{extra}\r\n",
             body.len()
         );
         c.write_all(head.as_bytes()).unwrap();
@@ -1095,4 +1100,144 @@ fn tokenizer_endpoints_round_trip() {
         .map(|x| x.as_u64().unwrap() as u8 as char)
         .collect();
     assert_eq!(text, "User: Hi\n\nAssistant:");
+}
+
+#[test]
+fn api_keys_guard_every_endpoint_but_health() {
+    let dir = std::env::temp_dir().join(format!("rwkv-keys-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("keys.txt");
+    std::fs::write(&file, "# team keys\nsk-second\n\n  sk-third  \n").unwrap();
+    let s = Server::start(&[
+        "--api-key",
+        "sk-first",
+        "--api-key-file",
+        file.to_str().unwrap(),
+    ]);
+    let body = completion("x", json!({"max_tokens": 1})).to_string();
+    let call = |auth: &str| {
+        let mut r = s.send_with("POST", "/v1/completions", body.as_bytes(), auth);
+        let v: Value = serde_json::from_slice(&r.body()).unwrap();
+        (r.status, v)
+    };
+    for auth in [
+        "",
+        "Authorization: Bearer sk-wrong\r\n",
+        "Authorization: sk-first\r\n",
+    ] {
+        let (st, v) = call(auth);
+        assert_eq!(st, 401, "{auth}: {v}");
+        assert_eq!(v["error"]["code"], "invalid_api_key", "{v}");
+        assert_eq!(v["error"]["type"], "invalid_request_error", "{v}");
+    }
+    for key in ["sk-first", "sk-second", "sk-third"] {
+        let (st, v) = call(&format!("Authorization: Bearer {key}\r\n"));
+        assert_eq!(st, 200, "{key}: {v}");
+    }
+    for path in ["/v1/models", "/metrics", "/tokenizer_info"] {
+        assert_eq!(s.get(path).0, 401, "{path}");
+    }
+    assert_eq!(s.get("/health").0, 200);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn embeddings_are_the_unit_last_channel_mix_input() {
+    let s = Server::start(&[]);
+    let texts = ["To be, or not to be", "ROMEO:"];
+    let (st, v) = s.post("/v1/embeddings", &json!({"model": "model", "input": texts}));
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["object"], "list");
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/v7/model.safetensors"
+    );
+    let model = rwkv::model::Model::load(std::path::Path::new(path)).unwrap();
+    for (i, t) in texts.iter().enumerate() {
+        let d = &v["data"][i];
+        assert_eq!(
+            (d["object"].as_str(), d["index"].as_u64()),
+            (Some("embedding"), Some(i as u64))
+        );
+        let got: Vec<f64> = d["embedding"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap())
+            .collect();
+        let ids: Vec<u32> = t.bytes().map(u32::from).collect();
+        let mut st = model.new_state();
+        model
+            .forward(&ids, &mut st, rwkv::model::Logits::None)
+            .unwrap();
+        let want = st.get(st.n_layer() - 1, rwkv::model::Slot::FfnShift);
+        let norm = want.iter().map(|x| x * x).sum::<f32>().sqrt();
+        assert_eq!(got.len(), want.len());
+        for (g, w) in got.iter().zip(want) {
+            assert!((g - (w / norm) as f64).abs() < 1e-5, "{g} vs {}", w / norm);
+        }
+    }
+    let total = texts.iter().map(|t| t.len()).sum::<usize>();
+    assert_eq!(v["usage"]["prompt_tokens"], total);
+    // base64: the same floats, little-endian.
+    let (_, b) = s.post(
+        "/v1/embeddings",
+        &json!({"input": texts[1], "encoding_format": "base64"}),
+    );
+    let (_, f) = s.post("/v1/embeddings", &json!({"input": [texts[1]]}));
+    let b64 = b["data"][0]["embedding"].as_str().unwrap();
+    let bytes = decode_base64(b64);
+    let floats: Vec<f64> = bytes
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()) as f64)
+        .collect();
+    let want: Vec<f64> = f["data"][0]["embedding"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap())
+        .collect();
+    assert_eq!(floats.len(), want.len());
+    for (a, b) in floats.iter().zip(&want) {
+        assert!((a - b).abs() < 1e-6);
+    }
+    for (body, param) in [
+        (json!({}), "input"),
+        (json!({"input": {"a": 1}}), "input"),
+        (
+            json!({"input": "x", "encoding_format": "hex"}),
+            "encoding_format",
+        ),
+        (json!({"input": "x", "dimensions": 3}), "dimensions"),
+    ] {
+        let (st, v) = s.post("/v1/embeddings", &body);
+        assert_eq!(
+            (st, v["error"]["param"].as_str()),
+            (400, Some(param)),
+            "{v}"
+        );
+    }
+}
+
+/// Standard base64 (with padding) to bytes.
+fn decode_base64(s: &str) -> Vec<u8> {
+    let val = |c: u8| match c {
+        b'A'..=b'Z' => c - b'A',
+        b'a'..=b'z' => c - b'a' + 26,
+        b'0'..=b'9' => c - b'0' + 52,
+        b'+' => 62,
+        b'/' => 63,
+        _ => panic!("not base64: {c}"),
+    };
+    let mut out = Vec::new();
+    for chunk in s.as_bytes().chunks(4) {
+        let digits: Vec<u8> = chunk
+            .iter()
+            .filter(|&&c| c != b'=')
+            .map(|&c| val(c))
+            .collect();
+        let n = digits.iter().fold(0u32, |a, &d| a << 6 | d as u32) << (6 * (4 - digits.len()));
+        out.extend_from_slice(&n.to_be_bytes()[1..digits.len()]);
+    }
+    out
 }

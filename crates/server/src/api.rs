@@ -80,7 +80,7 @@ impl ApiError {
 }
 
 /// Sampling and stopping parameters shared by both endpoints.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct Params {
     /// `max_tokens` (or chat's `max_completion_tokens`); `None` uses the endpoint's default.
     pub max_tokens: Option<u64>,
@@ -176,8 +176,8 @@ pub fn parse_completion(body: &[u8]) -> Result<CompletionRequest, ApiError> {
     let prompts = match f.get("prompt") {
         None => return Err(ApiError::invalid("'prompt' is required", Some("prompt"))),
         Some(Value::String(s)) => vec![Prompt::Text(s.clone())],
-        Some(Value::Array(items)) => parse_prompt_array(items)?,
-        Some(_) => return Err(bad_prompt()),
+        Some(Value::Array(items)) => parse_prompt_array(items, "prompt")?,
+        Some(_) => return Err(bad_prompt("prompt")),
     };
     if matches!(f.get("suffix"), Some(Value::String(s)) if !s.is_empty()) {
         return Err(ApiError::invalid(
@@ -366,35 +366,106 @@ fn parse_object(body: &[u8]) -> Result<Map<String, Value>, ApiError> {
     }
 }
 
-fn bad_prompt() -> ApiError {
+fn bad_prompt(field: &str) -> ApiError {
     ApiError::invalid(
-        "'prompt' must be a string, an array of strings, an array of token ids, or an array \
-         of arrays of token ids",
-        Some("prompt"),
+        format!(
+            "'{field}' must be a string, an array of strings, an array of token ids, or an \
+             array of arrays of token ids"
+        ),
+        Some(field),
     )
 }
 
-/// `[string, …]`, `[id, …]` (one tokenized prompt) or `[[id, …], …]`.
-fn parse_prompt_array(items: &[Value]) -> Result<Vec<Prompt>, ApiError> {
+/// `[string, …]`, `[id, …]` (one tokenized prompt) or `[[id, …], …]`, as field `field`.
+fn parse_prompt_array(items: &[Value], field: &str) -> Result<Vec<Prompt>, ApiError> {
+    let bad = || bad_prompt(field);
     let prompts = if items.iter().all(Value::is_number) {
-        vec![Prompt::Tokens(token_ids(items).ok_or_else(bad_prompt)?)]
+        vec![Prompt::Tokens(token_ids(items).ok_or_else(bad)?)]
     } else {
         items
             .iter()
             .map(|v| match v {
                 Value::String(s) => Ok(Prompt::Text(s.clone())),
-                Value::Array(ids) => token_ids(ids).map(Prompt::Tokens).ok_or_else(bad_prompt),
-                _ => Err(bad_prompt()),
+                Value::Array(ids) => token_ids(ids).map(Prompt::Tokens).ok_or_else(bad),
+                _ => Err(bad()),
             })
             .collect::<Result<Vec<_>, _>>()?
     };
     if prompts.is_empty() || prompts.len() > MAX_PROMPTS {
         return Err(ApiError::invalid(
-            format!("'prompt' must hold 1 to {MAX_PROMPTS} prompts"),
-            Some("prompt"),
+            format!("'{field}' must hold 1 to {MAX_PROMPTS} items"),
+            Some(field),
         ));
     }
     Ok(prompts)
+}
+
+/// A parsed `POST /v1/embeddings` body.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EmbeddingRequest {
+    /// The texts (or token ids) to embed.
+    pub inputs: Vec<Prompt>,
+    /// `encoding_format: "base64"`: each vector as the base64 of its little-endian f32s.
+    pub base64: bool,
+}
+
+/// Parses the body of an embeddings request; `dimensions`, when given, must be the model's
+/// width `width` (the vectors are not truncatable).
+pub fn parse_embeddings(body: &[u8], width: usize) -> Result<EmbeddingRequest, ApiError> {
+    let obj = parse_object(body)?;
+    let f = Fields(&obj);
+    let inputs = match f.get("input") {
+        None => return Err(ApiError::invalid("'input' is required", Some("input"))),
+        Some(Value::String(s)) => vec![Prompt::Text(s.clone())],
+        Some(Value::Array(items)) => parse_prompt_array(items, "input")?,
+        Some(_) => return Err(bad_prompt("input")),
+    };
+    let base64 = match f.get("encoding_format") {
+        None => false,
+        Some(Value::String(s)) if s == "float" => false,
+        Some(Value::String(s)) if s == "base64" => true,
+        Some(_) => {
+            return Err(ApiError::invalid(
+                "'encoding_format' must be \"float\" or \"base64\"",
+                Some("encoding_format"),
+            ))
+        }
+    };
+    if let Some(d) = f.uint("dimensions")? {
+        if d != width as u64 {
+            return Err(ApiError::invalid(
+                format!("'dimensions' is {d}; this model's embeddings have {width}"),
+                Some("dimensions"),
+            ));
+        }
+    }
+    Ok(EmbeddingRequest { inputs, base64 })
+}
+
+/// The embeddings response: `{"object": "list", "data": [{"object": "embedding", "index",
+/// "embedding"}], "model", "usage"}`.
+pub fn embeddings(model: &str, vectors: &[Vec<f32>], base64: bool, prompt_tokens: usize) -> String {
+    use base64::Engine as _;
+    let data: Vec<Value> = vectors
+        .iter()
+        .enumerate()
+        .map(|(i, v)| {
+            let embedding = if base64 {
+                let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+                json!(base64::engine::general_purpose::STANDARD.encode(bytes))
+            } else {
+                json!(v)
+            };
+            json!({"object": "embedding", "index": i, "embedding": embedding})
+        })
+        .collect();
+    json!({
+        "object": "list",
+        "data": data,
+        "model": model,
+        "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens},
+    })
+    .to_string()
 }
 
 fn token_ids(ids: &[Value]) -> Option<Vec<u32>> {

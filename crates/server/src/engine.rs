@@ -14,7 +14,7 @@
 
 use super::cache::PrefixCache;
 use super::metrics::Metrics;
-use rwkv_core::model::{BatchItem, Logits, Model, Scratch, State};
+use rwkv_core::model::{BatchItem, Logits, Model, Scratch, Slot, State};
 use rwkv_core::sample::{penalty_weight, Sampler, SamplerConfig};
 use rwkv_core::session::Finish;
 use rwkv_core::tokenizer::{StreamDecoder, Tokenizer};
@@ -62,6 +62,8 @@ pub struct Job {
     /// Report the log-probability of every prompt token ([`Event::Prompt`]): the prompt is
     /// then read from the start (the cache holds no logits of its inner positions).
     pub prompt_logprobs: bool,
+    /// Read the prompt and answer its embedding ([`Event::Embedding`]) instead of generating.
+    pub embed: bool,
     /// Where the output goes (one sender may serve the jobs of one request); dropping the
     /// receiver cancels the job.
     pub events: UnboundedSender<Event>,
@@ -107,6 +109,13 @@ pub enum Event {
         n: usize,
         /// One per prompt token.
         logprobs: Vec<Option<TokenLogprob>>,
+    },
+    /// The embedding of an `embed` job's prompt: [`embedding`] of the state it left.
+    Embedding {
+        /// The job's index in the response.
+        choice: usize,
+        /// The unit vector.
+        vector: Vec<f32>,
     },
     /// A choice ended.
     Done {
@@ -591,6 +600,16 @@ impl Worker {
     /// finished on a stop token, a stop string or the token limit.
     fn sample(&mut self, i: usize) {
         let s = &mut self.active[i];
+        if s.job.embed {
+            let vector = embedding(&s.state);
+            s.send(Event::Embedding {
+                choice: s.choice,
+                vector,
+            });
+            s.logits = None;
+            s.finished = Some(Finish::Stop);
+            return;
+        }
         if s.generated >= s.job.max_tokens {
             s.finished = Some(Finish::Length);
             s.logits = None;
@@ -801,6 +820,20 @@ impl Worker {
         m.cache_entries.store(self.cache.len() as u64, SeqCst);
         m.cache_bytes.store(self.cache.bytes() as u64, SeqCst);
     }
+}
+
+/// The embedding of a text: the state's last channel-mix token shift after reading it — the
+/// normalised residual stream entering the last block's channel mixing at the text's last
+/// token, where the model has taken in the whole text — scaled to unit length. RWKV's state
+/// summarises everything read, so the last position needs no pooling over the others.
+pub fn embedding(state: &State) -> Vec<f32> {
+    let last = state.n_layer().saturating_sub(1);
+    let mut v = state.get(last, Slot::FfnShift).to_vec();
+    let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+    if norm > 0.0 {
+        v.iter_mut().for_each(|x| *x /= norm);
+    }
+    v
 }
 
 /// The first cache boundary after prompt position `pos` (or the prompt's end).

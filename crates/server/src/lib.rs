@@ -94,6 +94,56 @@ pub struct ServeConfig {
     /// streams are ended (finish reason "length").
     #[cfg_attr(feature = "clap", arg(long, default_value_t = 10.0))]
     pub shutdown_grace: f64,
+    /// Accept only requests with `Authorization: Bearer KEY` (every endpoint but /health).
+    #[cfg_attr(feature = "clap", arg(long))]
+    pub api_key: Option<String>,
+    /// A file of accepted keys, one per line (blank lines and `#` comments ignored); adds to
+    /// `--api-key`.
+    #[cfg_attr(feature = "clap", arg(long))]
+    pub api_key_file: Option<PathBuf>,
+}
+
+/// Seconds a client has to send a whole request body (408 after).
+pub const BODY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The accepted API keys: `--api-key` and the lines of `--api-key-file`.
+fn api_keys(args: &ServeConfig) -> Result<Vec<String>> {
+    let mut keys: Vec<String> = args.api_key.iter().cloned().collect();
+    if let Some(path) = &args.api_key_file {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| Error::bad(format!("{}: {e}", path.display())))?;
+        keys.extend(
+            text.lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                .map(str::to_string),
+        );
+        if keys.is_empty() {
+            return Err(Error::bad(format!(
+                "{}: no keys in the file",
+                path.display()
+            )));
+        }
+    }
+    if keys
+        .iter()
+        .any(|k| k.is_empty() || k.chars().any(char::is_whitespace))
+    {
+        return Err(Error::bad(
+            "api-key: a key must be non-empty, without spaces",
+        ));
+    }
+    Ok(keys)
+}
+
+/// Whether `host` names this machine only (so that serving it without a key is safe).
+fn is_loopback(host: &str) -> bool {
+    host == "localhost"
+        || host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 /// Loads the model and serves until SIGTERM or Ctrl-C, then drains and returns.
@@ -105,6 +155,14 @@ pub fn serve(args: ServeConfig) -> Result<()> {
         return Err(Error::bad(
             "shutdown-grace must be between 0 and 86400 seconds",
         ));
+    }
+    let keys = api_keys(&args)?;
+    if keys.is_empty() && !is_loopback(&args.host) {
+        eprintln!(
+            "rwkv serve: warning: listening on {} without --api-key: anyone who can reach it \
+             can use it",
+            args.host
+        );
     }
     rwkv_core::kernels::set_threads(args.threads)?;
     let quant = args.quant.as_deref().map(str::parse).transpose()?;
@@ -124,6 +182,7 @@ pub fn serve(args: ServeConfig) -> Result<()> {
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_else(|| "rwkv".into());
     let vocab = model.vocab_size();
+    let width = model.info().n_embd;
     let metrics = Arc::new(Metrics::default());
     let cfg = EngineConfig {
         max_batch: args.max_batch,
@@ -141,6 +200,8 @@ pub fn serve(args: ServeConfig) -> Result<()> {
         created: unix_now(),
         max_prompt_tokens: args.max_prompt_tokens,
         max_tokens_limit: args.max_tokens_limit,
+        keys,
+        width,
     }));
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -223,6 +284,10 @@ struct AppState {
     created: u64,
     max_prompt_tokens: usize,
     max_tokens_limit: usize,
+    /// Accepted API keys (none: open).
+    keys: Vec<String>,
+    /// The model's width (the embeddings' length).
+    width: usize,
 }
 
 #[derive(Clone)]
@@ -236,11 +301,13 @@ fn router(app: App) -> Router {
         .route("/v1/models/{id}", get(model_by_id))
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/embeddings", post(embeddings))
         .route("/tokenizer_info", get(tokenizer_info))
         .route("/tokenize", post(tokenize_text))
         .route("/detokenize", post(detokenize))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn_with_state(app.clone(), require_key))
         .layer(middleware::from_fn_with_state(app.clone(), count_requests))
         .with_state(app)
 }
@@ -254,6 +321,7 @@ fn endpoint_label(path: &str) -> &'static str {
         "/health" => "/health",
         "/metrics" => "/metrics",
         "/tokenizer_info" => "/tokenizer_info",
+        "/v1/embeddings" => "/v1/embeddings",
         "/tokenize" => "/tokenize",
         "/detokenize" => "/detokenize",
         p if p.starts_with("/v1/models/") => "/v1/models/{id}",
@@ -266,6 +334,45 @@ async fn count_requests(State(app): State<App>, req: Request, next: Next) -> Res
     let resp = next.run(req).await;
     app.0.metrics.request(endpoint, resp.status().as_u16());
     resp
+}
+
+/// Answers 401 (OpenAI's error) to a request without an accepted `Authorization: Bearer` key,
+/// when the server has keys; `/health` stays open.
+async fn require_key(State(app): State<App>, req: Request, next: Next) -> Response {
+    let keys = &app.0.keys;
+    if keys.is_empty() || req.uri().path() == "/health" {
+        return next.run(req).await;
+    }
+    let given = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    // Every key is compared in full, so the time taken does not tell how much of one matched.
+    let ok = given.is_some_and(|g| {
+        keys.iter()
+            .fold(false, |hit, k| hit | same_bytes(k.as_bytes(), g.as_bytes()))
+    });
+    if ok {
+        return next.run(req).await;
+    }
+    let message = if given.is_none() {
+        "You didn't provide an API key: send it as 'Authorization: Bearer KEY'"
+    } else {
+        "Incorrect API key provided"
+    };
+    let mut resp = error_response(
+        ApiError::new(401, "invalid_request_error", message).with_code("invalid_api_key"),
+    );
+    resp.headers_mut()
+        .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    resp
+}
+
+/// Whether two byte strings are equal, in time that depends only on their lengths.
+fn same_bytes(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |d, (x, y)| d | (x ^ y)) == 0
 }
 
 fn json_response(status: u16, body: String) -> Response {
@@ -447,6 +554,54 @@ async fn chat_inner(app: App, headers: HeaderMap, body: Body) -> Result<Response
     respond(app, vec![job], req.params, plan).await
 }
 
+/// `POST /v1/embeddings`: each input is read as a prompt (batched with everything else) and
+/// answered with [`engine::embedding`] of the state it leaves.
+async fn embeddings(State(app): State<App>, headers: HeaderMap, body: Body) -> Response {
+    let inner = async {
+        let body = read_body(&headers, body).await?;
+        let req = api::parse_embeddings(&body, app.0.width)?;
+        let (tx, mut rx) = unbounded_channel();
+        let count = req.inputs.len();
+        for (i, input) in req.inputs.into_iter().enumerate() {
+            let ids = match input {
+                Prompt::Text(t) => tokenize(&app, vec![t]).await?.0,
+                Prompt::Tokens(ids) => ids,
+            };
+            let n = ids.len();
+            let params = Params {
+                max_tokens: Some(0),
+                n: 1,
+                ..Params::default()
+            };
+            let mut job = app.job(ids, vec![n], &params, 0, &[], "input")?;
+            job.first_choice = i;
+            job.embed = true;
+            job.events = tx.clone();
+            app.submit(job)?;
+        }
+        drop(tx);
+        let mut vectors = vec![Vec::new(); count];
+        let (mut done, mut prompt_tokens) = (0, 0);
+        while done < count {
+            match rx.recv().await {
+                Some(Event::Embedding { choice, vector }) if choice < count => {
+                    vectors[choice] = vector
+                }
+                Some(Event::Done { done: d, .. }) => {
+                    done += 1;
+                    prompt_tokens += d.prompt_tokens;
+                }
+                Some(Event::Error(m)) => return Err(ApiError::new(500, "server_error", m)),
+                Some(_) => {}
+                None => return Err(ApiError::new(503, "server_error", "the engine stopped")),
+            }
+        }
+        let body = api::embeddings(&app.0.model, &vectors, req.base64, prompt_tokens);
+        Ok(json_response(200, body))
+    };
+    inner.await.unwrap_or_else(error_response)
+}
+
 async fn tokenizer_info(State(app): State<App>) -> Response {
     let body = serde_json::json!({
         "model": app.0.model,
@@ -501,8 +656,24 @@ async fn detokenize(State(app): State<App>, headers: HeaderMap, body: Body) -> R
 }
 
 /// Reads the body up to [`MAX_BODY_BYTES`]: 413 beyond, whether announced by Content-Length
-/// or not.
+/// or not; 408 when it takes longer than [`BODY_TIMEOUT`].
 async fn read_body(headers: &HeaderMap, body: Body) -> Result<Bytes, ApiError> {
+    tokio::time::timeout(BODY_TIMEOUT, read_body_inner(headers, body))
+        .await
+        .unwrap_or_else(|_| {
+            Err(ApiError::new(
+                408,
+                "invalid_request_error",
+                format!(
+                    "the request body took more than {} s to arrive",
+                    BODY_TIMEOUT.as_secs()
+                ),
+            )
+            .with_code("request_timeout"))
+        })
+}
+
+async fn read_body_inner(headers: &HeaderMap, body: Body) -> Result<Bytes, ApiError> {
     let too_large = || {
         ApiError::new(
             413,
@@ -642,7 +813,23 @@ impl App {
             first_choice: 0,
             logprobs: p.logprobs,
             prompt_logprobs: false,
+            embed: false,
             events: tokio::sync::mpsc::unbounded_channel().0,
+        })
+    }
+
+    /// Queues a job: 429 when the queue is full, 503 when shutting down.
+    fn submit(&self, job: Job) -> Result<(), ApiError> {
+        self.0.engine.submit(job).map_err(|e| match e {
+            SubmitError::QueueFull => ApiError::new(
+                429,
+                "rate_limit_error",
+                "the server is busy (its request queue is full); retry later",
+            )
+            .with_code("queue_full"),
+            SubmitError::ShuttingDown => {
+                ApiError::new(503, "server_error", "the server is shutting down")
+            }
         })
     }
 
@@ -752,17 +939,7 @@ async fn respond(
     let total = jobs.len() * plan.n;
     for mut job in jobs {
         job.events = tx.clone();
-        app.0.engine.submit(job).map_err(|e| match e {
-            SubmitError::QueueFull => ApiError::new(
-                429,
-                "rate_limit_error",
-                "the server is busy (its request queue is full); retry later",
-            )
-            .with_code("queue_full"),
-            SubmitError::ShuttingDown => {
-                ApiError::new(503, "server_error", "the server is shutting down")
-            }
-        })?;
+        app.submit(job)?;
     }
     drop(tx);
     let meta = app.meta(plan.kind);
@@ -922,6 +1099,8 @@ impl Sse {
                 Some(Step::Finished(choice))
             }
             Event::Error(m) => Some(Step::Failed(ApiError::new(500, "server_error", m))),
+            // Completions and chat jobs do not embed.
+            Event::Embedding { .. } => None,
         }
     }
 

@@ -138,6 +138,11 @@ impl State {
         }
     }
 
+    /// The number of layers.
+    pub fn n_layer(&self) -> usize {
+        self.n_layer
+    }
+
     /// The generation this state belongs to.
     pub fn generation(&self) -> Generation {
         self.generation
