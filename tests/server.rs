@@ -1241,3 +1241,121 @@ fn decode_base64(s: &str) -> Vec<u8> {
     }
     out
 }
+
+/// A schema whose every value is bounded, so that even a random model finishes it.
+fn person_schema() -> Value {
+    json!({
+        "type": "object",
+        "properties": {
+            "name": {"type": "string", "maxLength": 8},
+            "age": {"type": "integer", "minimum": 0, "maximum": 120},
+            "poet": {"type": "boolean"}
+        },
+        "required": ["name", "age", "poet"],
+        "additionalProperties": false
+    })
+}
+
+#[test]
+fn structured_output_always_parses() {
+    let s = Server::start(&[]);
+    let rf = json!({"type": "json_schema",
+                    "json_schema": {"name": "person", "schema": person_schema(), "strict": true}});
+    for seed in 0..4 {
+        let body = chat(
+            &[("user", "Who?")],
+            json!({"response_format": rf, "max_tokens": 200, "seed": seed, "n": 2}),
+        );
+        let (st, v) = s.post("/v1/chat/completions", &body);
+        assert_eq!(st, 200, "{v}");
+        for c in v["choices"].as_array().unwrap() {
+            assert_eq!(c["finish_reason"], "stop", "{v}");
+            let text = c["message"]["content"].as_str().unwrap();
+            let p: Value = serde_json::from_str(text).unwrap_or_else(|e| panic!("{text}: {e}"));
+            let o = p.as_object().unwrap();
+            assert_eq!(o.len(), 3, "{text}");
+            assert!(o["name"].as_str().unwrap().chars().count() <= 8, "{text}");
+            assert!((0..=120).contains(&o["age"].as_i64().unwrap()), "{text}");
+            assert!(o["poet"].is_boolean(), "{text}");
+        }
+    }
+    // Streamed, the same text.
+    let body = completion(
+        "Data:",
+        json!({"response_format": rf, "max_tokens": 200, "seed": 5}),
+    );
+    let (_, whole) = s.post("/v1/completions", &body);
+    let mut sb = body.clone();
+    sb["stream"] = json!(true);
+    let (events, done) = s.stream("/v1/completions", &sb);
+    assert!(done);
+    assert_eq!(streamed_text(&events), text_of(&whole));
+    serde_json::from_str::<Value>(&text_of(&whole)).unwrap();
+    // A regular expression and a Lark grammar.
+    let (_, v) = s.post(
+        "/v1/completions",
+        &completion(
+            "x",
+            json!({"grammar": {"type": "regex", "regex": "[ab]{3}-[0-9]{2}"},
+                                "max_tokens": 50, "seed": 1}),
+        ),
+    );
+    let t = text_of(&v);
+    assert!(
+        t.len() == 6 && t[..3].chars().all(|c| "ab".contains(c)) && &t[3..4] == "-",
+        "{t}"
+    );
+    let lark = "start: \"yes\" | \"no\"";
+    let (_, v) = s.post(
+        "/v1/completions",
+        &completion("x", json!({"grammar": lark, "max_tokens": 50})),
+    );
+    assert!(["yes", "no"].contains(&text_of(&v).as_str()), "{v}");
+    // Refused grammars name the field.
+    for (extra, param) in [
+        (json!({"grammar": "start: ("}), "grammar"),
+        (json!({"grammar": {"type": "ebnf", "ebnf": "x"}}), "grammar"),
+        (
+            json!({"response_format": {"type": "yaml"}}),
+            "response_format.type",
+        ),
+        (
+            json!({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}),
+            "response_format.json_schema.schema",
+        ),
+        (
+            json!({"response_format": {"type": "json_schema",
+                   "json_schema": {"schema": {"type": "frobnicate"}}}}),
+            "response_format",
+        ),
+        (
+            json!({"response_format": {"type": "json_object"}, "grammar": "start: \"a\""}),
+            "grammar",
+        ),
+    ] {
+        let (st, v) = s.post("/v1/completions", &completion("x", extra.clone()));
+        assert_eq!(
+            (st, v["error"]["param"].as_str()),
+            (400, Some(param)),
+            "{extra}: {v}"
+        );
+    }
+    // json_object: whatever the model writes is an object.
+    let (_, v) = s.post(
+        "/v1/chat/completions",
+        &chat(
+            &[("user", "Hi")],
+            json!({"response_format": {"type": "json_object"},
+                                        "max_tokens": 300, "seed": 2}),
+        ),
+    );
+    let c = &v["choices"][0];
+    let text = c["message"]["content"].as_str().unwrap();
+    assert!(text.starts_with('{'), "{v}");
+    if c["finish_reason"] == "stop" {
+        assert!(
+            serde_json::from_str::<Value>(text).unwrap().is_object(),
+            "{text}"
+        );
+    }
+}

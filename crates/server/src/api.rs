@@ -5,6 +5,7 @@
 //! struct, so that an error names the offending field in `param` as OpenAI's does, and so that
 //! fields this server does not know (clients send many) are ignored instead of rejected.
 
+use crate::grammar::Constraint;
 use rwkv_core::session::Finish;
 use serde::Serialize;
 use serde_json::{json, Map, Value};
@@ -108,6 +109,18 @@ pub struct Params {
     /// `logprobs: true` and `top_logprobs`; completions: `logprobs: k`), at most
     /// [`MAX_TOP_LOGPROBS`].
     pub logprobs: Option<usize>,
+    /// `response_format` (JSON) or `grammar` (Lark, regex): what the output must follow.
+    pub constraint: Option<Constraint>,
+}
+
+impl Params {
+    /// The request field that set [`Params::constraint`].
+    pub fn constraint_field(&self) -> &'static str {
+        match self.constraint {
+            Some(Constraint::Lark(_) | Constraint::Regex(_)) => "grammar",
+            _ => "response_format",
+        }
+    }
 }
 
 /// Most choices per prompt (`n`): each is a sequence in the engine's batch.
@@ -634,7 +647,79 @@ fn parse_params(f: &Fields<'_>, max_alias: Option<&str>) -> Result<Params, ApiEr
         include_usage,
         n,
         logprobs: None,
+        constraint: parse_constraint(f)?,
     })
+}
+
+/// `response_format` (`text`, `json_object`, `json_schema` with `json_schema.schema`) and
+/// `grammar` (`{"type": "lark", "lark": …}`, `{"type": "regex", "regex": …}`, or a Lark string).
+fn parse_constraint(f: &Fields<'_>) -> Result<Option<Constraint>, ApiError> {
+    let rf = "response_format";
+    let json = match f.get(rf) {
+        None => None,
+        Some(Value::Object(o)) => match o.get("type").and_then(Value::as_str) {
+            Some("text") => None,
+            Some("json_object") => Some(Constraint::JsonObject),
+            Some("json_schema") => {
+                let field = "response_format.json_schema.schema";
+                let schema = o
+                    .get("json_schema")
+                    .and_then(|j| j.get("schema"))
+                    .filter(|s| s.is_object() || s.is_boolean())
+                    .ok_or_else(|| {
+                        ApiError::invalid(format!("'{field}' (an object) is required"), Some(field))
+                    })?;
+                Some(Constraint::JsonSchema(schema.clone()))
+            }
+            _ => {
+                return Err(ApiError::invalid(
+                    "'response_format.type' must be text, json_object or json_schema",
+                    Some("response_format.type"),
+                ))
+            }
+        },
+        Some(_) => {
+            return Err(ApiError::invalid(
+                "'response_format' must be an object",
+                Some(rf),
+            ))
+        }
+    };
+    let grammar = match f.get("grammar") {
+        None => None,
+        Some(Value::String(g)) => Some(Constraint::Lark(g.clone())),
+        Some(Value::Object(o)) => {
+            let text = |k: &str| o.get(k).and_then(Value::as_str).map(str::to_string);
+            match (
+                o.get("type").and_then(Value::as_str),
+                text("lark"),
+                text("regex"),
+            ) {
+                (Some("lark"), Some(g), _) => Some(Constraint::Lark(g)),
+                (Some("regex"), _, Some(r)) => Some(Constraint::Regex(r)),
+                _ => {
+                    return Err(ApiError::invalid(
+                        "'grammar' must be {\"type\": \"lark\", \"lark\": …}, {\"type\": \
+                         \"regex\", \"regex\": …} or a Lark string",
+                        Some("grammar"),
+                    ))
+                }
+            }
+        }
+        Some(_) => {
+            return Err(ApiError::invalid(
+                "'grammar' must be an object or a string",
+                Some("grammar"),
+            ))
+        }
+    };
+    match (json, grammar) {
+        (Some(_), Some(_)) => Err(ApiError::invalid(
+            "give either a JSON 'response_format' or a 'grammar', not both",
+            Some("grammar"),
+        )),
+        (j, g) => Ok(j.or(g)),
+    }
 }
 
 /// Typed access to the fields of a request object; `null` counts as absent, as in OpenAI's API.

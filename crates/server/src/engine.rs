@@ -14,6 +14,7 @@
 
 use super::cache::PrefixCache;
 use super::metrics::Metrics;
+use llguidance::Matcher;
 use rwkv_core::model::{BatchItem, Logits, Model, Scratch, Slot, State};
 use rwkv_core::sample::{penalty_weight, Sampler, SamplerConfig};
 use rwkv_core::session::Finish;
@@ -64,6 +65,8 @@ pub struct Job {
     pub prompt_logprobs: bool,
     /// Read the prompt and answer its embedding ([`Event::Embedding`]) instead of generating.
     pub embed: bool,
+    /// The grammar every generated token must follow (its matcher at the start).
+    pub grammar: Option<Matcher>,
     /// Where the output goes (one sender may serve the jobs of one request); dropping the
     /// receiver cancels the job.
     pub events: UnboundedSender<Event>,
@@ -338,6 +341,8 @@ struct Seq {
     forked: bool,
     /// The prompt tokens' log-probabilities so far, when the job asks for them.
     prompt_lp: Vec<Option<TokenLogprob>>,
+    /// This choice's grammar state.
+    grammar: Option<Matcher>,
     state: State,
     /// Prompt tokens already in `state`.
     pos: usize,
@@ -437,7 +442,7 @@ impl Worker {
     }
 
     /// Admits one job: starts from the longest cached prefix of its prompt.
-    fn start(&mut self, job: Job) {
+    fn start(&mut self, mut job: Job) {
         self.shared.queued.fetch_sub(1, SeqCst);
         if job.events.is_closed() {
             self.metrics.cancelled.fetch_add(1, SeqCst);
@@ -485,7 +490,9 @@ impl Worker {
         } else {
             Vec::new()
         };
+        let grammar = job.grammar.take();
         self.active.push(Seq {
+            grammar,
             choice: job.first_choice,
             forked: job.n <= 1,
             prompt_lp,
@@ -576,6 +583,7 @@ impl Worker {
                     }
                 };
                 clones.push(Seq {
+                    grammar: s.grammar.as_ref().map(Matcher::deep_clone),
                     job: s.job.clone(),
                     choice: s.job.first_choice + k,
                     forked: true,
@@ -625,6 +633,22 @@ impl Worker {
         if self.decodable < logits.len() {
             logits[self.decodable..].fill(f32::NEG_INFINITY);
         }
+        if let Some(m) = &mut s.grammar {
+            match m.compute_mask() {
+                Ok(mask) => {
+                    for (id, l) in logits.iter_mut().enumerate() {
+                        if !mask.is_allowed(id as u32) {
+                            *l = f32::NEG_INFINITY;
+                        }
+                    }
+                }
+                Err(e) => {
+                    s.send(Event::Error(format!("grammar: {e}")));
+                    s.dropped = true;
+                    return;
+                }
+            }
+        }
         for &(id, bias) in &s.job.logit_bias {
             if let Some(l) = logits.get_mut(id as usize) {
                 // OpenAI documents -100 as a ban; a finite -100 could still win a row
@@ -664,14 +688,28 @@ impl Worker {
             return;
         }
         s.sampler.accept(tok, penalty_weight(&self.token_buf));
-        let (text, stopped) = s.text.push(&self.token_buf);
+        // A grammar that is complete and admits nothing more ends the reply.
+        let mut complete = false;
+        if let Some(m) = &mut s.grammar {
+            if let Err(e) = m.consume_token(tok) {
+                s.send(Event::Error(format!("grammar: {e}")));
+                s.dropped = true;
+                return;
+            }
+            complete = m.is_stopped();
+        }
+        let (mut text, stopped) = s.text.push(&self.token_buf);
+        if complete && !stopped {
+            // Text held back for a stop string that can no longer come.
+            text.push_str(&s.text.finish());
+        }
         if !text.is_empty() {
             s.send(Event::Text {
                 choice: s.choice,
                 text,
             });
         }
-        if stopped {
+        if stopped || complete {
             s.finished = Some(Finish::Stop);
         } else if s.generated >= s.job.max_tokens {
             let rest = s.text.finish();

@@ -15,6 +15,7 @@
 pub mod api;
 pub mod cache;
 pub mod engine;
+pub mod grammar;
 pub mod metrics;
 
 use api::{ApiError, ChatPiece, Choice, LogprobEntry, Meta, Params, Prompt, TokenText, Usage};
@@ -189,6 +190,7 @@ pub fn serve(args: ServeConfig) -> Result<()> {
         queue: args.queue,
         cache_bytes: args.cache_mb.saturating_mul(1 << 20),
     };
+    let grammars = grammar::Grammars::new(tok.as_ref(), vocab).map_err(Error::Internal)?;
     let engine = Engine::start(model, tok.clone(), cfg, metrics.clone())
         .map_err(|e| Error::Internal(format!("cannot start the engine thread: {e}")))?;
     let app = App(Arc::new(AppState {
@@ -202,6 +204,7 @@ pub fn serve(args: ServeConfig) -> Result<()> {
         max_tokens_limit: args.max_tokens_limit,
         keys,
         width,
+        grammars,
     }));
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -288,6 +291,8 @@ struct AppState {
     keys: Vec<String>,
     /// The model's width (the embeddings' length).
     width: usize,
+    /// The grammar compiler for the model's vocabulary.
+    grammars: grammar::Grammars,
 }
 
 #[derive(Clone)]
@@ -786,7 +791,18 @@ impl App {
         boundaries.retain(|&b| b > 0 && b <= prompt.len());
         boundaries.sort_unstable();
         boundaries.dedup();
+        let grammar = match &p.constraint {
+            None => None,
+            Some(c) => {
+                let field = p.constraint_field();
+                Some(s.grammars.matcher(c).map_err(|e| {
+                    ApiError::invalid(format!("'{field}' is refused: {e}"), Some(field))
+                })?)
+            }
+        };
         let mut stop = p.stop.clone();
+        // A grammar ends a reply itself (a blank line may be part of what it allows).
+        let extra_stops = if grammar.is_some() { &[] } else { extra_stops };
         for x in extra_stops {
             if !stop.iter().any(|s| s == x) {
                 stop.push(x.to_string());
@@ -814,6 +830,7 @@ impl App {
             logprobs: p.logprobs,
             prompt_logprobs: false,
             embed: false,
+            grammar,
             events: tokio::sync::mpsc::unbounded_channel().0,
         })
     }
