@@ -633,7 +633,9 @@ impl Worker {
         if self.decodable < logits.len() {
             logits[self.decodable..].fill(f32::NEG_INFINITY);
         }
+        let mut grammar_time = std::time::Duration::ZERO;
         if let Some(m) = &mut s.grammar {
+            let t = Instant::now();
             match m.compute_mask() {
                 Ok(mask) => {
                     for (id, l) in logits.iter_mut().enumerate() {
@@ -641,6 +643,7 @@ impl Worker {
                             *l = f32::NEG_INFINITY;
                         }
                     }
+                    grammar_time += t.elapsed();
                 }
                 Err(e) => {
                     s.send(Event::Error(format!("grammar: {e}")));
@@ -691,12 +694,17 @@ impl Worker {
         // A grammar that is complete and admits nothing more ends the reply.
         let mut complete = false;
         if let Some(m) = &mut s.grammar {
+            let t = Instant::now();
             if let Err(e) = m.consume_token(tok) {
                 s.send(Event::Error(format!("grammar: {e}")));
                 s.dropped = true;
                 return;
             }
             complete = m.is_stopped();
+            grammar_time += t.elapsed();
+            let us = grammar_time.as_micros() as u64;
+            self.metrics.grammar_micros.fetch_add(us, SeqCst);
+            self.metrics.grammar_tokens.fetch_add(1, SeqCst);
         }
         let (mut text, stopped) = s.text.push(&self.token_buf);
         if complete && !stopped {

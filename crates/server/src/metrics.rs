@@ -35,6 +35,10 @@ pub struct Metrics {
     pub cache_bytes: AtomicU64,
     /// Generations stopped because their client went away.
     pub cancelled: AtomicU64,
+    /// Tokens sampled under a grammar.
+    pub grammar_tokens: AtomicU64,
+    /// Microseconds spent computing grammar masks and advancing grammars.
+    pub grammar_micros: AtomicU64,
 }
 
 impl Metrics {
@@ -61,7 +65,7 @@ impl Metrics {
                 );
             }
         }
-        let rows: [(&str, &str, &str, &AtomicU64); 12] = [
+        let rows: [(&str, &str, &str, &AtomicU64); 14] = [
             (
                 "rwkv_prompt_tokens_total",
                 "counter",
@@ -91,6 +95,18 @@ impl Metrics {
                 "gauge",
                 "Requests waiting for a batch slot.",
                 &self.queue_length,
+            ),
+            (
+                "rwkv_grammar_tokens_total",
+                "counter",
+                "Tokens sampled under a grammar (structured output).",
+                &self.grammar_tokens,
+            ),
+            (
+                "rwkv_grammar_microseconds_total",
+                "counter",
+                "Time spent computing grammar masks and advancing grammars.",
+                &self.grammar_micros,
             ),
             (
                 "rwkv_engine_steps_total",
