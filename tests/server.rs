@@ -1359,3 +1359,41 @@ fn structured_output_always_parses() {
         );
     }
 }
+
+#[test]
+fn the_openapi_description_is_what_the_server_serves() {
+    let s = Server::start(&[]);
+    let (st, text) = s.get("/openapi.json");
+    assert_eq!(st, 200);
+    let spec: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(spec["openapi"], "3.1.0");
+    let mut described: Vec<(String, String)> = Vec::new();
+    for (path, ops) in spec["paths"].as_object().unwrap() {
+        for (method, op) in ops.as_object().unwrap() {
+            described.push((method.to_uppercase(), path.clone()));
+            // Every example request is one the server accepts.
+            if let Some(ex) = op["requestBody"]["content"]["application/json"].get("example") {
+                let (st, v) = s.post(path, ex);
+                assert_eq!(st, 200, "{method} {path} {ex}: {v}");
+            }
+        }
+    }
+    let mut served: Vec<(String, String)> = rwkv::server::ROUTES
+        .iter()
+        .map(|(m, p)| (m.to_string(), p.to_string()))
+        .collect();
+    described.sort();
+    served.sort();
+    assert_eq!(described, served, "the description and the routes differ");
+    // And every route answers (a GET of a POST route would be 405, an unknown one 404).
+    for (method, path) in &served {
+        let path = path.replace("{id}", "model");
+        let r = s.send(method, &path, b"{}");
+        // (The fixture is served as "model", its file's name.)
+        assert!(
+            ![404, 405].contains(&r.status),
+            "{method} {path}: {}",
+            r.status
+        );
+    }
+}

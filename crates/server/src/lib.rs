@@ -307,6 +307,7 @@ fn router(app: App) -> Router {
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/embeddings", post(embeddings))
+        .route("/openapi.json", get(openapi))
         .route("/tokenizer_info", get(tokenizer_info))
         .route("/tokenize", post(tokenize_text))
         .route("/detokenize", post(detokenize))
@@ -317,21 +318,38 @@ fn router(app: App) -> Router {
         .with_state(app)
 }
 
+/// Every route the server answers, as `(method, path pattern)`: the OpenAPI description
+/// lists exactly these (a test holds the two together), and they label the request metrics.
+pub const ROUTES: &[(&str, &str)] = &[
+    ("GET", "/health"),
+    ("GET", "/metrics"),
+    ("GET", "/openapi.json"),
+    ("GET", "/v1/models"),
+    ("GET", "/v1/models/{id}"),
+    ("POST", "/v1/completions"),
+    ("POST", "/v1/chat/completions"),
+    ("POST", "/v1/embeddings"),
+    ("GET", "/tokenizer_info"),
+    ("POST", "/tokenize"),
+    ("POST", "/detokenize"),
+];
+
+/// The OpenAPI 3.1 description of [`ROUTES`], served at `/openapi.json`.
+pub const OPENAPI: &str = include_str!("openapi.json");
+
 /// The endpoint label of a path: route patterns only, so the metric's label set stays small.
 fn endpoint_label(path: &str) -> &'static str {
-    match path {
-        "/v1/completions" => "/v1/completions",
-        "/v1/chat/completions" => "/v1/chat/completions",
-        "/v1/models" => "/v1/models",
-        "/health" => "/health",
-        "/metrics" => "/metrics",
-        "/tokenizer_info" => "/tokenizer_info",
-        "/v1/embeddings" => "/v1/embeddings",
-        "/tokenize" => "/tokenize",
-        "/detokenize" => "/detokenize",
-        p if p.starts_with("/v1/models/") => "/v1/models/{id}",
-        _ => "other",
+    if path.starts_with("/v1/models/") {
+        return "/v1/models/{id}";
     }
+    ROUTES
+        .iter()
+        .find(|(_, p)| *p == path)
+        .map_or("other", |(_, p)| p)
+}
+
+async fn openapi() -> Response {
+    json_response(200, OPENAPI.to_string())
 }
 
 async fn count_requests(State(app): State<App>, req: Request, next: Next) -> Response {
