@@ -1397,3 +1397,65 @@ fn the_openapi_description_is_what_the_server_serves() {
         );
     }
 }
+
+#[test]
+fn a_named_state_is_the_prompt_it_was_made_from() {
+    let dir = std::env::temp_dir().join(format!("rwkv-states-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let model = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/v7/model.safetensors"
+    );
+    // A persona: the state after reading `persona`, saved by `rwkv logits`.
+    let persona = "System: You speak in verse.\n\n";
+    let ids: Vec<String> = persona.bytes().map(|b| b.to_string()).collect();
+    let out = Command::new(env!("CARGO_BIN_EXE_rwkv"))
+        .args(["logits", "--model", model, "--tokens", &ids.join(",")])
+        .arg("--out")
+        .arg(dir.join("poet.safetensors"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let s = Server::start(&["--state-dir", dir.to_str().unwrap()]);
+    let (st, v) = s.get("/v1/states");
+    assert_eq!(st, 200);
+    let v: Value = serde_json::from_str(&v).unwrap();
+    assert_eq!(v["data"][0]["id"], "poet", "{v}");
+    // Reading "User: Hi" from the state is reading the persona and then it.
+    let greedy = json!({"max_tokens": 12, "temperature": 0});
+    let mut with_state = greedy.clone();
+    with_state["state"] = json!("poet");
+    let (st, a) = s.post(
+        "/v1/completions",
+        &completion("User: Hi", with_state.clone()),
+    );
+    assert_eq!(st, 200, "{a}");
+    let (_, b) = s.post(
+        "/v1/completions",
+        &completion(&format!("{persona}User: Hi"), greedy.clone()),
+    );
+    assert_eq!(text_of(&a), text_of(&b));
+    // The cache keeps prompts read from the state apart from the same prompt without it.
+    let (_, plain) = s.post("/v1/completions", &completion("User: Hi", greedy));
+    let (_, again) = s.post("/v1/completions", &completion("User: Hi", with_state));
+    assert_eq!(text_of(&again), text_of(&a));
+    assert_eq!(
+        again["usage"]["prompt_tokens_details"]["cached_tokens"],
+        "User: Hi".len()
+    );
+    let _ = plain;
+    let (st, v) = s.post(
+        "/v1/chat/completions",
+        &chat(&[("user", "x")], json!({"state": "nobody"})),
+    );
+    assert_eq!(
+        (st, v["error"]["param"].as_str()),
+        (400, Some("state")),
+        "{v}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

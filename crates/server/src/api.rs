@@ -111,6 +111,8 @@ pub struct Params {
     pub logprobs: Option<usize>,
     /// `response_format` (JSON) or `grammar` (Lark, regex): what the output must follow.
     pub constraint: Option<Constraint>,
+    /// `state`: the name of a `--state-dir` state to read the prompt from.
+    pub state: Option<String>,
 }
 
 impl Params {
@@ -648,6 +650,16 @@ fn parse_params(f: &Fields<'_>, max_alias: Option<&str>) -> Result<Params, ApiEr
         n,
         logprobs: None,
         constraint: parse_constraint(f)?,
+        state: match f.get("state") {
+            None => None,
+            Some(Value::String(s)) => Some(s.clone()),
+            Some(_) => {
+                return Err(ApiError::invalid(
+                    "'state' must be the name of a state (GET /v1/states lists them)",
+                    Some("state"),
+                ))
+            }
+        },
     })
 }
 

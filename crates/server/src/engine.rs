@@ -67,6 +67,9 @@ pub struct Job {
     pub embed: bool,
     /// The grammar every generated token must follow (its matcher at the start).
     pub grammar: Option<Matcher>,
+    /// The state the prompt is read from (a `--state-dir` state) instead of the zero state,
+    /// with its number among the server's states (which keys its prompts in the cache apart).
+    pub initial: Option<(u32, Arc<State>)>,
     /// Where the output goes (one sender may serve the jobs of one request); dropping the
     /// receiver cancels the job.
     pub events: UnboundedSender<Event>,
@@ -464,17 +467,22 @@ impl Worker {
         let lookup = if job.prompt_logprobs {
             None
         } else {
-            self.cache.lookup(&job.prompt)
+            self.cache.lookup(&cache_key(&job, job.prompt.len()))
         };
         let (state, pos, logits) = match lookup {
             Some(hit) => {
                 self.metrics.cache_hits.fetch_add(1, SeqCst);
-                let logits = (hit.len == job.prompt.len()).then_some(hit.logits);
-                (hit.state, hit.len, logits)
+                let len = hit.len - key_offset(&job);
+                let logits = (len == job.prompt.len()).then_some(hit.logits);
+                (hit.state, len, logits)
             }
             None => {
                 self.metrics.cache_misses.fetch_add(1, SeqCst);
-                (self.model.new_state(), 0, None)
+                let state = match &job.initial {
+                    Some((_, st)) => State::clone(st),
+                    None => self.model.new_state(),
+                };
+                (state, 0, None)
             }
         };
         self.metrics
@@ -825,7 +833,8 @@ impl Worker {
                     }
                     s.pos = end;
                     if !logits.is_empty() {
-                        self.cache.insert(&s.job.prompt[..end], &s.state, &logits);
+                        self.cache
+                            .insert(&cache_key(&s.job, end), &s.state, &logits);
                         if end == s.job.prompt.len() {
                             s.logits = Some(logits);
                         }
@@ -880,6 +889,29 @@ pub fn embedding(state: &State) -> Vec<f32> {
         v.iter_mut().for_each(|x| *x /= norm);
     }
     v
+}
+
+/// Tokens of cache keys above every vocabulary: a prompt read from initial state `k` is keyed
+/// `[STATE_KEY - k, prompt…]`, so that it never shares an entry with the same prompt read
+/// from another state.
+const STATE_KEY: u32 = u32::MAX;
+
+/// The prefix cache's key of the job's first `end` prompt tokens.
+fn cache_key(job: &Job, end: usize) -> std::borrow::Cow<'_, [u32]> {
+    match &job.initial {
+        None => std::borrow::Cow::Borrowed(&job.prompt[..end]),
+        Some((k, _)) => {
+            let mut key = Vec::with_capacity(end + 1);
+            key.push(STATE_KEY - k);
+            key.extend_from_slice(&job.prompt[..end]);
+            std::borrow::Cow::Owned(key)
+        }
+    }
+}
+
+/// How many tokens of a cache key come before the job's prompt.
+fn key_offset(job: &Job) -> usize {
+    usize::from(job.initial.is_some())
 }
 
 /// The first cache boundary after prompt position `pos` (or the prompt's end).

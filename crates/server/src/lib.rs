@@ -102,6 +102,41 @@ pub struct ServeConfig {
     /// `--api-key`.
     #[cfg_attr(feature = "clap", arg(long))]
     pub api_key_file: Option<PathBuf>,
+    /// A folder of state files (`rwkv logits --out`, a saved session): each `NAME.safetensors`
+    /// is a state a request may start from with `"state": "NAME"`.
+    #[cfg_attr(feature = "clap", arg(long))]
+    pub state_dir: Option<PathBuf>,
+}
+
+/// The states of `--state-dir`, by name (the file stem), sorted; each checked against the
+/// model.
+fn load_states(
+    dir: &std::path::Path,
+    model: &Model,
+) -> Result<Vec<(String, Arc<rwkv_core::model::State>)>> {
+    let what = dir.display();
+    let entries =
+        std::fs::read_dir(dir).map_err(|e| Error::bad(format!("state-dir {what}: {e}")))?;
+    let mut states = Vec::new();
+    for entry in entries {
+        let path = entry
+            .map_err(|e| Error::bad(format!("state-dir {what}: {e}")))?
+            .path();
+        if path.extension().and_then(|e| e.to_str()) != Some("safetensors") {
+            continue;
+        }
+        let name = path
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let st = rwkv_core::model::State::load(&path, model.info())?;
+        states.push((name, Arc::new(st)));
+    }
+    if states.len() >= (u32::MAX / 2) as usize {
+        return Err(Error::bad(format!("state-dir {what}: too many states")));
+    }
+    states.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(states)
 }
 
 /// Seconds a client has to send a whole request body (408 after).
@@ -172,6 +207,10 @@ pub fn serve(args: ServeConfig) -> Result<()> {
         None => rwkv_core::default_model()?,
     };
     let model = Model::load_as(&path, quant)?;
+    let states = match &args.state_dir {
+        Some(d) => load_states(d, &model)?,
+        None => Vec::new(),
+    };
     let tok: Arc<dyn Tokenizer> = match &args.tokenizer {
         Some(spec) => tokenizer::load(spec)?.into(),
         None => tokenizer::for_vocab(model.vocab_size())
@@ -205,6 +244,7 @@ pub fn serve(args: ServeConfig) -> Result<()> {
         keys,
         width,
         grammars,
+        states,
     }));
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -293,6 +333,8 @@ struct AppState {
     width: usize,
     /// The grammar compiler for the model's vocabulary.
     grammars: grammar::Grammars,
+    /// The `--state-dir` states, by name.
+    states: Vec<(String, Arc<rwkv_core::model::State>)>,
 }
 
 #[derive(Clone)]
@@ -307,6 +349,7 @@ fn router(app: App) -> Router {
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/embeddings", post(embeddings))
+        .route("/v1/states", get(states))
         .route("/openapi.json", get(openapi))
         .route("/tokenizer_info", get(tokenizer_info))
         .route("/tokenize", post(tokenize_text))
@@ -329,6 +372,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("POST", "/v1/completions"),
     ("POST", "/v1/chat/completions"),
     ("POST", "/v1/embeddings"),
+    ("GET", "/v1/states"),
     ("GET", "/tokenizer_info"),
     ("POST", "/tokenize"),
     ("POST", "/detokenize"),
@@ -625,6 +669,20 @@ async fn embeddings(State(app): State<App>, headers: HeaderMap, body: Body) -> R
     inner.await.unwrap_or_else(error_response)
 }
 
+/// `GET /v1/states`: the `--state-dir` states a request may name in `state`.
+async fn states(State(app): State<App>) -> Response {
+    let data: Vec<serde_json::Value> = app
+        .0
+        .states
+        .iter()
+        .map(|(name, st)| serde_json::json!({"id": name, "object": "state", "bytes": st.bytes()}))
+        .collect();
+    json_response(
+        200,
+        serde_json::json!({"object": "list", "data": data}).to_string(),
+    )
+}
+
 async fn tokenizer_info(State(app): State<App>) -> Response {
     let body = serde_json::json!({
         "model": app.0.model,
@@ -809,6 +867,22 @@ impl App {
         boundaries.retain(|&b| b > 0 && b <= prompt.len());
         boundaries.sort_unstable();
         boundaries.dedup();
+        let initial = match &p.state {
+            None => None,
+            Some(name) => {
+                let k = s
+                    .states
+                    .iter()
+                    .position(|(n, _)| n == name)
+                    .ok_or_else(|| {
+                        ApiError::invalid(
+                            format!("there is no state '{name}' (GET /v1/states lists them)"),
+                            Some("state"),
+                        )
+                    })?;
+                Some((k as u32, s.states[k].1.clone()))
+            }
+        };
         let grammar = match &p.constraint {
             None => None,
             Some(c) => {
@@ -849,6 +923,7 @@ impl App {
             prompt_logprobs: false,
             embed: false,
             grammar,
+            initial,
             events: tokio::sync::mpsc::unbounded_channel().0,
         })
     }
