@@ -2,10 +2,12 @@
 
 Usage: python3 tests/openai_client.py PORT
 
-Covers chat and completions, streaming and not, usage, stop strings and the error mapping.
+Covers chat and completions, streaming and not, usage, stop strings, several choices,
+log-probabilities, tool calling (whole and streamed) and the error mapping.
 Exits non-zero (with a traceback) on any mismatch.
 """
 
+import json
 import sys
 
 import openai
@@ -87,6 +89,33 @@ ch = client.chat.completions.create(model=model, messages=[{"role": "user", "con
 content = ch.choices[0].logprobs.content
 assert len(content) == ch.usage.completion_tokens, ch
 assert all(len(t.top_logprobs) == 2 and t.logprob <= 0 for t in content), content
+
+# Tool calling as OpenAI's guide does it: the call, its result sent back, the reply.
+tools = [{"type": "function", "function": {
+    "name": "get_weather", "description": "Current weather in a city.",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12}},
+                   "required": ["city"], "additionalProperties": False}}}]
+messages = [{"role": "user", "content": "What is the weather in Paris?"}]
+r = client.chat.completions.create(model=model, messages=messages, tools=tools,
+                                   tool_choice="required", parallel_tool_calls=False,
+                                   max_tokens=100, seed=2)
+assert r.choices[0].finish_reason == "tool_calls", r
+call = r.choices[0].message.tool_calls[0]
+assert call.function.name == "get_weather" and "city" in json.loads(call.function.arguments), call
+messages.append(r.choices[0].message)
+messages.append({"role": "tool", "tool_call_id": call.id, "content": "Sunny, 21 C"})
+r2 = client.chat.completions.create(model=model, messages=messages, tools=tools, tool_choice="none",
+                                    max_tokens=10)
+assert r2.choices[0].message.content is not None, r2
+# Streamed, the client's accumulation of tool-call deltas gives the same call.
+args, name = "", None
+for chunk in client.chat.completions.create(model=model, messages=messages[:1], tools=tools,
+                                            tool_choice="required", parallel_tool_calls=False,
+                                            max_tokens=100, seed=2, stream=True):
+    for tc in (chunk.choices[0].delta.tool_calls or []) if chunk.choices else []:
+        name = tc.function.name or name
+        args += tc.function.arguments or ""
+assert name == "get_weather" and args == call.function.arguments, (name, args)
 
 # Errors surface as the client's typed exceptions.
 try:

@@ -1459,3 +1459,135 @@ fn a_named_state_is_the_prompt_it_was_made_from() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+fn weather_tool() -> Value {
+    json!({"type": "function", "function": {
+        "name": "get_weather",
+        "description": "The weather in a city.",
+        "parameters": {"type": "object",
+                       "properties": {"city": {"type": "string", "maxLength": 10},
+                                      "days": {"type": "integer", "minimum": 1, "maximum": 7}},
+                       "required": ["city", "days"], "additionalProperties": false}}})
+}
+
+#[test]
+fn tools_are_called_with_arguments_that_follow_their_schemas() {
+    let s = Server::start(&[]);
+    let clock = json!({"type": "function", "function": {"name": "now", "parameters":
+        {"type": "object", "properties": {}, "additionalProperties": false}}});
+    let tools = json!([weather_tool(), clock]);
+    let ch = "/v1/chat/completions";
+    for (choice, want) in [
+        (json!("required"), None),
+        (
+            json!({"type": "function", "function": {"name": "get_weather"}}),
+            Some("get_weather"),
+        ),
+        (
+            json!({"type": "function", "function": {"name": "now"}}),
+            Some("now"),
+        ),
+    ] {
+        for seed in 0..3 {
+            let body = chat(
+                &[("user", "Weather in Paris?")],
+                json!({"tools": tools, "tool_choice": choice, "max_tokens": 200, "seed": seed,
+                       "parallel_tool_calls": seed == 0}),
+            );
+            let (st, v) = s.post(ch, &body);
+            assert_eq!(st, 200, "{v}");
+            let c = &v["choices"][0];
+            assert_eq!(c["finish_reason"], "tool_calls", "{v}");
+            assert!(c["message"]["content"].is_null(), "{v}");
+            for call in c["message"]["tool_calls"].as_array().unwrap() {
+                assert_eq!(call["type"], "function");
+                assert!(call["id"].as_str().unwrap().starts_with("call-"), "{call}");
+                let name = call["function"]["name"].as_str().unwrap();
+                if let Some(w) = want {
+                    assert_eq!(name, w);
+                }
+                let args: Value =
+                    serde_json::from_str(call["function"]["arguments"].as_str().unwrap()).unwrap();
+                match name {
+                    "get_weather" => {
+                        assert!(
+                            args["city"].as_str().unwrap().chars().count() <= 10,
+                            "{args}"
+                        );
+                        assert!((1..=7).contains(&args["days"].as_i64().unwrap()), "{args}");
+                    }
+                    "now" => assert_eq!(args, json!({})),
+                    other => panic!("called {other}"),
+                }
+            }
+        }
+    }
+    // Streamed: one chunk carries the whole calls, then the finish reason.
+    let body = chat(
+        &[("user", "Weather?")],
+        json!({"tools": tools, "tool_choice": "required", "max_tokens": 200, "seed": 1,
+               "stream": true, "parallel_tool_calls": false}),
+    );
+    let (events, done) = s.stream(ch, &body);
+    assert!(done);
+    let calls: Vec<&Value> = events
+        .iter()
+        .filter_map(|e| e["choices"][0]["delta"].get("tool_calls"))
+        .collect();
+    assert_eq!(calls.len(), 1, "{events:?}");
+    assert_eq!(calls[0][0]["index"], 0);
+    let last = events
+        .iter()
+        .rev()
+        .find(|e| !e["choices"][0].is_null())
+        .unwrap();
+    assert_eq!(last["choices"][0]["finish_reason"], "tool_calls");
+    // A conversation with a call and its result; `none` answers in text; auto either way.
+    let body = json!({"messages": [
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": null, "tool_calls": [{"id": "call-1", "type": "function",
+            "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\", \"days\": 1}"}}]},
+        {"role": "tool", "tool_call_id": "call-1", "content": "Sunny, 21 C"}],
+        "tools": tools, "tool_choice": "none", "max_tokens": 20, "seed": 3});
+    let (st, v) = s.post(ch, &body);
+    assert_eq!(st, 200, "{v}");
+    assert!(v["choices"][0]["message"]["content"].is_string(), "{v}");
+    assert!(
+        v["choices"][0]["message"].get("tool_calls").is_none(),
+        "{v}"
+    );
+    let (st, v) = s.post(
+        ch,
+        &chat(&[("user", "Hi")], json!({"tools": tools, "max_tokens": 30})),
+    );
+    assert_eq!(st, 200, "{v}");
+    let m = &v["choices"][0]["message"];
+    assert!(
+        m["content"].is_string() != m.get("tool_calls").is_some(),
+        "{v}"
+    );
+    // Refused: a name that is not offered, a malformed tool, tools with a grammar.
+    for (extra, param) in [
+        (
+            json!({"tools": tools, "tool_choice": {"type": "function", "function": {"name": "fly"}}}),
+            "tool_choice",
+        ),
+        (json!({"tool_choice": "required"}), "tool_choice"),
+        (
+            json!({"tools": [{"type": "function", "function": {"name": "bad name"}}]}),
+            "tools[0]",
+        ),
+        (json!({"tools": [{"type": "retrieval"}]}), "tools[0]"),
+        (
+            json!({"tools": tools, "response_format": {"type": "json_object"}}),
+            "tools",
+        ),
+    ] {
+        let (st, v) = s.post(ch, &chat(&[("user", "x")], extra.clone()));
+        assert_eq!(
+            (st, v["error"]["param"].as_str()),
+            (400, Some(param)),
+            "{extra}: {v}"
+        );
+    }
+}

@@ -6,6 +6,7 @@
 //! fields this server does not know (clients send many) are ignored instead of rejected.
 
 use crate::grammar::Constraint;
+use crate::tools::{Call, Tool, ToolChoice};
 use rwkv_core::session::Finish;
 use serde::Serialize;
 use serde_json::{json, Map, Value};
@@ -120,6 +121,7 @@ impl Params {
     pub fn constraint_field(&self) -> &'static str {
         match self.constraint {
             Some(Constraint::Lark(_) | Constraint::Regex(_)) => "grammar",
+            Some(Constraint::Tools(_)) => "tools",
             _ => "response_format",
         }
     }
@@ -164,6 +166,8 @@ pub enum Role {
     User,
     /// `assistant`: rendered as `Assistant: ...`.
     Assistant,
+    /// `tool`: a function's result, rendered as `Tool: ...`.
+    Tool,
 }
 
 /// One chat message.
@@ -173,6 +177,8 @@ pub struct Message {
     pub role: Role,
     /// Its text.
     pub content: String,
+    /// The functions an assistant turn called.
+    pub tool_calls: Vec<Call>,
 }
 
 /// A parsed `POST /v1/chat/completions` body.
@@ -180,6 +186,12 @@ pub struct Message {
 pub struct ChatRequest {
     /// The conversation so far.
     pub messages: Vec<Message>,
+    /// The functions the model may call.
+    pub tools: Vec<Tool>,
+    /// Whether and which it must call.
+    pub tool_choice: ToolChoice,
+    /// `parallel_tool_calls` (default true): several calls in one reply.
+    pub parallel_tool_calls: bool,
     /// Sampling and stopping.
     pub params: Params,
 }
@@ -260,14 +272,14 @@ pub fn parse_chat(body: &[u8]) -> Result<ChatRequest, ApiError> {
         .enumerate()
         .map(|(i, m)| parse_message(i, m))
         .collect::<Result<Vec<_>, _>>()?;
-    for name in ["tools", "functions"] {
-        if matches!(f.get(name), Some(Value::Array(a)) if !a.is_empty()) {
-            return Err(ApiError::invalid(
-                format!("'{name}' (tool calling) is not supported"),
-                Some(name),
-            ));
-        }
+    if matches!(f.get("functions"), Some(Value::Array(a)) if !a.is_empty()) {
+        return Err(ApiError::invalid(
+            "'functions' (the old form of tools) is not supported: use 'tools'",
+            Some("functions"),
+        ));
     }
+    let tools = parse_tools(&f)?;
+    let tool_choice = parse_tool_choice(&f, &tools)?;
     let mut params = parse_params(&f, Some("max_completion_tokens"))?;
     let top = f.uint("top_logprobs")?;
     params.logprobs = match (f.bool("logprobs")?, top) {
@@ -286,7 +298,23 @@ pub fn parse_chat(body: &[u8]) -> Result<ChatRequest, ApiError> {
         }
         (false, None) => None,
     };
-    Ok(ChatRequest { messages, params })
+    if !tools.is_empty() && tool_choice != ToolChoice::None && params.constraint.is_some() {
+        return Err(ApiError::invalid(
+            "'tools' cannot be combined with a 'response_format' or 'grammar'",
+            Some("tools"),
+        ));
+    }
+    let parallel_tool_calls = match f.get("parallel_tool_calls") {
+        None => true,
+        Some(_) => f.bool("parallel_tool_calls")?,
+    };
+    Ok(ChatRequest {
+        messages,
+        tools,
+        tool_choice,
+        parallel_tool_calls,
+        params,
+    })
 }
 
 /// Parses a `POST /tokenize` body: `{"prompt": "…"}` or `{"messages": […]}` (rendered as
@@ -335,6 +363,106 @@ pub fn parse_detokenize(body: &[u8]) -> Result<Vec<u32>, ApiError> {
     }
 }
 
+/// `tools`: `[{"type": "function", "function": {"name", "description", "parameters"}}]`.
+fn parse_tools(f: &Fields<'_>) -> Result<Vec<Tool>, ApiError> {
+    let list = match f.get("tools") {
+        None => return Ok(Vec::new()),
+        Some(Value::Array(a)) => a,
+        Some(_) => return Err(ApiError::invalid("'tools' must be an array", Some("tools"))),
+    };
+    let mut tools: Vec<Tool> = Vec::with_capacity(list.len());
+    for (i, t) in list.iter().enumerate() {
+        let param = format!("tools[{i}]");
+        let bad = |what: &str| ApiError::invalid(format!("{param}: {what}"), Some(&param));
+        if t.get("type").and_then(Value::as_str) != Some("function") {
+            return Err(bad("'type' must be \"function\""));
+        }
+        let func = t
+            .get("function")
+            .ok_or_else(|| bad("'function' is required"))?;
+        let name = func
+            .get("name")
+            .and_then(Value::as_str)
+            .filter(|n| {
+                (1..=64).contains(&n.len())
+                    && n.chars()
+                        .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+            })
+            .ok_or_else(|| bad("'function.name' must be 1 to 64 of a-z, A-Z, 0-9, _ and -"))?;
+        if tools.iter().any(|t| t.name == name) {
+            return Err(bad(&format!("the function '{name}' is offered twice")));
+        }
+        let parameters = match func.get("parameters") {
+            None | Some(Value::Null) => serde_json::json!({"type": "object"}),
+            Some(p) if p.is_object() => p.clone(),
+            Some(_) => return Err(bad("'function.parameters' must be a JSON schema object")),
+        };
+        tools.push(Tool {
+            name: name.to_string(),
+            description: func
+                .get("description")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_string(),
+            parameters,
+        });
+    }
+    Ok(tools)
+}
+
+/// `tool_choice`: `none`, `auto` (the default with tools), `required`, or `{"type":
+/// "function", "function": {"name"}}` naming an offered function.
+fn parse_tool_choice(f: &Fields<'_>, tools: &[Tool]) -> Result<ToolChoice, ApiError> {
+    let p = "tool_choice";
+    let choice = match f.get(p) {
+        None => {
+            if tools.is_empty() {
+                ToolChoice::None
+            } else {
+                ToolChoice::Auto
+            }
+        }
+        Some(Value::String(s)) => match s.as_str() {
+            "none" => ToolChoice::None,
+            "auto" => ToolChoice::Auto,
+            "required" => ToolChoice::Required,
+            _ => {
+                return Err(ApiError::invalid(
+                    "'tool_choice' must be none, auto, required or a named function",
+                    Some(p),
+                ))
+            }
+        },
+        Some(v) => {
+            let name = v
+                .get("function")
+                .and_then(|f| f.get("name"))
+                .and_then(Value::as_str)
+                .ok_or_else(|| {
+                    ApiError::invalid(
+                        "'tool_choice' must be {\"type\": \"function\", \"function\": \
+                         {\"name\": …}}",
+                        Some(p),
+                    )
+                })?;
+            ToolChoice::Named(name.to_string())
+        }
+    };
+    let needs_tools = matches!(choice, ToolChoice::Required | ToolChoice::Named(_));
+    if needs_tools && tools.is_empty() {
+        return Err(ApiError::invalid("'tool_choice' needs 'tools'", Some(p)));
+    }
+    if let ToolChoice::Named(n) = &choice {
+        if !tools.iter().any(|t| &t.name == n) {
+            return Err(ApiError::invalid(
+                format!("'tool_choice' names '{n}', which is not among the tools"),
+                Some(p),
+            ));
+        }
+    }
+    Ok(choice)
+}
+
 /// Renders a conversation in the RWKV chat format, one segment per message plus the final
 /// `Assistant:` cue. Each segment is tokenized on its own, so that two conversations that share
 /// their first messages share their first tokens exactly (and with them the cached states).
@@ -349,8 +477,16 @@ pub fn chat_segments(messages: &[Message]) -> Vec<String> {
                 Role::System => "System",
                 Role::User => "User",
                 Role::Assistant => "Assistant",
+                Role::Tool => "Tool",
             };
-            format!("{name}: {}\n\n", normalize(&m.content))
+            let calls = crate::tools::render_calls(&m.tool_calls);
+            let text = normalize(&m.content);
+            let sep = if text.is_empty() || calls.is_empty() {
+                ""
+            } else {
+                " "
+            };
+            format!("{name}: {text}{sep}{calls}\n\n")
         })
         .collect();
     out.push("Assistant:".to_string());
@@ -502,10 +638,12 @@ fn parse_message(i: usize, m: &Value) -> Result<Message, ApiError> {
             "system" | "developer" => Role::System,
             "user" => Role::User,
             "assistant" => Role::Assistant,
+            "tool" => Role::Tool,
             other => {
                 return Err(ApiError::invalid(
                     format!(
-                        "{param}.role '{other}' is not supported (use system, user or assistant)"
+                        "{param}.role '{other}' is not supported (use system, user, assistant \
+                         or tool)"
                     ),
                     Some(&format!("{param}.role")),
                 ))
@@ -545,7 +683,40 @@ fn parse_message(i: usize, m: &Value) -> Result<Message, ApiError> {
             ))
         }
     };
-    Ok(Message { role, content })
+    let mut tool_calls = Vec::new();
+    if let Some(list) = m.get("tool_calls").filter(|v| !v.is_null()) {
+        let tparam = format!("{param}.tool_calls");
+        let bad = || {
+            ApiError::invalid(
+                format!(
+                    "{tparam} must be an array of {{\"function\": {{\"name\", \"arguments\"}}}}"
+                ),
+                Some(&tparam),
+            )
+        };
+        for c in list.as_array().ok_or_else(bad)? {
+            let func = c.get("function").ok_or_else(bad)?;
+            let name = func.get("name").and_then(Value::as_str).ok_or_else(bad)?;
+            // Arguments come as JSON text; written back compactly, they read as the model
+            // writes them.
+            let arguments = match func.get("arguments") {
+                Some(Value::String(a)) => serde_json::from_str::<Value>(a)
+                    .map(|v| v.to_string())
+                    .unwrap_or_else(|_| a.clone()),
+                Some(v) if v.is_object() => v.to_string(),
+                _ => return Err(bad()),
+            };
+            tool_calls.push(Call {
+                name: name.to_string(),
+                arguments,
+            });
+        }
+    }
+    Ok(Message {
+        role,
+        content,
+        tool_calls,
+    })
 }
 
 fn parse_params(f: &Fields<'_>, max_alias: Option<&str>) -> Result<Params, ApiError> {
@@ -904,12 +1075,27 @@ pub struct Choice<'a> {
     pub finish: Option<Finish>,
     /// Its `logprobs` object ([`chat_logprobs`] or [`completion_logprobs`]).
     pub logprobs: Option<&'a Value>,
+    /// The functions the reply calls (chat): then `content` is null and the finish reason
+    /// `tool_calls`.
+    pub tool_calls: Option<&'a Value>,
+}
+
+impl Choice<'_> {
+    /// The OpenAI finish reason.
+    fn finish_reason(&self) -> Option<&'static str> {
+        match (self.finish, self.tool_calls) {
+            (Some(Finish::Stop), Some(_)) => Some("tool_calls"),
+            (f, _) => f.map(finish_reason),
+        }
+    }
 }
 
 #[derive(Serialize)]
 struct ChatMessageOut<'a> {
     role: &'static str,
-    content: &'a str,
+    content: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tool_calls: Option<&'a Value>,
 }
 
 #[derive(Serialize)]
@@ -945,10 +1131,11 @@ pub fn chat_completion(meta: &Meta, choices: &[Choice<'_>], usage: Usage) -> Str
                 index: c.index,
                 message: ChatMessageOut {
                     role: "assistant",
-                    content: c.text,
+                    content: c.tool_calls.is_none().then_some(c.text),
+                    tool_calls: c.tool_calls,
                 },
                 logprobs: c.logprobs,
-                finish_reason: c.finish.map(finish_reason),
+                finish_reason: c.finish_reason(),
             })
             .collect(),
         usage,
@@ -961,6 +1148,8 @@ struct Delta<'a> {
     role: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     content: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tool_calls: Option<&'a Value>,
 }
 
 #[derive(Serialize)]
@@ -1005,6 +1194,7 @@ pub fn chat_chunk(meta: &Meta, piece: ChatPiece<'_>, include_usage: bool) -> Str
                 delta: Delta {
                     role: Some("assistant"),
                     content: Some(""),
+                    tool_calls: None,
                 },
                 logprobs: None,
                 finish_reason: None,
@@ -1016,11 +1206,13 @@ pub fn chat_chunk(meta: &Meta, piece: ChatPiece<'_>, include_usage: bool) -> Str
                 index: c.index,
                 delta: Delta {
                     role: None,
-                    // The finish chunk has an empty delta.
-                    content: (c.finish.is_none() || !c.text.is_empty()).then_some(c.text),
+                    // The finish chunk has an empty delta (or the whole tool calls).
+                    content: (c.tool_calls.is_none() && (c.finish.is_none() || !c.text.is_empty()))
+                        .then_some(c.text),
+                    tool_calls: c.tool_calls,
                 },
                 logprobs: c.logprobs,
-                finish_reason: c.finish.map(finish_reason),
+                finish_reason: c.finish_reason(),
             }],
             None,
         ),
@@ -1086,7 +1278,7 @@ fn text_completion(meta: &Meta, choices: &[Choice<'_>], usage: Option<Option<Usa
                 text: c.text,
                 index: c.index,
                 logprobs: c.logprobs,
-                finish_reason: c.finish.map(finish_reason),
+                finish_reason: c.finish_reason(),
             })
             .collect(),
         usage,
@@ -1110,6 +1302,7 @@ mod tests {
         let m = [Message {
             role: Role::User,
             content: " Hi\n\n\nthere \r\n".into(),
+            tool_calls: Vec::new(),
         }];
         assert_eq!(chat_segments(&m).concat(), chat_turn(" Hi\n\n\nthere \r\n"));
     }
@@ -1120,18 +1313,22 @@ mod tests {
             Message {
                 role: Role::System,
                 content: "Be brief.".into(),
+                tool_calls: Vec::new(),
             },
             Message {
                 role: Role::User,
                 content: "Hi".into(),
+                tool_calls: Vec::new(),
             },
             Message {
                 role: Role::Assistant,
                 content: "Hello!".into(),
+                tool_calls: Vec::new(),
             },
             Message {
                 role: Role::User,
                 content: "Bye".into(),
+                tool_calls: Vec::new(),
             },
         ];
         assert_eq!(
@@ -1235,6 +1432,7 @@ mod tests {
             text: "",
             finish: Some(Finish::Stop),
             logprobs: None,
+            tool_calls: None,
         };
         let v: Value =
             serde_json::from_str(&chat_chunk(&meta, ChatPiece::Text(last), true)).unwrap();

@@ -21,6 +21,8 @@ pub enum Constraint {
     Lark(String),
     /// A regular expression (`grammar: {"type": "regex", "regex": …}`).
     Regex(String),
+    /// The Lark grammar of a reply to a request with `tools` ([`crate::tools::grammar`]).
+    Tools(String),
 }
 
 /// The grammar compiler for one model's vocabulary, made once at start-up.
@@ -62,7 +64,7 @@ impl Grammars {
                 TopLevelGrammar::from_json_schema(compact(serde_json::json!({"type": "object"})))
             }
             Constraint::JsonSchema(s) => TopLevelGrammar::from_json_schema(compact(s.clone())),
-            Constraint::Lark(g) => TopLevelGrammar::from_lark(g.clone()),
+            Constraint::Lark(g) | Constraint::Tools(g) => TopLevelGrammar::from_lark(g.clone()),
             Constraint::Regex(r) => TopLevelGrammar::from_regex(r),
         };
         let parser = self
@@ -80,7 +82,7 @@ impl Grammars {
 /// A schema laid out as `json.dumps` writes JSON (`", "` between items, `": "` after keys, no
 /// other whitespace) unless it says otherwise in its own `x-guidance`: with any whitespace
 /// allowed, a model that likes blank lines can fill its whole reply with them.
-fn compact(schema: serde_json::Value) -> serde_json::Value {
+pub(crate) fn compact(schema: serde_json::Value) -> serde_json::Value {
     let mut schema = match schema {
         serde_json::Value::Bool(true) => serde_json::json!({}),
         s => s,

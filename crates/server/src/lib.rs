@@ -17,6 +17,7 @@ pub mod cache;
 pub mod engine;
 pub mod grammar;
 pub mod metrics;
+pub mod tools;
 
 use api::{ApiError, ChatPiece, Choice, LogprobEntry, Meta, Params, Prompt, TokenText, Usage};
 use axum::body::{Body, Bytes};
@@ -594,14 +595,24 @@ async fn completions_inner(app: App, headers: HeaderMap, body: Body) -> Result<R
         logprobs: req.params.logprobs.is_some(),
         echo: req.echo,
         prompts,
+        tools: false,
     };
     respond(app, jobs, req.params, plan).await
 }
 
 async fn chat_inner(app: App, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
     let body = read_body(&headers, body).await?;
-    let req = api::parse_chat(&body)?;
-    let (prompt, ends) = tokenize(&app, api::chat_segments(&req.messages)).await?;
+    let mut req = api::parse_chat(&body)?;
+    let mut segments = api::chat_segments(&req.messages);
+    let tools = match tools::grammar(&req.tools, &req.tool_choice, req.parallel_tool_calls) {
+        Some(g) if !req.tools.is_empty() => {
+            segments.insert(0, tools::system_text(&req.tools));
+            req.params.constraint = Some(grammar::Constraint::Tools(g));
+            true
+        }
+        _ => false,
+    };
+    let (prompt, ends) = tokenize(&app, segments).await?;
     // A reply ends where the model starts a new paragraph or a new turn.
     let job = app.job(
         prompt,
@@ -617,6 +628,7 @@ async fn chat_inner(app: App, headers: HeaderMap, body: Body) -> Result<Response
         logprobs: req.params.logprobs.is_some(),
         echo: false,
         prompts: Vec::new(),
+        tools,
     };
     respond(app, vec![job], req.params, plan).await
 }
@@ -893,8 +905,10 @@ impl App {
             }
         };
         let mut stop = p.stop.clone();
-        // A grammar ends a reply itself (a blank line may be part of what it allows).
-        let extra_stops = if grammar.is_some() { &[] } else { extra_stops };
+        // A grammar ends a reply itself (a blank line may be part of what it allows); a tool
+        // call has none, and a text reply beside it ends as any chat reply does.
+        let keep = matches!(p.constraint, None | Some(grammar::Constraint::Tools(_)));
+        let extra_stops = if keep { extra_stops } else { &[] };
         for x in extra_stops {
             if !stop.iter().any(|s| s == x) {
                 stop.push(x.to_string());
@@ -1022,6 +1036,9 @@ struct Plan {
     echo: bool,
     /// The completions' prompts, by job.
     prompts: Vec<EchoPrompt>,
+    /// The request offers tools: a reply that starts with a call is held back and answered
+    /// as `tool_calls`.
+    tools: bool,
 }
 
 /// One choice as it is assembled.
@@ -1036,6 +1053,8 @@ struct ChoiceState {
     /// Characters sent so far (the next `text_offset`, streaming).
     offset: usize,
     finish: Option<Finish>,
+    /// The reply is a tool call (its text is held until it is complete).
+    call: bool,
 }
 
 /// Queues the jobs and answers: one JSON body, or a stream of server-sent events.
@@ -1154,10 +1173,14 @@ impl Sse {
         match ev {
             Event::Text { choice, text } => {
                 let c = self.choices.get_mut(choice)?;
+                let was_started = c.started;
                 let t = match self.plan.kind {
                     Kind::Chat => trim_reply_start(&text, &mut c.started),
                     Kind::Completion => &text,
                 };
+                if self.plan.tools && !was_started && t.starts_with('<') {
+                    c.call = true;
+                }
                 c.text.push_str(t);
                 Some(Step::More(choice))
             }
@@ -1214,6 +1237,33 @@ impl Sse {
         }
     }
 
+    /// The `tool_calls` of choice `i` when its reply is a complete call (with `index`es, as
+    /// stream chunks carry them).
+    fn tool_calls(&self, i: usize, indexed: bool) -> Option<serde_json::Value> {
+        let c = &self.choices[i];
+        if !c.call || c.finish != Some(Finish::Stop) {
+            return None;
+        }
+        let calls = tools::parse_calls(&c.text)?;
+        Some(
+            calls
+                .into_iter()
+                .enumerate()
+                .map(|(k, call)| {
+                    let mut v = serde_json::json!({
+                        "id": new_id("call"),
+                        "type": "function",
+                        "function": {"name": call.name, "arguments": call.arguments},
+                    });
+                    if indexed {
+                        v["index"] = serde_json::json!(k);
+                    }
+                    v
+                })
+                .collect(),
+        )
+    }
+
     /// The `logprobs` object of choice `i`'s pending entries (which it takes).
     fn logprobs(&mut self, i: usize) -> Option<serde_json::Value> {
         if !self.plan.logprobs {
@@ -1238,6 +1288,24 @@ impl Sse {
     /// reason, once it has one).
     fn flush(&mut self, i: usize) {
         let finish = self.choices[i].finish;
+        if self.choices[i].call {
+            if finish.is_none() {
+                return;
+            }
+            if let Some(calls) = self.tool_calls(i, true) {
+                let logprobs = self.logprobs(i);
+                let choice = Choice {
+                    index: i,
+                    text: "",
+                    finish,
+                    logprobs: logprobs.as_ref(),
+                    tool_calls: Some(&calls),
+                };
+                let json = api::chat_chunk(&self.meta, ChatPiece::Text(choice), self.include_usage);
+                self.frame(json);
+                return;
+            }
+        }
         let pending = !self.choices[i].text.is_empty() || !self.choices[i].lps.is_empty();
         if !pending && finish.is_none() {
             return;
@@ -1249,6 +1317,7 @@ impl Sse {
             text: &text,
             finish,
             logprobs: logprobs.as_ref(),
+            tool_calls: None,
         };
         let json = match self.plan.kind {
             Kind::Chat => api::chat_chunk(&self.meta, ChatPiece::Text(choice), self.include_usage),
@@ -1320,16 +1389,21 @@ async fn whole(mut s: Sse) -> Response {
     }
     let logprobs: Vec<Option<serde_json::Value>> =
         (0..s.choices.len()).map(|i| s.logprobs(i)).collect();
+    let calls: Vec<Option<serde_json::Value>> = (0..s.choices.len())
+        .map(|i| s.tool_calls(i, false))
+        .collect();
     let choices: Vec<Choice<'_>> = s
         .choices
         .iter()
         .zip(&logprobs)
+        .zip(&calls)
         .enumerate()
-        .map(|(index, (c, lp))| Choice {
+        .map(|(index, ((c, lp), calls))| Choice {
             index,
-            text: &c.text,
+            text: if calls.is_some() { "" } else { &c.text },
             finish: c.finish,
             logprobs: lp.as_ref(),
+            tool_calls: calls.as_ref(),
         })
         .collect();
     let body = match s.plan.kind {
