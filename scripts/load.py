@@ -110,7 +110,9 @@ class Client:
                 for ch in ev.get("choices", []):
                     text = ch.get("text")
                     if text is None:
-                        text = (ch.get("delta") or {}).get("content")
+                        delta = ch.get("delta") or {}
+                        # A tool call arrives whole, in one delta.
+                        text = delta.get("content") or delta.get("tool_calls")
                     if text:
                         now = time.monotonic()
                         if last is None:
@@ -143,8 +145,37 @@ class Budget:
             return True
 
 
-def closed_loop(client, budget, tag, clients, seconds, max_tokens, prompt_words):
-    """`clients` threads, each sending streaming completions back to back for `seconds`.
+SCHEMA = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 24},
+                                          "lines": {"type": "array", "items": {"type": "string"},
+                                                    "maxItems": 4}},
+          "required": ["name", "lines"], "additionalProperties": False}
+TOOLS = [{"type": "function", "function": {
+    "name": "search", "description": "Search the plays.",
+    "parameters": {"type": "object", "properties": {"query": {"type": "string", "maxLength": 40}},
+                   "required": ["query"], "additionalProperties": False}}}]
+
+
+def mixed_request(k, text, max_tokens):
+    """The k-th request of a mixed client: plain completion, JSON-schema chat, a required tool
+    call, chat with log-probabilities, in turn."""
+    chat = {"messages": [{"role": "user", "content": text}], "max_tokens": max_tokens,
+            "temperature": 1.0, "top_p": 0.9}
+    kind = k % 4
+    if kind == 0:
+        return "/v1/completions", {"prompt": text, "max_tokens": max_tokens, "temperature": 1.0,
+                                   "top_p": 0.9}
+    if kind == 1:
+        return "/v1/chat/completions", dict(chat, response_format={
+            "type": "json_schema", "json_schema": {"name": "speech", "schema": SCHEMA}})
+    if kind == 2:
+        return "/v1/chat/completions", dict(chat, tools=TOOLS, tool_choice="required",
+                                            parallel_tool_calls=False)
+    return "/v1/chat/completions", dict(chat, logprobs=True, top_logprobs=5)
+
+
+def closed_loop(client, budget, tag, clients, seconds, max_tokens, prompt_words, mix=False):
+    """`clients` threads, each sending streaming completions back to back for `seconds`
+    (with `mix`, the four kinds of `mixed_request` in turn).
 
     Prompts are random and tagged with the phase and client, so that no phase finds another's
     prompts in the prefix cache."""
@@ -154,11 +185,17 @@ def closed_loop(client, budget, tag, clients, seconds, max_tokens, prompt_words)
 
     def worker(i):
         rnd = random.Random(f"{tag}-{i}")
+        k = i
         while time.monotonic() < deadline and budget.take():
             prompt = " ".join(rnd.choice(words) for _ in range(prompt_words))
-            body = {"prompt": f"[{tag} {i}] {prompt}", "max_tokens": max_tokens, "temperature": 1.0,
-                    "top_p": 0.9}
-            r = client.stream("/v1/completions", body)
+            text = f"[{tag} {i}] {prompt}"
+            if mix:
+                path, body = mixed_request(k, text, max_tokens)
+                k += 1
+            else:
+                path, body = "/v1/completions", {"prompt": text, "max_tokens": max_tokens,
+                                                 "temperature": 1.0, "top_p": 0.9}
+            r = client.stream(path, body)
             with lock:
                 results.append(r)
 
@@ -266,7 +303,9 @@ def main():
     ap.add_argument("--system-tokens", type=int, default=2000)
     ap.add_argument("--cache-rounds", type=int, default=5)
     ap.add_argument("--timeout", type=float, default=120.0, help="socket timeout per request")
-    ap.add_argument("--skip", default="", help="comma-separated phases to skip: load,compare,cache")
+    ap.add_argument("--skip", default="", help="comma-separated phases to skip: load,compare,cache,mix")
+    ap.add_argument("--mix", action="store_true",
+                    help="after phase 1, the same load mixing plain, JSON-schema, tool and logprobs requests")
     ap.add_argument("--json", help="also write the figures to this file")
     a = ap.parse_args()
     host = loopback_only(a.host)
@@ -282,6 +321,10 @@ def main():
     if "load" not in skip:
         out["load"] = closed_loop(client, budget, "load", a.clients, a.duration, a.max_tokens, a.prompt_words)
         report_loop("load", out["load"])
+    if a.mix and "mix" not in skip:
+        out["mix"] = closed_loop(client, budget, "mix", a.clients, a.duration, a.max_tokens,
+                                 a.prompt_words, mix=True)
+        report_loop("mixed load (plain, json_schema, tools, logprobs)", out["mix"])
     if "compare" not in skip:
         d = a.compare_duration or max(1.0, a.duration / 3)
         one = closed_loop(client, budget, "one", 1, d, a.max_tokens, a.prompt_words)
@@ -300,7 +343,8 @@ def main():
     if a.json:
         with open(a.json, "w") as f:
             json.dump(out, f, indent=1)
-    errors = sum(p.get("errors", 0) for p in (out.get("load", {}), out.get("cache", {})))
+    errors = sum(p.get("errors", 0) for p in (out.get("load", {}), out.get("mix", {}),
+                                                out.get("cache", {})))
     errors += sum(out["compare"][k]["errors"] for k in ("one", "eight")) if "compare" in out else 0
     return 1 if errors else 0
 
