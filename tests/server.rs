@@ -1439,15 +1439,19 @@ fn a_named_state_is_the_prompt_it_was_made_from() {
         &completion(&format!("{persona}User: Hi"), greedy.clone()),
     );
     assert_eq!(text_of(&a), text_of(&b));
-    // The cache keeps prompts read from the state apart from the same prompt without it.
+    // The cache keeps prompts read from the state apart from the same prompt without it: after
+    // the plain prompt, the prompt from the state still hits its own entry.
     let (_, plain) = s.post("/v1/completions", &completion("User: Hi", greedy));
+    assert_eq!(
+        plain["usage"]["prompt_tokens_details"]["cached_tokens"], 0,
+        "{plain}"
+    );
     let (_, again) = s.post("/v1/completions", &completion("User: Hi", with_state));
     assert_eq!(text_of(&again), text_of(&a));
     assert_eq!(
         again["usage"]["prompt_tokens_details"]["cached_tokens"],
         "User: Hi".len()
     );
-    let _ = plain;
     let (st, v) = s.post(
         "/v1/chat/completions",
         &chat(&[("user", "x")], json!({"state": "nobody"})),

@@ -5,8 +5,8 @@
 //! follows RWKV-LM (`RWKV-v7/train_temp/src/model.py`, `RWKV-v4neo/src/model.py`) with the
 //! element-wise chains and the WKV scans fused into the ops of [`ops`].
 //!
-//! It is the reference the hand-written passes are tested against, and the engine of RWKV-4
-//! training (which has no hand-written pass yet).
+//! It is the gradient oracle the hand-written passes (`v4/`, `v7/`) are tested against, built
+//! only with the `graph` feature (the tests'); training never runs it.
 
 pub mod ops;
 

@@ -1,14 +1,12 @@
 //! RWKV-7 training without a graph: one hand-written forward and backward pass over a shard of
 //! windows, with every buffer allocated once and reused from step to step.
 //!
-//! The candle model ([`super::TrainModel`]) builds an autograd graph of about thirty ops per
-//! block; on the small shapes training runs at (a few hundred rows of width 128) each op's
-//! fresh buffers, zero-filling and bookkeeping cost more than its arithmetic. This pass does the
-//! same computation as `TrainModel::loss` followed by `backward` (the same formulas, the same
-//! WKV kernels of [`super::ops`]), in place: the matrix products go straight to `gemm` with
-//! strides instead of transposed copies, the element-wise chains are single loops, and the
-//! activations the backward pass needs are kept in a [`Work`] that lives as long as the trainer.
-//! `tests::matches_the_graph` checks every gradient against the candle model's.
+//! It does the computation of the candle graph (`graph/`, the tests' oracle) — `TrainModel::loss`
+//! followed by `backward`, the same formulas — in place: the matrix products go straight to
+//! `gemm` with strides instead of transposed copies (`pass/products.rs`), the element-wise
+//! chains are single loops (`pass/kernels.rs`), the WKV scan is `scan.rs`, and the activations
+//! the backward pass needs are kept in a [`Work`] that lives as long as the trainer.
+//! `tests::matches_the_graph` checks every gradient against the graph's.
 
 // Index loops over several parallel per-channel arrays read more clearly than zipped iterators.
 #![allow(clippy::needless_range_loop)]

@@ -1,5 +1,5 @@
-//! The RWKV-7 WKV scan of the hand-written training pass ([`super::fused`]): the same
-//! computation and backward pass as [`super::ops::Wkv7`], restructured for speed.
+//! The RWKV-7 WKV scan of the hand-written training pass ([`super`]): the same computation and
+//! backward pass as the graph's `ops::Wkv7`, restructured for speed.
 //!
 //! - The per-token quantities (`kk = normalize(k·k_k)`, `kk·a`, the modified key, the decay)
 //!   are computed for every row in one vectorised pass before the scan, and their gradients in
