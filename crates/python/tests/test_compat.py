@@ -55,7 +55,7 @@ def test_official_state_list_is_accepted(generation):
 
 
 def test_strategies():
-    assert strategy_format("cpu fp32") == "f32"
+    assert strategy_format("cpu fp32") is None, "as stored: bf16 and f16 widen exactly"
     assert strategy_format("cpu bf16") == "bf16"
     assert strategy_format("cpu fp32i8 *10 -> cpu fp32") == "int8"
     for bad in ["cuda fp16", "cpu", "cpu fp8", ""]:
@@ -79,3 +79,14 @@ def test_pipeline_world_tokenizer_and_seeded_sampling():
     a, _ = model.forward([10], state)
     b, _ = model.forward([10], kept)
     np.testing.assert_array_equal(a, b)
+
+
+def test_tokens_as_int_list_or_array():
+    model = RWKV(model=str(FIXTURES / "v7" / "model.pth"), strategy="cpu fp32", verbose=False)
+    a, _ = model.forward(5, None)
+    b, _ = model.forward([5], None)
+    c, _ = model.forward(np.array([5], dtype=np.int64), None)
+    np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(a, c)
+    with pytest.raises(TypeError):
+        model.forward("5", None)

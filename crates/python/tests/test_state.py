@@ -63,3 +63,27 @@ def test_same_state_twice_in_a_batch(model):
     state = model.new_state()
     with pytest.raises(ValueError, match=r"states\[1\]"):
         model.forward_batch([[1], [2]], [state, state])
+
+
+def test_the_gil_is_released_while_computing(model):
+    """Another Python thread runs while `forward` computes."""
+    import threading
+    import time
+
+    tokens = list(range(1, 300)) * 60
+    ticks, window, done = [], [], threading.Event()
+
+    def tick():
+        while not done.is_set():
+            ticks.append(time.perf_counter())
+
+    t = threading.Thread(target=tick)
+    t.start()
+    time.sleep(0.01)
+    start = time.perf_counter()
+    model.forward(tokens, None)
+    window = (start, time.perf_counter())
+    done.set()
+    t.join()
+    inside = sum(window[0] < x < window[1] for x in ticks)
+    assert inside > 100, f"the other thread ran {inside} times during forward"

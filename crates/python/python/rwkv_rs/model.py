@@ -18,8 +18,11 @@ import numpy as np
 from ._native import Model, State
 
 # The official strategy's data types, by the weight format this engine converts to at load.
+# `fp32` keeps the weights as stored: the kernels widen bf16 and f16 to f32 exactly, so the
+# numbers are those of the official package's f32 copy, without the copy (or its memory
+# traffic per token).
 _FORMATS = {
-    "fp32": "f32",
+    "fp32": None,
     "fp16": "f16",
     "bf16": "bf16",
     "fp32i8": "int8",
@@ -32,8 +35,8 @@ _VERSIONS = {"v4": 4, "v5.2": 5.2, "v6.0": 6.0, "v7": 7}
 
 def strategy_format(strategy):
     """The weight format of an official strategy string (`"cpu fp32"`, `"cpu bf16"`,
-    `"cpu fp32i8"`, ...): the first layer group's type. A device other than `cpu` is a
-    `ValueError`: this engine runs on the CPU."""
+    `"cpu fp32i8"`, ...): the first layer group's type, `None` (as stored) for `fp32`. A device
+    other than `cpu` is a `ValueError`: this engine runs on the CPU."""
     groups = [g.strip() for g in str(strategy).split("->") if g.strip()]
     if not groups:
         raise ValueError(f"strategy {strategy!r}: empty (expected e.g. 'cpu fp32')")
@@ -99,6 +102,8 @@ class RWKV:
         in place and returned, an official state list is read into a new `State`."""
         if state is not None and not isinstance(state, State):
             state = State.from_list(self._model, [_as_float32(t) for t in state])
-        return self._model.forward(list(tokens), state, full_output)
+        # The official package takes one token as an int, several as a list.
+        tokens = [tokens] if isinstance(tokens, int) else list(tokens)
+        return self._model.forward(tokens, state, full_output)
 
     __call__ = forward
