@@ -6,3 +6,5 @@
 pub use rwkv_core::*;
 pub use rwkv_server as server;
 pub use rwkv_train as train;
+
+pub mod fuzz;

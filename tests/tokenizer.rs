@@ -486,3 +486,18 @@ fn sha256_known_answer() {
         "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
     );
 }
+
+/// A syntax error inside the "decoder" value made the `tokenizers` crate panic (found by the
+/// `tokenizer_json` fuzz target); it is an error naming the file.
+#[test]
+fn tokenizer_json_with_a_broken_decoder_is_an_error() {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/fuzz/corpus/tokenizer_json/crash-decoder-syntax-error.json"
+    );
+    let err = rwkv::tokenizer::load(path).err().expect("an error");
+    assert!(
+        err.to_string().contains("not a valid tokenizer.json"),
+        "{err}"
+    );
+}

@@ -200,16 +200,22 @@ impl TrainConfig {
     /// Reads a TOML config file.
     pub fn from_toml(path: &Path) -> Result<TrainConfig> {
         let s = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        toml::from_str(&s).map_err(|e| {
+        Self::from_toml_str(&s, &path.display().to_string())
+    }
+
+    /// Parses the text of a TOML config; `what` names it in messages.
+    pub fn from_toml_str(text: &str, what: &str) -> Result<TrainConfig> {
+        toml::from_str(text).map_err(|e| {
             Error::bad(format!(
-                "{}: {}",
-                path.display(),
+                "{what}: {}",
                 e.to_string().lines().collect::<Vec<_>>().join(" ")
             ))
         })
     }
 
-    fn check(&self) -> Result<()> {
+    /// Errors on a setting no run can use (a zero size, a width the heads do not divide, a
+    /// learning rate that is not a positive number, ...).
+    pub fn check(&self) -> Result<()> {
         let pos = [
             ("layers", self.layers as u64),
             ("dim", self.dim as u64),

@@ -110,15 +110,15 @@ impl Checkpoint {
         Self::index(path.to_path_buf(), Bytes::Map(map))
     }
 
-    /// A checkpoint over safetensors bytes made in memory (a trainer's current weights, say);
-    /// `name` stands for the file in messages.
-    pub fn from_safetensors_bytes(name: impl Into<PathBuf>, bytes: Vec<u8>) -> Result<Self> {
+    /// A checkpoint over the bytes of a `.safetensors` or `.pth` file held in memory (a
+    /// trainer's current weights, say); `name` stands for the file in messages.
+    pub fn from_bytes(name: impl Into<PathBuf>, bytes: Vec<u8>) -> Result<Self> {
         Self::index(name.into(), Bytes::Owned(bytes))
     }
 
-    /// A checkpoint holding `tensors`, in memory (see [`Checkpoint::from_safetensors_bytes`]).
+    /// A checkpoint holding `tensors`, in memory (see [`Checkpoint::from_bytes`]).
     pub fn from_tensors(name: impl Into<PathBuf>, tensors: &[OutTensor<'_>]) -> Result<Self> {
-        Self::from_safetensors_bytes(name, safetensors_bytes(tensors, &BTreeMap::new())?)
+        Self::from_bytes(name, safetensors_bytes(tensors, &BTreeMap::new())?)
     }
 
     fn index(path: PathBuf, map: Bytes) -> Result<Self> {

@@ -250,9 +250,12 @@ impl State {
     /// Loads a state saved by [`State::save`] (or any file with `state.{j}` tensors of the
     /// right shapes, such as the output of `rwkv logits`) for a model with `info`.
     pub fn load(path: impl AsRef<Path>, info: &ModelInfo) -> Result<State> {
-        let path = path.as_ref();
-        let what = path.display();
-        let ck = Checkpoint::open(path)?;
+        Self::from_checkpoint(&Checkpoint::open(path)?, info)
+    }
+
+    /// Reads a state from an opened checkpoint (see [`State::load`]).
+    pub fn from_checkpoint(ck: &Checkpoint, info: &ModelInfo) -> Result<State> {
+        let what = ck.path().display();
         let md = ck.metadata();
         if let Some(g) = md.get("generation") {
             if g != info.generation.name() {

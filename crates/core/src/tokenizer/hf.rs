@@ -35,8 +35,16 @@ impl HfTokenizer {
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
         let json = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-        let name = path.display().to_string();
-        let inner = tokenizers::Tokenizer::from_bytes(&json).map_err(|e| {
+        Self::from_bytes(&json, path.display().to_string())
+    }
+
+    /// Parses the bytes of a `tokenizer.json`; `name` identifies it in messages.
+    pub fn from_bytes(json: &[u8], name: String) -> Result<Self> {
+        // `tokenizers` panics (an `expect` in its decoder's deserializer) on a syntax error
+        // inside the "decoder" value: the JSON is checked whole first.
+        serde_json::from_slice::<serde::de::IgnoredAny>(json)
+            .map_err(|e| Error::bad(format!("{name}: not a valid tokenizer.json: {e}")))?;
+        let inner = tokenizers::Tokenizer::from_bytes(json).map_err(|e| {
             Error::bad(format!(
                 "{name}: not a valid tokenizer.json: {}",
                 one_line(&e.to_string())
