@@ -487,17 +487,31 @@ fn sha256_known_answer() {
     );
 }
 
-/// A syntax error inside the "decoder" value made the `tokenizers` crate panic (found by the
-/// `tokenizer_json` fuzz target); it is an error naming the file.
+/// A syntax error or invalid UTF-8 inside the "decoder" value made the `tokenizers` crate
+/// panic (found by the `tokenizer_json` fuzz target); each is an error naming the file.
 #[test]
 fn tokenizer_json_with_a_broken_decoder_is_an_error() {
+    for name in ["syntax-error", "invalid-utf8"] {
+        let path = format!(
+            "{}/fuzz/corpus/tokenizer_json/crash-decoder-{name}.json",
+            env!("CARGO_MANIFEST_DIR")
+        );
+        let err = rwkv::tokenizer::load(&path).err().expect("an error");
+        assert!(
+            err.to_string().contains("not a valid tokenizer.json"),
+            "{err}"
+        );
+    }
+}
+
+/// A vocab file of a few lines whose token id is 655 million asked for 2.6 GB of id tables
+/// (found by the `world_vocab` fuzz target): the id is refused by its line.
+#[test]
+fn world_vocab_with_a_huge_token_id_is_an_error() {
     let path = concat!(
         env!("CARGO_MANIFEST_DIR"),
-        "/fuzz/corpus/tokenizer_json/crash-decoder-syntax-error.json"
+        "/fuzz/corpus/world_vocab/oom-huge-token-id.txt"
     );
     let err = rwkv::tokenizer::load(path).err().expect("an error");
-    assert!(
-        err.to_string().contains("not a valid tokenizer.json"),
-        "{err}"
-    );
+    assert!(err.to_string().contains("is too large"), "{err}");
 }

@@ -900,6 +900,8 @@ pub fn train(mut cfg: TrainConfig, resume: bool, stop_at: Option<u64>) -> Result
     cfg.lr_final = Some(cfg.lr_final());
     let dir = RunDir(cfg.out.clone());
     std::fs::create_dir_all(&dir.0).map_err(|e| Error::io(&dir.0, e))?;
+    // Checkpoint writes a kill interrupted leave temporary files beside whole checkpoints.
+    rwkv_core::checkpoint::remove_stale_temporaries(&dir.0);
     let vocab = vocab_for(&cfg.tokenizer)?;
     let corpus = corpus(&cfg, vocab)?;
     let mut t = if resume {

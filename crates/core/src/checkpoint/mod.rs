@@ -580,6 +580,32 @@ fn safetensors_header(
     Ok(h)
 }
 
+/// What [`write_atomic`]'s temporary names hold between `.NAME` and the writer's process id.
+const TEMP_MARK: &str = ".tmp";
+
+/// Removes the temporary files [`write_atomic`] left in `dir` when its process was killed
+/// mid-write (`.NAME.tmpPID` of another process); returns how many. The files they were to
+/// replace are whole: a write only ever replaces its target by a rename.
+pub fn remove_stale_temporaries(dir: &Path) -> usize {
+    let own = format!("{TEMP_MARK}{}", std::process::id());
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    let mut removed = 0;
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let stale = name.starts_with('.')
+            && name
+                .rsplit_once(TEMP_MARK)
+                .is_some_and(|(_, pid)| !pid.is_empty() && pid.bytes().all(|c| c.is_ascii_digit()))
+            && !name.ends_with(&own);
+        if stale && std::fs::remove_file(e.path()).is_ok() {
+            removed += 1;
+        }
+    }
+    removed
+}
+
 /// Writes a file through `f` to a temporary name in the same directory, syncs it, and renames
 /// it over `path`.
 pub fn write_atomic(
@@ -594,7 +620,7 @@ pub fn write_atomic(
         .file_name()
         .ok_or_else(|| Error::bad(format!("{}: not a file name", path.display())))?;
     let tmp = dir.join(format!(
-        ".{}.tmp{}",
+        ".{}{TEMP_MARK}{}",
         fname.to_string_lossy(),
         std::process::id()
     ));
@@ -614,4 +640,33 @@ pub fn write_atomic(
         let _ = std::fs::remove_file(&tmp);
         Error::io(path, e)
     })
+}
+
+#[cfg(test)]
+mod temporaries {
+    use super::*;
+
+    #[test]
+    fn only_other_processes_temporaries_are_removed() {
+        let dir = std::env::temp_dir().join(format!("rwkv-stale-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let own = format!(".b.safetensors{TEMP_MARK}{}", std::process::id());
+        let names = [
+            ".state.safetensors.tmp12345",
+            own.as_str(),
+            "model.safetensors",
+            ".hidden",
+            "notes.tmp7",
+            ".x.tmpabc",
+        ];
+        for n in names {
+            std::fs::write(dir.join(n), b"x").unwrap();
+        }
+        assert_eq!(remove_stale_temporaries(&dir), 1);
+        for n in &names[1..] {
+            assert!(dir.join(n).exists(), "{n} was removed");
+        }
+        assert!(!dir.join(names[0]).exists());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

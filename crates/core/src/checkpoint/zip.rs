@@ -17,15 +17,18 @@ pub struct Entry {
     pub len: usize,
 }
 
+/// `n` bytes at `at`, if the file has them (`at` may be any offset a file claims).
+fn bytes_at(b: &[u8], at: usize, n: usize) -> Option<&[u8]> {
+    b.get(at..at.checked_add(n)?)
+}
 fn u16_at(b: &[u8], at: usize) -> Option<u16> {
-    b.get(at..at + 2).map(|s| u16::from_le_bytes([s[0], s[1]]))
+    bytes_at(b, at, 2).map(|s| u16::from_le_bytes([s[0], s[1]]))
 }
 fn u32_at(b: &[u8], at: usize) -> Option<u32> {
-    b.get(at..at + 4)
-        .map(|s| u32::from_le_bytes([s[0], s[1], s[2], s[3]]))
+    bytes_at(b, at, 4).map(|s| u32::from_le_bytes([s[0], s[1], s[2], s[3]]))
 }
 fn u64_at(b: &[u8], at: usize) -> Option<u64> {
-    b.get(at..at + 8).map(|s| {
+    bytes_at(b, at, 8).map(|s| {
         let mut a = [0u8; 8];
         a.copy_from_slice(s);
         u64::from_le_bytes(a)

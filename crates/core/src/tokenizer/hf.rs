@@ -41,8 +41,9 @@ impl HfTokenizer {
     /// Parses the bytes of a `tokenizer.json`; `name` identifies it in messages.
     pub fn from_bytes(json: &[u8], name: String) -> Result<Self> {
         // `tokenizers` panics (an `expect` in its decoder's deserializer) on a syntax error
-        // inside the "decoder" value: the JSON is checked whole first.
-        serde_json::from_slice::<serde::de::IgnoredAny>(json)
+        // inside the "decoder" value: the JSON is checked whole first, into values (invalid
+        // UTF-8 in a string is such an error, which merely skipping the value does not see).
+        serde_json::from_slice::<serde_json::Value>(json)
             .map_err(|e| Error::bad(format!("{name}: not a valid tokenizer.json: {e}")))?;
         let inner = tokenizers::Tokenizer::from_bytes(json).map_err(|e| {
             Error::bad(format!(

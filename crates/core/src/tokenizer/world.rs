@@ -100,6 +100,9 @@ impl Tokenizer for WorldTokenizer {
     }
 }
 
+/// The largest token id a vocab file may use (16 times the World vocabulary's).
+const MAX_TOKEN_ID: u32 = (1 << 20) - 1;
+
 /// A parsed vocab: the token table plus a byte trie for encoding.
 #[derive(Debug)]
 struct Vocab {
@@ -129,8 +132,12 @@ impl Vocab {
             let id: u32 = line[..first]
                 .parse()
                 .map_err(|_| bad(&format!("bad token id {:?}", &line[..first])))?;
-            if id == u32::MAX {
-                return Err(bad("token id too large"));
+            // The id tables are as long as the largest id: a few bytes of file must not
+            // claim gigabytes of them.
+            if id > MAX_TOKEN_ID {
+                return Err(bad(&format!(
+                    "token id {id} is too large (at most {MAX_TOKEN_ID})"
+                )));
             }
             let len: usize = line[last + 1..]
                 .parse()
