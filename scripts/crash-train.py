@@ -15,10 +15,12 @@ Exit status 0 when every check holds.
 
 import argparse
 import glob
+import json
 import os
 import random
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -35,7 +37,21 @@ def train(rwkv, out, resume, **kw):
 
 
 def temp_files(out):
-    return glob.glob(os.path.join(out, ".*.tmp*"))
+    """The temporary files of checkpoint writes (weights or training state) in `out`."""
+    return glob.glob(os.path.join(out, ".*.safetensors.tmp*"))
+
+
+def safetensors_parts(path, run_dir):
+    """A safetensors file's metadata (the run directory's name taken out) and tensor bytes."""
+    with open(path, "rb") as f:
+        data = f.read()
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + n])
+    meta = {k: v.replace(run_dir, "RUN") for k, v in header.pop("__metadata__", {}).items()}
+    body = data[8 + n:]
+    tensors = {k: (v["dtype"], v["shape"], body[v["data_offsets"][0]:v["data_offsets"][1]])
+               for k, v in header.items()}
+    return meta, tensors
 
 
 def killed_runs(rwkv, out, kills, rng, duration):
@@ -130,12 +146,17 @@ def main():
     out = os.path.join(a.work, "interrupted")
     for line in killed_runs(a.rwkv, out, a.kills, rng, duration):
         print(line)
-    same = True
-    for f in ("model.safetensors", "state.safetensors"):
-        with open(os.path.join(ref, f), "rb") as x, open(os.path.join(out, f), "rb") as y:
-            eq = x.read() == y.read()
-        print(f"{f}: {'byte-identical' if eq else 'DIFFERENT'} to the uninterrupted run's")
-        same &= eq
+    with open(os.path.join(ref, "model.safetensors"), "rb") as x, \
+            open(os.path.join(out, "model.safetensors"), "rb") as y:
+        same = x.read() == y.read()
+    print(f"model.safetensors: {'byte-identical' if same else 'DIFFERENT'} to the uninterrupted run's")
+    # The training state records its run's directory in its config: all else must be equal.
+    a_state, b_state = (safetensors_parts(os.path.join(d, "state.safetensors"), d)
+                        for d in (ref, out))
+    eq = a_state == b_state
+    print(f"state.safetensors: {'identical' if eq else 'DIFFERENT'} tensors (weights, AdamW "
+          f"moments) and metadata (step, data order), but for the run directory's name")
+    same &= eq
     leftovers = temp_files(out)
     print(f"temporary files of killed writes left after the last resume: {len(leftovers)}")
     ok = same and not leftovers

@@ -399,11 +399,11 @@ fn parse_tools(f: &Fields<'_>) -> Result<Vec<Tool>, ApiError> {
         };
         tools.push(Tool {
             name: name.to_string(),
-            description: func
-                .get("description")
-                .and_then(Value::as_str)
-                .unwrap_or("")
-                .to_string(),
+            description: match func.get("description") {
+                None | Some(Value::Null) => String::new(),
+                Some(Value::String(d)) => d.clone(),
+                Some(_) => return Err(bad("'function.description' must be a string")),
+            },
             parameters,
         });
     }
@@ -505,6 +505,12 @@ fn normalize(msg: &str) -> String {
 
 fn parse_object(body: &[u8]) -> Result<Map<String, Value>, ApiError> {
     match serde_json::from_slice::<Value>(body) {
+        // `model` is ignored (one model is served) but must still be what it claims to be.
+        Ok(Value::Object(m))
+            if !matches!(m.get("model"), None | Some(Value::Null | Value::String(_))) =>
+        {
+            Err(ApiError::invalid("'model' must be a string", Some("model")))
+        }
         Ok(Value::Object(m)) => Ok(m),
         Ok(_) => Err(ApiError::invalid(
             "the request body must be a JSON object",
@@ -621,8 +627,18 @@ pub fn embeddings(model: &str, vectors: &[Vec<f32>], base64: bool, prompt_tokens
 
 fn token_ids(ids: &[Value]) -> Option<Vec<u32>> {
     ids.iter()
-        .map(|v| v.as_u64().and_then(|x| u32::try_from(x).ok()))
+        .map(|v| as_uint(v).and_then(|x| u32::try_from(x).ok()))
         .collect()
+}
+
+/// A non-negative integer, also when written with a zero fraction (`5.0` is the integer 5 in
+/// JSON Schema, and some clients write numbers so).
+fn as_uint(v: &Value) -> Option<u64> {
+    v.as_u64().or_else(|| {
+        v.as_f64()
+            .filter(|x| x.fract() == 0.0 && (0.0..=u64::MAX as f64).contains(x))
+            .map(|x| x as u64)
+    })
 }
 
 fn parse_message(i: usize, m: &Value) -> Result<Message, ApiError> {
@@ -683,6 +699,13 @@ fn parse_message(i: usize, m: &Value) -> Result<Message, ApiError> {
             ))
         }
     };
+    if !matches!(
+        m.get("tool_call_id"),
+        None | Some(Value::Null | Value::String(_))
+    ) {
+        let p = format!("{param}.tool_call_id");
+        return Err(ApiError::invalid(format!("{p} must be a string"), Some(&p)));
+    }
     let mut tool_calls = Vec::new();
     if let Some(list) = m.get("tool_calls").filter(|v| !v.is_null()) {
         let tparam = format!("{param}.tool_calls");
@@ -765,8 +788,12 @@ fn parse_params(f: &Fields<'_>, max_alias: Option<&str>) -> Result<Params, ApiEr
         None => None,
         // Any integer is a valid seed; negative ones keep their bits.
         Some(v) => Some(
-            v.as_u64()
+            as_uint(v)
                 .or(v.as_i64().map(|x| x as u64))
+                .or(v
+                    .as_f64()
+                    .filter(|x| x.fract() == 0.0 && *x >= i64::MIN as f64)
+                    .map(|x| x as i64 as u64))
                 .ok_or_else(|| ApiError::invalid("'seed' must be an integer", Some("seed")))?,
         ),
     };
@@ -933,7 +960,7 @@ impl Fields<'_> {
     fn uint(&self, k: &str) -> Result<Option<u64>, ApiError> {
         match self.get(k) {
             None => Ok(None),
-            Some(v) => v.as_u64().map(Some).ok_or_else(|| {
+            Some(v) => as_uint(v).map(Some).ok_or_else(|| {
                 ApiError::invalid(format!("'{k}' must be a non-negative integer"), Some(k))
             }),
         }
@@ -1477,5 +1504,33 @@ mod tests {
         assert_eq!(c["bytes"], json!([108, 108, 111]));
         assert_eq!(c["top_logprobs"][1]["token"], "y");
         assert!(v["refusal"].is_null());
+    }
+
+    /// What the OpenAPI description promises (schemathesis checks the server against it):
+    /// a field of the wrong type is refused, an integer written with a zero fraction is one.
+    #[test]
+    fn fields_hold_to_the_openapi_description() {
+        let refused = |body: &str, param: &str| {
+            let e = parse_chat(body.as_bytes()).unwrap_err();
+            assert_eq!(e.param.as_deref(), Some(param), "{body}");
+        };
+        refused(
+            r#"{"model":{},"messages":[{"role":"user","content":"x"}]}"#,
+            "model",
+        );
+        refused(
+            r#"{"messages":[{"role":"tool","content":"x","tool_call_id":{}}]}"#,
+            "messages[0].tool_call_id",
+        );
+        refused(
+            r#"{"messages":[{"role":"user","content":"x"}],"tools":[{"type":"function","function":{"name":"f","description":{}}}]}"#,
+            "tools[0]",
+        );
+        let r = parse_completion(br#"{"prompt":[1.0,2],"max_tokens":3.0,"seed":-4.0}"#).unwrap();
+        assert_eq!(r.prompts, vec![Prompt::Tokens(vec![1, 2])]);
+        assert_eq!(r.params.max_tokens, Some(3));
+        assert_eq!(r.params.seed, Some(-4i64 as u64));
+        assert!(parse_completion(br#"{"prompt":[1.5]}"#).is_err());
+        assert!(parse_completion(br#"{"prompt":"x","model":null}"#).is_ok());
     }
 }

@@ -233,6 +233,8 @@ pub fn serve(args: ServeConfig) -> Result<()> {
     let grammars = grammar::Grammars::new(tok.as_ref(), vocab).map_err(Error::Internal)?;
     let engine = Engine::start(model, tok.clone(), cfg, metrics.clone())
         .map_err(|e| Error::Internal(format!("cannot start the engine thread: {e}")))?;
+    let names: Vec<&str> = states.iter().map(|(n, _)| n.as_str()).collect();
+    let openapi = openapi_for(vocab, width, &names);
     let app = App(Arc::new(AppState {
         engine,
         tokenizer: tok,
@@ -246,6 +248,7 @@ pub fn serve(args: ServeConfig) -> Result<()> {
         width,
         grammars,
         states,
+        openapi,
     }));
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -336,6 +339,8 @@ struct AppState {
     grammars: grammar::Grammars,
     /// The `--state-dir` states, by name.
     states: Vec<(String, Arc<rwkv_core::model::State>)>,
+    /// The served OpenAPI description ([`openapi_for`]).
+    openapi: String,
 }
 
 #[derive(Clone)]
@@ -393,8 +398,26 @@ fn endpoint_label(path: &str) -> &'static str {
         .map_or("other", |(_, p)| p)
 }
 
-async fn openapi() -> Response {
-    json_response(200, OPENAPI.to_string())
+/// [`OPENAPI`] as served for a model: its largest token id and its embeddings' width filled
+/// in, so that every request the description allows is one this server accepts.
+pub fn openapi_for(vocab: usize, width: usize, states: &[&str]) -> String {
+    let mut spec: serde_json::Value =
+        serde_json::from_str(OPENAPI).expect("openapi.json is JSON (tests/server.rs parses it)");
+    spec["components"]["schemas"]["TokenId"]["maximum"] = vocab.saturating_sub(1).into();
+    spec["paths"]["/v1/embeddings"]["post"]["requestBody"]["content"]["application/json"]
+        ["schema"]["properties"]["dimensions"] = serde_json::json!({
+        "type": ["integer", "null"],
+        "enum": [width, null],
+        "description": "This model's width, the only one served."
+    });
+    let mut names: Vec<serde_json::Value> = states.iter().map(|&n| n.into()).collect();
+    names.push(serde_json::Value::Null);
+    spec["components"]["schemas"]["Sampling"]["properties"]["state"]["enum"] = names.into();
+    spec.to_string()
+}
+
+async fn openapi(State(app): State<App>) -> Response {
+    json_response(200, app.0.openapi.clone())
 }
 
 async fn count_requests(State(app): State<App>, req: Request, next: Next) -> Response {
