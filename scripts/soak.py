@@ -9,8 +9,8 @@ Starts the server itself (the built-in model unless `--model`), warms it up, the
 mix: plain and streaming chat completions, completions with `logprobs` and `echo`, streams the
 client drops after a random number of chunks, malformed bodies (garbage bytes, broken JSON,
 wrong types, unknown roles), bodies over the server's 4 MiB limit, and slow clients that
-trickle a body one byte a second (at most 4 at a time), which the server must cut off with a
-408. The server's RSS is sampled every 2 s.
+trickle a body or the headers one byte a second (at most 4 at a time), which the server must
+cut off (a body with a 408, headers by closing the connection). The server's RSS is sampled every 2 s.
 
 Checks: no response with a 5xx status, no panic in the server's log, no stream left hanging
 (every stream the client does not drop ends with `data: [DONE]` within 60 s), every malformed
@@ -191,8 +191,38 @@ def trickle(port, t):
         TRICKLING.release()
 
 
+def trickle_headers(port, t):
+    """A client that sends its request headers a byte a second: the server must close the
+    connection once its header time limit (30 s by default) has passed."""
+    if not TRICKLING.acquire(blocking=False):
+        return plain(port, t)
+    try:
+        s = socket.create_connection(("127.0.0.1", port), timeout=1.0)
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")
+        start = time.monotonic()
+        closed = False
+        while time.monotonic() - start < 45:
+            try:
+                s.sendall(b"X")
+                if s.recv(4096) is not None:
+                    closed = True  # end of stream (b"") or a response before the close
+                    break
+            except socket.timeout:
+                continue
+            except OSError:
+                closed = True
+                break
+        s.close()
+        if not closed:
+            t.add("header_trickle_not_cut", failure="a client trickling headers held on for 45 s")
+        t.add("header_trickle")
+    finally:
+        TRICKLING.release()
+
+
 MIX = [(plain, 38), (lambda p, t: stream(p, t, False), 28), (lambda p, t: stream(p, t, True), 12),
-       (completion_logprobs, 6), (malformed, 10), (oversized, 2), (trickle, 4)]
+       (completion_logprobs, 6), (malformed, 10), (oversized, 2), (trickle, 2),
+       (trickle_headers, 2)]
 
 
 def client(port, deadline, t):
@@ -294,7 +324,8 @@ def main():
     }
     bad = {k: v for k, v in t.counts.items()
            if k in ("5xx", "hanging", "malformed_not_4xx", "oversized_not_4xx",
-                    "trickle_not_cut", "bad_reply", "timeout", "connection_error")}
+                    "trickle_not_cut", "header_trickle_not_cut", "bad_reply", "timeout",
+                    "connection_error")}
     ok = not bad and panics == 0 and alive and hung_clients == 0 and abs(growth) <= 0.10
     print(json.dumps({k: v for k, v in figures.items() if k != "failures"}, indent=1))
     for f in t.failures[:20]:

@@ -1595,3 +1595,40 @@ fn tools_are_called_with_arguments_that_follow_their_schemas() {
         );
     }
 }
+
+/// A client that sends its request headers too slowly loses its connection after
+/// `--header-timeout` seconds; the server goes on serving everyone else.
+#[test]
+fn a_client_trickling_headers_is_cut_off() {
+    let s = Server::start(&["--header-timeout", "1"]);
+    let mut slow = s.connect();
+    slow.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    slow.write_all(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n")
+        .unwrap();
+    let start = Instant::now();
+    let mut buf = [0u8; 256];
+    // A header byte every 200 ms: the limit is on the whole head, not on the gaps.
+    let closed_after = loop {
+        let gone = slow.write_all(b"X").is_err()
+            || match slow.read(&mut buf) {
+                Ok(_) => true, // end of stream (0) or an error response before the close
+                Err(e) => !matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ),
+            };
+        if gone {
+            break start.elapsed();
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "the connection stayed open for 10 s"
+        );
+    };
+    assert!(
+        closed_after >= Duration::from_millis(900),
+        "closed after {closed_after:?}"
+    );
+    assert_eq!(s.get("/health").0, 200);
+}

@@ -36,7 +36,6 @@ use rwkv_core::session::Finish;
 use rwkv_core::tokenizer::{self, Tokenizer};
 use std::collections::VecDeque;
 use std::convert::Infallible;
-use std::future::IntoFuture;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -96,6 +95,10 @@ pub struct ServeConfig {
     /// streams are ended (finish reason "length").
     #[cfg_attr(feature = "clap", arg(long, default_value_t = 10.0))]
     pub shutdown_grace: f64,
+    /// Seconds a client has to send a request's headers before its connection is closed (a
+    /// client that trickles them must not hold a connection; bodies have 30 s).
+    #[cfg_attr(feature = "clap", arg(long, default_value_t = 30.0))]
+    pub header_timeout: f64,
     /// Accept only requests with `Authorization: Bearer KEY` (every endpoint but /health).
     #[cfg_attr(feature = "clap", arg(long))]
     pub api_key: Option<String>,
@@ -191,6 +194,11 @@ pub fn serve(args: ServeConfig) -> Result<()> {
     if !(args.shutdown_grace >= 0.0 && args.shutdown_grace <= 86_400.0) {
         return Err(Error::bad(
             "shutdown-grace must be between 0 and 86400 seconds",
+        ));
+    }
+    if !(args.header_timeout > 0.0 && args.header_timeout <= 86_400.0) {
+        return Err(Error::bad(
+            "header-timeout must be more than 0 and at most 86400 seconds",
         ));
     }
     let keys = api_keys(&args)?;
@@ -290,9 +298,13 @@ async fn run(app: App, args: &ServeConfig, grace: Duration) -> Result<()> {
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|&s| s).await;
     };
-    let server = axum::serve(listener, router(app))
-        .with_graceful_shutdown(stopped(stop_rx.clone()))
-        .into_future();
+    let header_timeout = Duration::from_secs_f64(args.header_timeout);
+    let server = accept(
+        listener,
+        router(app),
+        header_timeout,
+        stopped(stop_rx.clone()),
+    );
     // The engine ends every stream by the deadline; a client that stops reading could still
     // hold its connection open, so the wait for connections to close is bounded too.
     let watchdog = async {
@@ -304,6 +316,58 @@ async fn run(app: App, args: &ServeConfig, grace: Duration) -> Result<()> {
         _ = watchdog => eprintln!("rwkv serve: closing connections still open after the grace period"),
     }
     Ok(())
+}
+
+/// Serves connections from `listener` until `stop` resolves, then waits for the open ones to
+/// finish their requests. Each connection is HTTP/1.1 on hyper, with `header_timeout` for the
+/// headers of each request (a time axum's own `serve` does not limit).
+async fn accept(
+    listener: tokio::net::TcpListener,
+    router: Router,
+    header_timeout: Duration,
+    stop: impl std::future::Future<Output = ()>,
+) -> std::io::Result<()> {
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut stop = std::pin::pin!(stop);
+    loop {
+        let stream = tokio::select! {
+            r = listener.accept() => match r {
+                Ok((stream, _)) => stream,
+                // A connection that failed before it was accepted is the client's business;
+                // out of file descriptors, wait for some to close.
+                Err(e) if is_connection_error(&e) => continue,
+                Err(e) => {
+                    eprintln!("rwkv serve: accept: {e}");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+            },
+            _ = &mut stop => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let conn = hyper::server::conn::http1::Builder::new()
+            .timer(hyper_util::rt::TokioTimer::new())
+            .header_read_timeout(header_timeout)
+            .serve_connection(
+                hyper_util::rt::TokioIo::new(stream),
+                hyper_util::service::TowerToHyperService::new(router.clone()),
+            );
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
+    Ok(())
+}
+
+fn is_connection_error(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind::*;
+    matches!(
+        e.kind(),
+        ConnectionRefused | ConnectionAborted | ConnectionReset
+    )
 }
 
 async fn shutdown_signal() {
