@@ -126,7 +126,10 @@ fn load_states(
         let path = entry
             .map_err(|e| Error::bad(format!("state-dir {what}: {e}")))?
             .path();
-        if path.extension().and_then(|e| e.to_str()) != Some("safetensors") {
+        if !matches!(
+            path.extension().and_then(|e| e.to_str()),
+            Some("safetensors" | "pth")
+        ) {
             continue;
         }
         let name = path

@@ -248,13 +248,18 @@ impl State {
     }
 
     /// Loads a state saved by [`State::save`] (or any file with `state.{j}` tensors of the
-    /// right shapes, such as the output of `rwkv logits`) for a model with `info`.
+    /// right shapes, such as the output of `rwkv logits`), or an RWKV-PEFT tuned state
+    /// (`.pth` or `.safetensors`), for a model with `info`.
     pub fn load(path: impl AsRef<Path>, info: &ModelInfo) -> Result<State> {
         Self::from_checkpoint(&Checkpoint::open(path)?, info)
     }
 
-    /// Reads a state from an opened checkpoint (see [`State::load`]).
+    /// Reads a state from an opened checkpoint (see [`State::load`]): our own `state.{j}`
+    /// tensors, or an RWKV-PEFT state-tuning file ([`State::from_time_state`]).
     pub fn from_checkpoint(ck: &Checkpoint, info: &ModelInfo) -> Result<State> {
+        if ck.has(&time_state_name(0)) {
+            return Self::from_time_state(ck, info);
+        }
         let what = ck.path().display();
         let md = ck.metadata();
         if let Some(g) = md.get("generation") {
@@ -290,4 +295,63 @@ impl State {
         }
         Ok(st)
     }
+
+    /// An RWKV-PEFT state-tuning file: one `blocks.{i}.att.time_state` `[H, N, N]` per layer,
+    /// each head's WKV matrix transposed against the official package's `att_kv` (ChatRWKV
+    /// and RWKV-PEFT's own demos load it with `.transpose(1, 2)`); the token shifts start at
+    /// zero. RWKV-4 has no such matrix.
+    pub fn from_time_state(ck: &Checkpoint, info: &ModelInfo) -> Result<State> {
+        let what = ck.path().display();
+        if info.generation == Generation::V4 {
+            return Err(Error::bad(format!(
+                "{what}: a tuned time_state (RWKV-PEFT) is for RWKV-5.2 and later, but the model is RWKV-4"
+            )));
+        }
+        let (h, n) = (info.n_head, info.head_size);
+        let mut st = State::zeros(info);
+        for layer in 0..info.n_layer {
+            let name = time_state_name(layer);
+            let m = ck.get(&name).ok_or_else(|| {
+                Error::bad(format!(
+                    "{what}: missing tensor {name}: a tuned state of a shallower model ({} layers expected)",
+                    info.n_layer
+                ))
+            })?;
+            if m.shape != [h, n, n] {
+                return Err(Error::bad(format!(
+                    "{what}: tensor {name} has shape {:?}, but this model's heads need [{h}, {n}, {n}]",
+                    m.shape
+                )));
+            }
+            let t = ck.f32_vec(&name)?;
+            let kv = st.get_mut(layer, Slot::AttKv);
+            for head in 0..h {
+                let (src, dst) = (
+                    &t[head * n * n..][..n * n],
+                    &mut kv[head * n * n..][..n * n],
+                );
+                for i in 0..n {
+                    for j in 0..n {
+                        dst[i * n + j] = src[j * n + i];
+                    }
+                }
+            }
+        }
+        if let Some(extra) = ck
+            .names()
+            .iter()
+            .find(|k| !(0..info.n_layer).any(|l| **k == time_state_name(l)))
+        {
+            return Err(Error::bad(format!(
+                "{what}: unexpected tensor {extra} beside the time_state of {} layers (a state of a deeper model, or not a state file)",
+                info.n_layer
+            )));
+        }
+        Ok(st)
+    }
+}
+
+/// The name of layer `layer`'s tuned initial WKV state in RWKV-PEFT's files.
+fn time_state_name(layer: usize) -> String {
+    format!("blocks.{layer}.att.time_state")
 }
