@@ -106,8 +106,9 @@ pub struct ServeConfig {
     /// `--api-key`.
     #[cfg_attr(feature = "clap", arg(long))]
     pub api_key_file: Option<PathBuf>,
-    /// A folder of state files (`rwkv logits --out`, a saved session): each `NAME.safetensors`
-    /// is a state a request may start from with `"state": "NAME"`.
+    /// A folder of state files (`rwkv logits --out`, a saved conversation, or RWKV-PEFT tuned
+    /// states): each `NAME.safetensors` or `NAME.pth` is a state a request may start from
+    /// with `"state": "NAME"`.
     #[cfg_attr(feature = "clap", arg(long))]
     pub state_dir: Option<PathBuf>,
 }
