@@ -20,6 +20,8 @@ import statistics
 import threading
 import time
 
+import serve_metrics  # scripts/serve_metrics.py
+
 ap = argparse.ArgumentParser()
 ap.add_argument("--host", default="127.0.0.1")
 ap.add_argument("--port", type=int, required=True)
@@ -41,12 +43,7 @@ def post(body):
 
 
 def metric(name):
-    c = http.client.HTTPConnection(a.host, a.port, timeout=30)
-    c.request("GET", "/metrics")
-    for line in c.getresponse().read().decode().splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[1])
-    return 0.0
+    return serve_metrics.metric(a.host, a.port, name)
 
 
 def read_tokens():

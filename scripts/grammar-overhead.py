@@ -15,6 +15,8 @@ import json
 import statistics
 import time
 
+import serve_metrics  # scripts/serve_metrics.py
+
 ap = argparse.ArgumentParser()
 ap.add_argument("--host", default="127.0.0.1")
 ap.add_argument("--port", type=int, required=True)
@@ -52,12 +54,7 @@ for r in range(a.rounds):
             "response_format": {"type": "json_schema", "json_schema": {"schema": schema}}}
         res[kind].append(per_token(extra))
 def metric(name):
-    c = http.client.HTTPConnection(a.host, a.port, timeout=30)
-    c.request("GET", "/metrics")
-    for line in c.getresponse().read().decode().splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[1])
-    return 0.0
+    return serve_metrics.metric(a.host, a.port, name)
 
 
 p, g = statistics.median(res["plain"]), statistics.median(res["json_schema"])

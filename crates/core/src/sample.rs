@@ -88,6 +88,21 @@ fn key_id(k: u64) -> u32 {
     u32::MAX - k as u32
 }
 
+/// Errors unless `temperature` and `top_p` are settings [`distribution`] can use.
+pub fn check_filter(temperature: f32, top_p: f32) -> Result<()> {
+    if !(temperature.is_finite() && temperature >= 0.0) {
+        return Err(Error::bad(format!(
+            "temperature must be a finite number >= 0, got {temperature}"
+        )));
+    }
+    if !(0.0..=1.0).contains(&top_p) {
+        return Err(Error::bad(format!(
+            "top_p must be between 0 and 1, got {top_p}"
+        )));
+    }
+    Ok(())
+}
+
 /// The reference's filtered, renormalised distribution (the fixtures' `probs`), written into
 /// `out` (resized to `logits.len()`); `scratch` holds reusable index buffers so repeated calls
 /// allocate nothing.
@@ -389,18 +404,7 @@ pub struct Sampler {
 impl Sampler {
     /// Validates the configuration for a model with `vocab` tokens and builds the sampler.
     pub fn new(cfg: SamplerConfig, vocab: usize) -> Result<Self> {
-        if !(cfg.temperature.is_finite() && cfg.temperature >= 0.0) {
-            return Err(Error::bad(format!(
-                "temperature must be a finite number >= 0, got {}",
-                cfg.temperature
-            )));
-        }
-        if !(0.0..=1.0).contains(&cfg.top_p) {
-            return Err(Error::bad(format!(
-                "top_p must be between 0 and 1, got {}",
-                cfg.top_p
-            )));
-        }
+        check_filter(cfg.temperature, cfg.top_p)?;
         for (field, v) in [
             ("presence_penalty", cfg.presence_penalty),
             ("frequency_penalty", cfg.frequency_penalty),

@@ -62,10 +62,6 @@ impl PyModel {
             None => f(&self.model),
         })
     }
-
-    fn check_state(&self, state: &State) -> PyResult<()> {
-        state.check_compatible(self.model.info()).map_err(py_err)
-    }
 }
 
 /// The logits a call returns: `[vocab]` for the last token, `[T, vocab]` for every token.
@@ -212,7 +208,6 @@ impl PyModel {
                 PyValueError::new_err("state: in use by another call (copy it to fork)")
             })?;
             let st = &mut guard.state;
-            self.check_state(st)?;
             self.compute(py, |m| m.forward(&tokens, st, which))
                 .map_err(py_err)?
         };
@@ -264,7 +259,8 @@ impl PyModel {
                     "states[{i}]: the same state as another entry, or in use by another call (copy it to fork)"
                 ))
             })?;
-            self.check_state(&g.state)
+            g.state
+                .check_compatible(self.model.info())
                 .map_err(|e| PyValueError::new_err(format!("states[{i}]: {e}")))?;
             guards.push(g);
         }
@@ -288,7 +284,7 @@ impl PyModel {
         drop(guards);
         let out = PyList::empty(py);
         for (i, r) in results.into_iter().enumerate() {
-            let logits = r.map_err(|e| py_err(e).map_message(i))?;
+            let logits = r.map_err(|e| batch_entry_error(i, e))?;
             out.append(logits_array(
                 py,
                 logits,
@@ -314,21 +310,12 @@ impl PyModel {
     }
 }
 
-/// Prefixes an error of batch entry `i` with its place.
-trait MapMessage {
-    fn map_message(self, i: usize) -> PyErr;
-}
-
-impl MapMessage for PyErr {
-    fn map_message(self, i: usize) -> PyErr {
-        Python::attach(|py| {
-            let msg = format!("tokens[{i}]: {}", self.value(py));
-            if self.is_instance_of::<PyValueError>(py) {
-                PyValueError::new_err(msg)
-            } else {
-                PyRuntimeError::new_err(msg)
-            }
-        })
+/// An error of batch entry `i`, its place in front of the library's message.
+fn batch_entry_error(i: usize, e: Error) -> PyErr {
+    let msg = format!("tokens[{i}]: {e}");
+    match e {
+        Error::BadInput(_) => PyValueError::new_err(msg),
+        _ => PyRuntimeError::new_err(msg),
     }
 }
 
@@ -528,16 +515,7 @@ fn distribution<'py>(
     top_p: f32,
     top_k: usize,
 ) -> PyResult<Bound<'py, PyArray1<f32>>> {
-    if !(temperature.is_finite() && temperature >= 0.0) {
-        return Err(PyValueError::new_err(format!(
-            "temperature must be a finite number >= 0, got {temperature}"
-        )));
-    }
-    if !(0.0..=1.0).contains(&top_p) {
-        return Err(PyValueError::new_err(format!(
-            "top_p must be between 0 and 1, got {top_p}"
-        )));
-    }
+    sample::check_filter(temperature, top_p).map_err(py_err)?;
     let logits = logits.as_array().to_vec();
     let mut out = Vec::new();
     sample::distribution(
