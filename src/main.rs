@@ -297,7 +297,7 @@ fn load_model(m: &ModelArgs) -> Result<(Model, Box<dyn Tokenizer>)> {
     let model = Model::load_as(&path, parse_quant(&m.quant)?)?;
     let tok = match &m.tokenizer {
         Some(spec) => tokenizer::load(spec)?,
-        None => tokenizer::for_vocab(model.vocab_size())
+        None => tokenizer::for_model(model.info())
             .map_err(|e| Error::bad(format!("{}: {e}", path.display())))?,
     };
     Ok((model, tok))

@@ -4,7 +4,7 @@
 //! [`schema`](crate::schema); this module draws the random numbers.
 
 use crate::checkpoint::{write, Generation, OutTensor};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::schema::{self, Dims, Init};
 use crate::tensor::DType;
 use rayon::prelude::*;
@@ -213,6 +213,10 @@ pub fn write_init(spec: &InitSpec, path: &Path, dtype: DType) -> Result<()> {
             crate::checkpoint::write_safetensors(path, &out, &md)
         }
         crate::checkpoint::Format::Pth => write::write_pth(path, &out),
+        crate::checkpoint::Format::Gguf => Err(Error::bad(format!(
+            "{}: rwkv init writes .safetensors or .pth; make a GGUF of it with rwkv convert",
+            path.display()
+        ))),
     }
 }
 

@@ -226,7 +226,7 @@ pub fn serve(args: ServeConfig) -> Result<()> {
     };
     let tok: Arc<dyn Tokenizer> = match &args.tokenizer {
         Some(spec) => tokenizer::load(spec)?.into(),
-        None => tokenizer::for_vocab(model.vocab_size())
+        None => tokenizer::for_model(model.info())
             .map_err(|e| Error::bad(format!("{}: {e}", path.display())))?
             .into(),
     };

@@ -77,6 +77,11 @@ pub struct ModelInfo {
     pub dtype: DType,
     /// File format.
     pub format: String,
+    /// The tensor layout: the official names, or the tool whose names were mapped onto them.
+    pub layout: String,
+    /// The vocabulary the file carries (GGUF), each id's bytes.
+    #[serde(skip)]
+    pub vocab: Option<std::sync::Arc<[Vec<u8>]>>,
     /// File size in bytes.
     pub file_bytes: usize,
 }
@@ -85,6 +90,7 @@ impl fmt::Display for ModelInfo {
     /// The architecture as `rwkv info` prints it, one `key  value` line each.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(f, "generation  RWKV {}", self.generation)?;
+        writeln!(f, "layout      {}", self.layout)?;
         writeln!(f, "layers      {}", self.n_layer)?;
         writeln!(f, "width       {}", self.n_embd)?;
         if self.head_size > 0 {
@@ -253,6 +259,8 @@ pub fn detect(ck: &Checkpoint) -> Result<ModelInfo> {
         params,
         dtype,
         format: ck.format().to_string(),
+        layout: ck.layout().to_string(),
+        vocab: ck.vocab().cloned(),
         file_bytes: ck.file_size(),
     })
 }

@@ -6,6 +6,8 @@
 //! copied at open time. This module knows nothing about the math of the models.
 
 pub mod detect;
+pub mod gguf;
+pub mod layout;
 pub mod pickle;
 pub mod write;
 pub mod zip;
@@ -28,6 +30,8 @@ pub enum Format {
     Pth,
     /// Hugging Face safetensors.
     Safetensors,
+    /// llama.cpp's GGUF.
+    Gguf,
 }
 
 impl fmt::Display for Format {
@@ -35,6 +39,7 @@ impl fmt::Display for Format {
         f.write_str(match self {
             Format::Pth => "pth",
             Format::Safetensors => "safetensors",
+            Format::Gguf => "gguf",
         })
     }
 }
@@ -48,6 +53,9 @@ pub struct TensorMeta {
     pub shape: Vec<usize>,
     offset: usize,
     nbytes: usize,
+    /// Whether the bytes are in the checkpoint's own buffer (values converted at open time:
+    /// dequantized, transposed or repacked) rather than in the file.
+    converted: bool,
 }
 
 impl TensorMeta {
@@ -79,9 +87,13 @@ pub struct Checkpoint {
     path: PathBuf,
     format: Format,
     map: Arc<Bytes>,
+    /// Tensors converted at open time (GGUF types the kernels do not read in place).
+    converted: Arc<Bytes>,
     order: Vec<String>,
     tensors: HashMap<String, TensorMeta>,
     metadata: BTreeMap<String, String>,
+    layout: String,
+    vocab: Option<Arc<[Vec<u8>]>>,
 }
 
 fn dtype_from_st(d: safetensors::Dtype) -> Option<DType> {
@@ -133,13 +145,19 @@ impl Checkpoint {
             path,
             format: Format::Safetensors,
             map: Arc::new(map),
+            converted: Arc::new(Bytes::Owned(Vec::new())),
             order: Vec::new(),
             tensors: HashMap::new(),
             metadata: BTreeMap::new(),
+            layout: layout::OFFICIAL.to_string(),
+            vocab: None,
         };
         if ck.map[..4] == *b"PK\x03\x04" {
             ck.format = Format::Pth;
             ck.index_pth(&what)?;
+        } else if ck.map[..4] == *gguf::MAGIC {
+            ck.format = Format::Gguf;
+            layout::index_gguf(&mut ck, &what)?;
         } else {
             ck.index_safetensors(&what)?;
         }
@@ -192,6 +210,7 @@ impl Checkpoint {
                     shape,
                     offset,
                     nbytes: view.data().len(),
+                    converted: false,
                 },
             )?;
         }
@@ -259,6 +278,7 @@ impl Checkpoint {
                     shape: t.shape,
                     offset: entry.offset + start.unwrap_or(0),
                     nbytes: nbytes.unwrap_or(0),
+                    converted: false,
                 },
             )?;
         }
@@ -285,6 +305,16 @@ impl Checkpoint {
     pub fn metadata(&self) -> &BTreeMap<String, String> {
         &self.metadata
     }
+    /// The tensor layout the file was written in (see [`layout`]): the official names, or the
+    /// name map of another tool read onto them.
+    pub fn layout(&self) -> &str {
+        &self.layout
+    }
+    /// The vocabulary the file carries (GGUF), as each id's bytes (empty for ids that do not
+    /// decode: control and padding tokens).
+    pub fn vocab(&self) -> Option<&Arc<[Vec<u8>]>> {
+        self.vocab.as_ref()
+    }
     /// Looks a tensor up by name.
     pub fn get(&self, name: &str) -> Option<&TensorMeta> {
         self.tensors.get(name)
@@ -300,10 +330,19 @@ impl Checkpoint {
             .ok_or_else(|| Error::bad(format!("{}: missing tensor {name}", self.path.display())))
     }
 
+    /// The buffer a tensor's bytes are in.
+    fn buffer(&self, m: &TensorMeta) -> &Arc<Bytes> {
+        if m.converted {
+            &self.converted
+        } else {
+            &self.map
+        }
+    }
+
     /// The stored bytes of a tensor.
     pub fn bytes(&self, name: &str) -> Result<&[u8]> {
         let m = self.meta(name)?;
-        Ok(&self.map[m.offset..m.offset + m.nbytes])
+        Ok(&self.buffer(m)[m.offset..m.offset + m.nbytes])
     }
 
     /// The tensor's shape, checked against `want` (a missing or mis-shaped tensor is an error
@@ -323,12 +362,13 @@ impl Checkpoint {
 
     /// A zero-copy typed view of a tensor's bytes, or a copy when the bytes are misaligned.
     fn view<T: Copy + Send + Sync + 'static>(&self, m: &TensorMeta) -> Shared<T> {
-        let bytes = &self.map[m.offset..m.offset + m.nbytes];
+        let buf = self.buffer(m);
+        let bytes = &buf[m.offset..m.offset + m.nbytes];
         let n = m.nbytes / std::mem::size_of::<T>();
         if (bytes.as_ptr() as usize).is_multiple_of(std::mem::align_of::<T>()) {
             // SAFETY: the bytes are aligned for `T`, inside the map, and the map is read-only
             // and kept alive by the view.
-            unsafe { Shared::from_owner(self.map.clone(), bytes.as_ptr() as *const T, n) }
+            unsafe { Shared::from_owner(buf.clone(), bytes.as_ptr() as *const T, n) }
         } else {
             let mut v = Vec::<T>::with_capacity(n);
             // SAFETY: copying plain-old-data bytes into a vector of the same byte size.
@@ -341,7 +381,7 @@ impl Checkpoint {
     }
 
     fn check_finite(&self, name: &str, m: &TensorMeta) -> Result<()> {
-        let b = &self.map[m.offset..m.offset + m.nbytes];
+        let b = &self.buffer(m)[m.offset..m.offset + m.nbytes];
         let bad = match m.dtype {
             DType::F32 => b
                 .chunks_exact(4)

@@ -282,8 +282,9 @@ pub fn format_for(path: &Path) -> Result<super::Format> {
     match path.extension().and_then(|e| e.to_str()) {
         Some("safetensors") => Ok(super::Format::Safetensors),
         Some("pth") | Some("pt") | Some("bin") => Ok(super::Format::Pth),
+        Some("gguf") => Ok(super::Format::Gguf),
         _ => Err(Error::bad(format!(
-            "{}: output name must end in .safetensors or .pth",
+            "{}: output name must end in .safetensors, .pth or .gguf",
             path.display()
         ))),
     }
@@ -378,5 +379,6 @@ pub fn convert(
             )))
         }
         super::Format::Pth => write_pth(output, &tensors),
+        super::Format::Gguf => unreachable!("GGUF output is written above"),
     }
 }

@@ -69,6 +69,18 @@ pub fn for_vocab(model_vocab: usize) -> Result<Box<dyn Tokenizer>> {
     }
 }
 
+/// The tokenizer of a model when the user did not name one: the vocabulary its file carries
+/// (GGUF), else the one [`for_vocab`] picks for its size.
+pub fn for_model(info: &crate::checkpoint::ModelInfo) -> Result<Box<dyn Tokenizer>> {
+    match &info.vocab {
+        Some(tokens) => Ok(Box::new(WorldTokenizer::from_tokens(
+            tokens,
+            "the model file's vocabulary",
+        )?)),
+        None => for_vocab(info.vocab_size),
+    }
+}
+
 /// Package semantics of decode: UTF-8 decode; if invalid, the whole result is "\u{fffd}".
 pub fn decode_text_strict(bytes: &[u8]) -> String {
     match std::str::from_utf8(bytes) {

@@ -57,6 +57,21 @@ impl WorldTokenizer {
         })
     }
 
+    /// The tokenizer of a vocabulary given as each id's bytes (a GGUF file's); ids whose bytes
+    /// are empty (control and padding tokens) do not decode, except id 0 (end of text).
+    pub fn from_tokens(tokens: &[Vec<u8>], name: &str) -> Result<Self> {
+        let entries = tokens
+            .iter()
+            .enumerate()
+            .filter(|(id, b)| *id > 0 && !b.is_empty())
+            .map(|(id, b)| (id as u32, b.clone()))
+            .collect();
+        Ok(Self {
+            vocab: Arc::new(Vocab::from_entries(entries, name)?),
+            name: name.to_owned(),
+        })
+    }
+
     /// The bytes of token `id`, or `None` if the vocab has no such id. Id 0 (end of text) is
     /// the empty string.
     pub fn token_bytes(&self, id: u32) -> Option<&[u8]> {
@@ -154,6 +169,11 @@ impl Vocab {
             }
             entries.push((id, bytes));
         }
+        Self::from_entries(entries, name)
+    }
+
+    /// The vocab of `(id, bytes)` entries (in any order, non-empty bytes).
+    fn from_entries(mut entries: Vec<(u32, Vec<u8>)>, name: &str) -> Result<Self> {
         if entries.is_empty() {
             return Err(Error::bad(format!("{name}: no tokens")));
         }
