@@ -40,18 +40,24 @@ enum Cmd {
     Chat(ChatArgs),
     /// Write the logits of every input token and the final state to a safetensors file.
     Logits(LogitsArgs),
-    /// Convert a checkpoint between .pth and .safetensors (keeping the official key names).
+    /// Convert a checkpoint of any readable layout to .pth or .safetensors (the official key
+    /// names) or to llama.cpp's GGUF (RWKV-7).
     Convert {
         /// Input checkpoint.
         input: PathBuf,
-        /// Output file: .safetensors or .pth.
+        /// Output file: .safetensors, .pth or .gguf.
         output: PathBuf,
         /// Store float tensors in this dtype (default: as in the input).
         #[arg(long, value_enum)]
         dtype: Option<OutDType>,
-        /// Store the weight matrices quantized: int8 or q4 (.safetensors output only).
+        /// Store the weight matrices quantized: int8 or q4 (.safetensors, or .gguf as Q8_0 or
+        /// Q4_0).
         #[arg(long)]
         quant: Option<String>,
+        /// The vocabulary a .gguf carries: world, bytes or a tokenizer file (default: the
+        /// input's own, or the one its vocabulary size implies).
+        #[arg(long)]
+        tokenizer: Option<String>,
     },
     /// Create a random-weight checkpoint of any shape, initialised as the official trainer does.
     Init(InitArgs),
@@ -303,6 +309,33 @@ fn load_model(m: &ModelArgs) -> Result<(Model, Box<dyn Tokenizer>)> {
     Ok((model, tok))
 }
 
+fn convert_cmd(
+    input: &Path,
+    output: &Path,
+    dtype: Option<DType>,
+    quant: &Option<String>,
+    tokenizer: Option<&str>,
+) -> Result<()> {
+    let q = parse_quant(quant)?;
+    let is_gguf = output.extension().is_some_and(|e| e == "gguf");
+    let vocab = if is_gguf {
+        let ck = Checkpoint::open(input)?;
+        let info = detect(&ck)?;
+        let tok = match (tokenizer, ck.vocab()) {
+            (Some(spec), _) => Some(tokenizer::load(spec)?),
+            (None, Some(_)) => None,
+            (None, None) => Some(
+                tokenizer::for_model(&info)
+                    .map_err(|e| Error::bad(format!("{}: {e}", input.display())))?,
+            ),
+        };
+        tok.map(|t| tokenizer::token_table(t.as_ref(), info.vocab_size))
+    } else {
+        None
+    };
+    convert(input, output, dtype, q, vocab.as_deref())
+}
+
 fn read_stdin() -> Result<Vec<u8>> {
     let mut buf = Vec::new();
     std::io::stdin()
@@ -532,7 +565,14 @@ fn main() -> ExitCode {
             output,
             dtype,
             quant,
-        } => parse_quant(&quant).and_then(|q| convert(&input, &output, dtype.map(out_dtype), q)),
+            tokenizer,
+        } => convert_cmd(
+            &input,
+            &output,
+            dtype.map(out_dtype),
+            &quant,
+            tokenizer.as_deref(),
+        ),
         Cmd::Init(a) => init(a),
         Cmd::Train(a) => train(a),
         Cmd::Eval(a) => eval(a),

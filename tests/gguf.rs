@@ -5,6 +5,7 @@
 mod common;
 
 use common::{fixture, max_abs, tol_ratio, Expected};
+use rwkv::checkpoint::write::convert;
 use rwkv::checkpoint::Checkpoint;
 use rwkv::model::{Logits, Model, State};
 use rwkv::tensor::{DType, WeightFormat};
@@ -228,5 +229,137 @@ fn a_gguf_of_another_architecture_or_type_is_refused_by_name() {
         b"blk.9.channel_mix_key.",
         "layer",
     );
-    assert!(e.contains("layer 2 is missing (found layers up to 9)"), "{e}");
+    assert!(
+        e.contains("layer 2 is missing (found layers up to 9)"),
+        "{e}"
+    );
+}
+
+/// llama.cpp's own logits for seq0 (one token at a time) on each fixture file: ours are within
+/// 0.2 of the logit rms of them for every type (measured at most 0.19; README of the
+/// fixtures).
+#[test]
+fn every_type_is_within_the_measured_bound_of_llama_cpps_logits() {
+    let ll = Checkpoint::open(fixture("formats/gguf/llama-cpp.safetensors")).unwrap();
+    let exp = reference();
+    let toks = tokens("seq0");
+    for ty in TYPES {
+        let model = Model::load(gguf(ty)).unwrap();
+        let mut st = model.new_state();
+        let ours: Vec<f32> = toks
+            .iter()
+            .flat_map(|&t| model.step(t, &mut st).unwrap())
+            .collect();
+        let theirs = ll.f32_vec(&format!("v7-{ty}.seq0.logits")).unwrap();
+        let want = exp.f32_vec(&format!("v7-{ty}.seq0.logits")).unwrap();
+        let rms = (want.iter().map(|x| x * x).sum::<f32>() / want.len() as f32).sqrt();
+        let (to_ll, ll_err, our_err) = (
+            max_abs(&ours, &theirs) / rms,
+            max_abs(&theirs, &want) / rms,
+            max_abs(&ours, &want) / rms,
+        );
+        println!("{ty}: ours-llama.cpp {to_ll:.4}, llama.cpp-official {ll_err:.4}, ours-official {our_err:.4} (of the logit rms)");
+        assert!(
+            to_ll <= 0.2,
+            "{ty}: {to_ll} of the logit rms from llama.cpp's"
+        );
+    }
+}
+
+/// `rwkv convert … .gguf` writes what llama.cpp's converter writes: the same tensors with the
+/// same bytes (its BF16 and its Q8_0, whose quantizer ours repeats), and reads back as the
+/// original model.
+#[test]
+fn convert_writes_the_gguf_llama_cpps_converter_writes() {
+    let dir = common::tmpdir("gguf-write");
+    let vocab: Vec<Vec<u8>> = {
+        let world = rwkv::tokenizer::load("world").unwrap();
+        rwkv::tokenizer::token_table(world.as_ref(), 300)
+    };
+    let src = fixture("v7/model.pth");
+    for (ty, dtype, quant) in [
+        ("bf16", None, None),
+        ("q8_0", None, Some(WeightFormat::Int8)),
+    ] {
+        let out = dir.join(format!("{ty}.gguf"));
+        convert(&src, &out, dtype, quant, Some(&vocab)).unwrap();
+        let ours = Checkpoint::open(&out).unwrap();
+        let theirs = Checkpoint::open(gguf(ty)).unwrap();
+        let mut names = ours.names().to_vec();
+        names.sort();
+        let mut want = theirs.names().to_vec();
+        want.sort();
+        assert_eq!(names, want, "{ty}");
+        for n in &names {
+            assert_eq!(ours.bytes(n).unwrap(), theirs.bytes(n).unwrap(), "{ty} {n}");
+        }
+        assert_eq!(ours.vocab().unwrap()[..], theirs.vocab().unwrap()[..]);
+    }
+    // Every type reads back as the model it was written from (f32 exactly; quantized close).
+    let want = Model::load(&src).unwrap();
+    let toks = tokens("seq1");
+    let base = want
+        .forward(&toks, &mut want.new_state(), Logits::All)
+        .unwrap();
+    for (tag, dtype, quant) in [
+        ("f32", Some(DType::F32), None),
+        ("f16", Some(DType::F16), None),
+        ("q4_0", None, Some(WeightFormat::Q4)),
+    ] {
+        let out = dir.join(format!("{tag}.gguf"));
+        convert(&src, &out, dtype, quant, Some(&vocab)).unwrap();
+        let m = Model::load(&out).unwrap();
+        let got = m.forward(&toks, &mut m.new_state(), Logits::All).unwrap();
+        let r = tol_ratio(&got, &base);
+        println!("{tag}: {r:.3} of the tolerance from the original");
+        if tag == "f32" {
+            assert_eq!(got, base);
+        } else if tag == "f16" {
+            assert!(r <= 1.0, "{tag}: {r}");
+        } else {
+            // Random weights are q4's worst case, and this file has every LoRA, the embedding
+            // and the head in Q4_0 as well.
+            let rms = (base.iter().map(|x| x * x).sum::<f32>() / base.len() as f32).sqrt();
+            assert!(max_abs(&got, &base) / rms <= 1.5, "{tag}");
+            // Its Q4_0 blocks are those llama-quantize writes from the same values.
+            let ours = Checkpoint::open(&out).unwrap();
+            let theirs = Checkpoint::open(gguf("q4_0")).unwrap();
+            let mut same = 0;
+            for n in theirs.names() {
+                let is_q4 = |ck: &Checkpoint| ck.get(n).unwrap().dtype == DType::U8;
+                if is_q4(&theirs) && is_q4(&ours) {
+                    assert_eq!(ours.bytes(n).unwrap(), theirs.bytes(n).unwrap(), "{n}");
+                    let sc = format!("{n}.scales");
+                    assert_eq!(ours.bytes(&sc).unwrap(), theirs.bytes(&sc).unwrap(), "{sc}");
+                    same += 1;
+                }
+            }
+            assert_eq!(same, 12);
+        }
+    }
+    // Other generations and vocabularies of the wrong size are refused.
+    let e = convert(
+        &fixture("v6_0/model.pth"),
+        &dir.join("v6.gguf"),
+        None,
+        None,
+        Some(&vocab),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("written for RWKV-7"), "{e}");
+    let e = convert(
+        &src,
+        &dir.join("short.gguf"),
+        None,
+        None,
+        Some(&vocab[..10]),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("10 tokens but the model has 300"), "{e}");
+    let e = convert(&src, &dir.join("none.gguf"), None, None, None)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("needs the model's vocabulary"), "{e}");
 }

@@ -81,7 +81,7 @@ fn quantized_files_load_by_map_and_match_load_time_quantization() {
         let src = fixture(&format!("{gen}/model.pth"));
         for (q, fmt) in [("int8", WeightFormat::Int8), ("q4", WeightFormat::Q4)] {
             let out = dir.join(format!("{gen}-{q}.safetensors"));
-            convert(&src, &out, None, Some(fmt)).unwrap();
+            convert(&src, &out, None, Some(fmt), None).unwrap();
             let ck = Checkpoint::open(&out).unwrap();
             assert!(ck.has("head.weight.scales"));
             assert!(ck.get("emb.weight").unwrap().dtype != rwkv::tensor::DType::I8);
@@ -95,7 +95,14 @@ fn quantized_files_load_by_map_and_match_load_time_quantization() {
             );
         }
         // A quantized file cannot go to .pth.
-        assert!(convert(&src, &dir.join("x.pth"), None, Some(WeightFormat::Int8)).is_err());
+        assert!(convert(
+            &src,
+            &dir.join("x.pth"),
+            None,
+            Some(WeightFormat::Int8),
+            None
+        )
+        .is_err());
     }
 }
 
@@ -103,7 +110,14 @@ fn quantized_files_load_by_map_and_match_load_time_quantization() {
 fn quantized_file_with_bad_blocks_is_rejected() {
     let dir = tmpdir("quant-bad");
     let q = dir.join("q.safetensors");
-    convert(&fixture("v7/model.pth"), &q, None, Some(WeightFormat::Int8)).unwrap();
+    convert(
+        &fixture("v7/model.pth"),
+        &q,
+        None,
+        Some(WeightFormat::Int8),
+        None,
+    )
+    .unwrap();
     let bad = dir.join("bad.safetensors");
     common::rewrite(&q, &bad, |ts| {
         let t = ts

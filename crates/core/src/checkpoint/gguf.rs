@@ -595,3 +595,133 @@ mod tests {
         assert!(e.contains("x.gguf") && e.contains("tensor count"), "{e}");
     }
 }
+
+/// `x` in `ty`'s blocks, as ggml's reference quantizers write them (`quantize_row_q8_0_ref`,
+/// `quantize_row_q4_0_ref`; f16 and bf16 rounded to nearest even). Only the types `rwkv
+/// convert` writes: F32, F16, BF16, Q8_0 and Q4_0; `x.len()` a multiple of the block.
+pub fn quantize(ty: GgmlType, x: &[f32]) -> Vec<u8> {
+    let (per, bytes) = ty.block();
+    let mut out = Vec::with_capacity(x.len() / per * bytes);
+    let f16 = |v: f32| half::f16::from_f32(v).to_bits().to_le_bytes();
+    match ty {
+        GgmlType::F32 => x.iter().for_each(|v| out.extend(v.to_le_bytes())),
+        GgmlType::F16 => x.iter().for_each(|&v| out.extend(f16(v))),
+        GgmlType::BF16 => x
+            .iter()
+            .for_each(|&v| out.extend(half::bf16::from_f32(v).to_bits().to_le_bytes())),
+        GgmlType::Q8_0 => {
+            for b in x.chunks_exact(32) {
+                let amax = b.iter().fold(0f32, |m, v| m.max(v.abs()));
+                let d = amax / 127.0;
+                let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+                out.extend(f16(d));
+                out.extend(b.iter().map(|v| (v * id).round() as i8 as u8));
+            }
+        }
+        GgmlType::Q4_0 => {
+            for b in x.chunks_exact(32) {
+                // The value of largest magnitude, with its sign, maps to -8.
+                let (mut amax, mut max) = (0f32, 0f32);
+                for &v in b {
+                    if amax < v.abs() {
+                        amax = v.abs();
+                        max = v;
+                    }
+                }
+                let d = max / -8.0;
+                let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+                out.extend(f16(d));
+                let q = |v: f32| ((v * id + 8.5) as i8).min(15) as u8;
+                out.extend((0..16).map(|j| q(b[j]) | (q(b[j + 16]) << 4)));
+            }
+        }
+        _ => unreachable!("rwkv does not write {}", ty.name()),
+    }
+    out
+}
+
+/// A GGUF version 3 file being assembled: metadata, then tensors, written by [`Writer::write`].
+#[derive(Default)]
+pub struct Writer {
+    kv: Vec<u8>,
+    n_kv: u64,
+    tensors: Vec<(String, Vec<usize>, GgmlType, Vec<u8>)>,
+}
+
+fn put_str(out: &mut Vec<u8>, s: &str) {
+    out.extend((s.len() as u64).to_le_bytes());
+    out.extend(s.as_bytes());
+}
+
+impl Writer {
+    fn key(&mut self, k: &str, ty: u32) {
+        put_str(&mut self.kv, k);
+        self.kv.extend(ty.to_le_bytes());
+        self.n_kv += 1;
+    }
+    /// A u32 value.
+    pub fn u32(&mut self, k: &str, v: u32) {
+        self.key(k, 4);
+        self.kv.extend(v.to_le_bytes());
+    }
+    /// An f32 value.
+    pub fn f32(&mut self, k: &str, v: f32) {
+        self.key(k, 6);
+        self.kv.extend(v.to_le_bytes());
+    }
+    /// A string value.
+    pub fn str(&mut self, k: &str, v: &str) {
+        self.key(k, 8);
+        put_str(&mut self.kv, v);
+    }
+    /// An array of strings.
+    pub fn strs(&mut self, k: &str, v: &[String]) {
+        self.key(k, 9);
+        self.kv.extend(8u32.to_le_bytes());
+        self.kv.extend((v.len() as u64).to_le_bytes());
+        v.iter().for_each(|s| put_str(&mut self.kv, s));
+    }
+    /// An array of i32.
+    pub fn i32s(&mut self, k: &str, v: &[i32]) {
+        self.key(k, 9);
+        self.kv.extend(5u32.to_le_bytes());
+        self.kv.extend((v.len() as u64).to_le_bytes());
+        v.iter().for_each(|x| self.kv.extend(x.to_le_bytes()));
+    }
+    /// A tensor of PyTorch-order `shape` whose `data` is already in `ty`'s blocks.
+    pub fn tensor(&mut self, name: String, shape: Vec<usize>, ty: GgmlType, data: Vec<u8>) {
+        self.tensors.push((name, shape, ty, data));
+    }
+    /// Writes the file (32-byte alignment) atomically.
+    pub fn write(self, path: &std::path::Path) -> Result<()> {
+        const ALIGN: usize = 32;
+        let mut head = Vec::new();
+        head.extend(MAGIC);
+        head.extend(3u32.to_le_bytes());
+        head.extend((self.tensors.len() as u64).to_le_bytes());
+        head.extend(self.n_kv.to_le_bytes());
+        head.extend(&self.kv);
+        let mut offset = 0usize;
+        for (name, shape, ty, data) in &self.tensors {
+            put_str(&mut head, name);
+            head.extend((shape.len() as u32).to_le_bytes());
+            shape
+                .iter()
+                .rev()
+                .for_each(|&d| head.extend((d as u64).to_le_bytes()));
+            head.extend(ty.id().to_le_bytes());
+            head.extend((offset as u64).to_le_bytes());
+            offset = (offset + data.len()).div_ceil(ALIGN) * ALIGN;
+        }
+        super::write_atomic(path, |w| {
+            use std::io::Write;
+            w.write_all(&head)?;
+            w.write_all(&vec![0u8; head.len().div_ceil(ALIGN) * ALIGN - head.len()])?;
+            for (_, _, _, data) in &self.tensors {
+                w.write_all(data)?;
+                w.write_all(&vec![0u8; data.len().div_ceil(ALIGN) * ALIGN - data.len()])?;
+            }
+            Ok(())
+        })
+    }
+}

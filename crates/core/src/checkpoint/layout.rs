@@ -12,10 +12,13 @@
 //! type, and every quantized vector, table or LoRA matrix, is dequantized to f32 at open time
 //! exactly as ggml dequantizes it.
 
+use super::detect::{detect, Generation};
 use super::gguf::{self, GgmlType, Gguf, TensorInfo, Value};
 use super::{Bytes, Checkpoint, TensorMeta};
 use crate::error::{Error, Result};
 use crate::tensor::{DType, QBLOCK};
+use std::collections::BTreeMap;
+use std::path::Path;
 use std::sync::Arc;
 
 /// The layout of the official (BlinkDL) checkpoints.
@@ -383,12 +386,296 @@ pub fn unescape_repr(s: &str) -> std::result::Result<Vec<u8>, String> {
     Ok(out)
 }
 
+/// Where an official RWKV-7 tensor goes in llama.cpp's `rwkv7` layout (the inverse of
+/// [`rwkv7_place`]): its llama.cpp name and how its values are arranged there.
+fn rwkv7_gguf_name(name: &str) -> Option<(String, Put)> {
+    let g = |n: &str| Some((n.to_string(), Put::Same));
+    match name {
+        "emb.weight" => return g("token_embd.weight"),
+        "blocks.0.ln0.weight" => return g("token_embd_norm.weight"),
+        "blocks.0.ln0.bias" => return g("token_embd_norm.bias"),
+        "ln_out.weight" => return g("output_norm.weight"),
+        "ln_out.bias" => return g("output_norm.bias"),
+        "head.weight" => return g("output.weight"),
+        _ => {}
+    }
+    let rest = name.strip_prefix("blocks.")?;
+    let (i, t) = rest.split_once('.')?;
+    let i: usize = i.parse().ok()?;
+    let blk = |n: &str| format!("blk.{i}.{n}");
+    let (module, t) = t.split_once('.')?;
+    Some(match (module, t) {
+        ("ln1", s) => (blk(&format!("attn_norm.{s}")), Put::Same),
+        ("ln2", s) => (blk(&format!("attn_norm_2.{s}")), Put::Same),
+        ("att", "ln_x.weight" | "ln_x.bias") => (
+            blk(&format!("time_mix_ln.{}", &t["ln_x.".len()..])),
+            Put::Same,
+        ),
+        ("att", x) if V7_LERPS.contains(&x) => (
+            blk("time_mix_lerp_fused.weight"),
+            Put::Lerp(V7_LERPS.iter().position(|l| *l == x)?),
+        ),
+        ("att", "w0" | "a0" | "v0" | "k_k" | "k_a" | "r_k") => {
+            (blk(&format!("time_mix_{t}.weight")), Put::Flat)
+        }
+        ("att", "w1" | "w2" | "a1" | "a2" | "v1" | "v2" | "g1" | "g2") => {
+            (blk(&format!("time_mix_{t}.weight")), Put::Transpose)
+        }
+        ("att", "key.weight" | "value.weight" | "receptance.weight" | "output.weight") => {
+            (blk(&format!("time_mix_{t}")), Put::Same)
+        }
+        ("ffn", "x_k") => (blk("channel_mix_lerp_k.weight"), Put::Flat),
+        ("ffn", "key.weight" | "value.weight") => (blk(&format!("channel_mix_{t}")), Put::Same),
+        _ => return None,
+    })
+}
+
+/// How an official tensor's values are arranged in its llama.cpp tensor.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Put {
+    /// As they are, in the same shape.
+    Same,
+    /// Flattened to one dimension.
+    Flat,
+    /// The `[in, out]` matrix transposed to `[out, in]`.
+    Transpose,
+    /// Slice `k` of the fused token-shift mixes.
+    Lerp(usize),
+}
+
+/// The ggml types `rwkv convert` writes.
+pub const GGUF_OUT: [GgmlType; 5] = [
+    GgmlType::F32,
+    GgmlType::F16,
+    GgmlType::BF16,
+    GgmlType::Q8_0,
+    GgmlType::Q4_0,
+];
+
+/// llama.cpp's `general.file_type` of a file mostly in `ty`.
+fn file_type(ty: GgmlType) -> u32 {
+    match ty {
+        GgmlType::F16 => 1,
+        GgmlType::Q4_0 => 2,
+        GgmlType::Q8_0 => 7,
+        GgmlType::BF16 => 32,
+        _ => 0,
+    }
+}
+
+/// Every value of an official tensor as f32 (quantized matrices of `rwkv convert --quant`
+/// dequantized).
+fn values(ck: &Checkpoint, name: &str) -> Result<Vec<f32>> {
+    let m = ck.meta(name)?;
+    match m.dtype {
+        DType::I8 | DType::U8 => {
+            let per = if m.dtype == DType::I8 { 1 } else { 2 };
+            let (rows, cols) = (m.shape[0], m.shape.get(1).copied().unwrap_or(0) * per);
+            match ck.quantized_matrix(name, rows, cols)? {
+                Some(q) => Ok(q.to_f32()),
+                None => Err(Error::Internal(format!("{name} is not quantized"))),
+            }
+        }
+        _ => ck.f32_vec(name),
+    }
+}
+
+/// Writes an RWKV-7 checkpoint (read from any layout) as llama.cpp's `rwkv7` GGUF, the way its
+/// `convert_hf_to_gguf.py` writes one: the weight matrices, embedding and LoRAs in `ty`
+/// (F16 where a quantized type's block does not divide a row), the vectors, the fused
+/// token-shift mixes and the decay LoRA in F32, block 0 given the dummy value LoRA llama.cpp
+/// expects, and the vocabulary `vocab` (each id's bytes; empty for ids that do not decode).
+pub fn write_gguf(ck: &Checkpoint, path: &Path, ty: GgmlType, vocab: &[Vec<u8>]) -> Result<()> {
+    let what = ck.path().display().to_string();
+    let info = detect(ck)?;
+    if info.generation != Generation::V7 {
+        return Err(Error::bad(format!(
+            "{what}: GGUF output is written for RWKV-7 (llama.cpp's rwkv7); this is RWKV {}",
+            info.generation
+        )));
+    }
+    if !GGUF_OUT.contains(&ty) {
+        return Err(Error::Internal(format!(
+            "rwkv does not write {}",
+            ty.name()
+        )));
+    }
+    if vocab.len() != info.vocab_size {
+        return Err(Error::bad(format!(
+            "{what}: the vocabulary has {} tokens but the model has {} rows",
+            vocab.len(),
+            info.vocab_size
+        )));
+    }
+    // llama.cpp's names in the order its converter writes them, each with its values.
+    let mut out: BTreeMap<String, (Vec<usize>, Vec<f32>)> = BTreeMap::new();
+    let mut order: Vec<String> = Vec::new();
+    let c = info.n_embd;
+    for name in ck.names().iter().filter(|n| !n.ends_with(".scales")) {
+        let (gname, put) = rwkv7_gguf_name(name).ok_or_else(|| {
+            Error::bad(format!(
+                "{what}: tensor {name} has no place in llama.cpp's rwkv7 layout"
+            ))
+        })?;
+        let shape = ck.meta(name)?.shape.clone();
+        let shape = if ck.meta(name)?.dtype == DType::U8 {
+            vec![shape[0], shape[1] * 2]
+        } else {
+            shape
+        };
+        let v = values(ck, name)?;
+        let entry = out.entry(gname.clone()).or_insert_with(|| {
+            order.push(gname.clone());
+            (Vec::new(), Vec::new())
+        });
+        match put {
+            Put::Same => *entry = (shape, v),
+            Put::Flat => *entry = (vec![v.len()], v),
+            Put::Transpose => {
+                let (rows, cols) = (shape[0], shape[1]);
+                let mut t = vec![0.0; v.len()];
+                for r in 0..rows {
+                    for k in 0..cols {
+                        t[k * rows + r] = v[r * cols + k];
+                    }
+                }
+                *entry = (vec![cols, rows], t);
+            }
+            Put::Lerp(k) => {
+                if entry.1.is_empty() {
+                    *entry = (vec![V7_LERPS.len(), 1, 1, c], vec![0.0; V7_LERPS.len() * c]);
+                }
+                entry.1[k * c..(k + 1) * c].copy_from_slice(&v);
+            }
+        }
+    }
+    // llama.cpp reads a value LoRA in every block: block 0's is a copy of its `a` LoRA.
+    for (v, a) in [("v0", "a0"), ("v1", "a1"), ("v2", "a2")] {
+        let src = out.get(&format!("blk.0.time_mix_{a}.weight")).cloned();
+        if let Some(t) = src {
+            let name = format!("blk.0.time_mix_{v}.weight");
+            order.push(name.clone());
+            out.insert(name, t);
+        }
+    }
+    let mut w = gguf::Writer::default();
+    let stem = path
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    w.str("general.architecture", "rwkv7");
+    w.str("general.type", "model");
+    w.str("general.name", &stem);
+    let u = |w: &mut gguf::Writer, k: &str, v: usize| w.u32(&format!("rwkv7.{k}"), v as u32);
+    u(&mut w, "context_length", 1 << 20);
+    u(&mut w, "embedding_length", c);
+    u(&mut w, "block_count", info.n_layer);
+    w.f32("rwkv7.attention.layer_norm_epsilon", 1e-5);
+    u(&mut w, "wkv.head_size", info.head_size);
+    let rank = |k: &str| info.lora.get(k).copied().unwrap_or(0);
+    u(&mut w, "attention.decay_lora_rank", rank("w"));
+    u(&mut w, "attention.iclr_lora_rank", rank("a"));
+    u(&mut w, "attention.value_residual_mix_lora_rank", rank("v"));
+    u(&mut w, "attention.gate_lora_rank", rank("g"));
+    u(&mut w, "feed_forward_length", info.ffn_dim);
+    w.u32("general.file_type", file_type(ty));
+    u(&mut w, "attention.head_count", 0);
+    w.u32("general.quantization_version", 2);
+    w.str("tokenizer.ggml.model", "rwkv");
+    let mut texts = Vec::with_capacity(vocab.len());
+    let mut types = Vec::with_capacity(vocab.len());
+    for (id, b) in vocab.iter().enumerate() {
+        let (text, t) = match (id, b.is_empty()) {
+            (0, _) => ("<s>".to_string(), 3),
+            (_, false) => (escape_repr(b), 1),
+            (_, true) => (format!("[PAD{id}]"), 5),
+        };
+        texts.push(text);
+        types.push(t);
+    }
+    w.strs("tokenizer.ggml.tokens", &texts);
+    w.i32s("tokenizer.ggml.token_type", &types);
+    if vocab.get(261).is_some_and(|b| b == b"\n\n") {
+        w.u32("tokenizer.ggml.eot_token_id", 261);
+    }
+    w.u32("tokenizer.ggml.bos_token_id", 0);
+    w.u32("tokenizer.ggml.eos_token_id", 0);
+    w.str("tokenizer.chat_template", "rwkv-world");
+    for name in order {
+        let (shape, v) = out.remove(&name).expect("listed");
+        let forced_f32 = shape.len() == 1
+            || name.ends_with("time_mix_lerp_fused.weight")
+            || name.ends_with("time_mix_w1.weight")
+            || name.ends_with("time_mix_w2.weight");
+        let t = if forced_f32 {
+            GgmlType::F32
+        } else if ty.is_quantized() && !shape[shape.len() - 1].is_multiple_of(ty.block().0) {
+            GgmlType::F16
+        } else {
+            ty
+        };
+        w.tensor(name, shape, t, gguf::quantize(t, &v));
+    }
+    w.write(path)
+}
+
+/// Python's `repr` of `bytes` without the `b'…'`: the token text llama.cpp's converter writes
+/// for the World vocabulary (read back by [`unescape_repr`]).
+pub fn escape_repr(b: &[u8]) -> String {
+    let double = b.contains(&b'\'') && !b.contains(&b'"');
+    let mut s = String::with_capacity(b.len());
+    for &c in b {
+        match c {
+            b'\\' => s.push_str("\\\\"),
+            b'\'' if !double => s.push_str("\\'"),
+            b'\n' => s.push_str("\\n"),
+            b'\r' => s.push_str("\\r"),
+            b'\t' => s.push_str("\\t"),
+            0x20..=0x7e => s.push(c as char),
+            _ => s.push_str(&format!("\\x{c:02x}")),
+        }
+    }
+    s
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
+    fn the_gguf_names_are_the_inverse_of_the_map() {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../tests/fixtures/v7/model.pth"
+        );
+        let ck = Checkpoint::open(path).unwrap();
+        for name in ck.names() {
+            let p = ck.get(name).unwrap();
+            let (g, put) = rwkv7_gguf_name(name).unwrap_or_else(|| panic!("{name}"));
+            let shape = match put {
+                Put::Transpose => vec![p.shape[1], p.shape[0]],
+                Put::Lerp(_) => vec![6, 1, 1, 128],
+                Put::Flat => vec![p.shape.iter().product()],
+                Put::Same => p.shape.clone(),
+            };
+            let back = match rwkv7_place(&g, &shape, 64).unwrap() {
+                Place::As(n, _) | Place::Matrix(n) | Place::Transposed(n) => n,
+                Place::Split(v) => match put {
+                    Put::Lerp(k) => v[k].clone(),
+                    _ => panic!("{name}"),
+                },
+                Place::Unused => panic!("{name}"),
+            };
+            assert_eq!(&back, name);
+        }
+    }
+
+    #[test]
     fn repr_escapes_round_trip() {
+        for b in [&b"it's"[..], b"a\"b'", b"\\\n\t\r\x00\xff ~", b"\""] {
+            assert_eq!(unescape_repr(&escape_repr(b)).unwrap(), b);
+        }
+        assert_eq!(escape_repr(b"\xe4\n'"), "\\xe4\\n'");
         assert_eq!(unescape_repr(r"\x00a\'\\\n").unwrap(), b"\x00a'\\\n");
         assert_eq!(unescape_repr("it's").unwrap(), b"it's");
         assert!(unescape_repr(r"\x4").is_err());

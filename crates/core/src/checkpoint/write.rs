@@ -2,6 +2,7 @@
 //! of stored entries holding a protocol-2 pickle of an `OrderedDict` of tensors), so files
 //! converted here load in PyTorch and in the official package.
 
+use super::gguf::GgmlType;
 use super::{write_atomic, write_safetensors, Checkpoint, OutTensor};
 use crate::error::{Error, Result};
 use crate::tensor::{bf16_to_f32, DType, FloatData, WeightFormat, QBLOCK};
@@ -277,6 +278,39 @@ fn convert_bytes(name: &str, from: DType, to: DType, b: &[u8]) -> Result<Vec<u8>
     Ok(out)
 }
 
+/// The ggml type of a GGUF written by [`convert`]: Q8_0/Q4_0 for `--quant int8|q4`, else the
+/// float dtype asked for, else the input's (its quantized matrices as Q8_0 or Q4_0).
+fn gguf_type(
+    ck: &Checkpoint,
+    dtype: Option<DType>,
+    quant: Option<WeightFormat>,
+) -> Result<GgmlType> {
+    let from_dtype = |d: DType| match d {
+        DType::F16 => GgmlType::F16,
+        DType::BF16 => GgmlType::BF16,
+        DType::I8 => GgmlType::Q8_0,
+        DType::U8 => GgmlType::Q4_0,
+        _ => GgmlType::F32,
+    };
+    Ok(match quant {
+        Some(WeightFormat::Int8) => GgmlType::Q8_0,
+        Some(WeightFormat::Q4) => GgmlType::Q4_0,
+        Some(WeightFormat::F32) => GgmlType::F32,
+        Some(WeightFormat::F16) => GgmlType::F16,
+        Some(WeightFormat::BF16) => GgmlType::BF16,
+        None => match dtype {
+            Some(d) => from_dtype(d),
+            None => {
+                let stored = ck
+                    .get("blocks.0.att.key.weight")
+                    .or_else(|| ck.get("head.weight"))
+                    .map_or(DType::F32, |m| m.dtype);
+                from_dtype(stored)
+            }
+        },
+    })
+}
+
 /// The output container of [`convert`], from the file name.
 pub fn format_for(path: &Path) -> Result<super::Format> {
     match path.extension().and_then(|e| e.to_str()) {
@@ -299,15 +333,18 @@ fn is_quantizable(name: &str, shape: &[usize]) -> bool {
         && shape[1].is_multiple_of(QBLOCK)
 }
 
-/// Converts a checkpoint between `.pth` and `.safetensors` (either direction), keeping the
-/// official key names and order, optionally changing the float dtype of every float tensor,
-/// and optionally storing the weight matrices quantized (`quant` int8 or q4: `name` holds the
-/// packed values and `name.scales` the block scales, so that loading is a memory map).
+/// Converts a checkpoint of any readable layout to `.pth` or `.safetensors` with the official
+/// key names and order, or to llama.cpp's GGUF (RWKV-7), optionally changing the float dtype
+/// of every float tensor, and optionally storing the weight matrices quantized (`quant` int8
+/// or q4: `name` holds the packed values and `name.scales` the block scales, so that loading
+/// is a memory map; in a GGUF, Q8_0 and Q4_0). A GGUF carries a vocabulary: `vocab` (each
+/// id's bytes), or the input's own.
 pub fn convert(
     input: &Path,
     output: &Path,
     dtype: Option<DType>,
     quant: Option<WeightFormat>,
+    vocab: Option<&[Vec<u8>]>,
 ) -> Result<()> {
     let ck = Checkpoint::open(input)?;
     let fmt = format_for(output)?;
@@ -316,6 +353,16 @@ pub fn convert(
             "{}: output would overwrite the input",
             output.display()
         )));
+    }
+    if fmt == super::Format::Gguf {
+        let ty = gguf_type(&ck, dtype, quant)?;
+        let vocab = vocab.or(ck.vocab().map(|v| &v[..])).ok_or_else(|| {
+            Error::bad(format!(
+                "{}: a GGUF needs the model's vocabulary: name its tokenizer",
+                output.display()
+            ))
+        })?;
+        return super::layout::write_gguf(&ck, output, ty, vocab);
     }
     let mut tensors = Vec::with_capacity(ck.names().len());
     for name in ck.names() {

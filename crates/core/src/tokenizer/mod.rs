@@ -81,6 +81,20 @@ pub fn for_model(info: &crate::checkpoint::ModelInfo) -> Result<Box<dyn Tokenize
     }
 }
 
+/// The bytes of each of the ids `0..n` (empty for an id the tokenizer does not decode): the
+/// vocabulary table a GGUF file carries.
+pub fn token_table(tok: &dyn Tokenizer, n: usize) -> Vec<Vec<u8>> {
+    (0..n as u32)
+        .map(|id| {
+            let mut b = Vec::new();
+            match tok.token_bytes_into(id, &mut b) {
+                Ok(()) => b,
+                Err(_) => Vec::new(),
+            }
+        })
+        .collect()
+}
+
 /// Package semantics of decode: UTF-8 decode; if invalid, the whole result is "\u{fffd}".
 pub fn decode_text_strict(bytes: &[u8]) -> String {
     match std::str::from_utf8(bytes) {
