@@ -92,24 +92,20 @@ fn rwkv7_place(name: &str, shape: &[usize], head_size: usize) -> Option<Place> {
     })
 }
 
-/// The tensors converted at open time, appended to one buffer.
+/// The tensors converted at open time, one buffer each.
+#[derive(Default)]
 struct Converted {
-    bytes: Vec<u8>,
+    bufs: Vec<Arc<Bytes>>,
 }
 
 impl Converted {
-    /// Appends `data` (64-byte aligned within the buffer) and returns its offset.
-    fn push(&mut self, data: &[u8]) -> usize {
-        while !self.bytes.len().is_multiple_of(64) {
-            self.bytes.push(0);
-        }
-        let at = self.bytes.len();
-        self.bytes.extend_from_slice(data);
-        at
+    /// Keeps `data` and returns its buffer's index.
+    fn push(&mut self, data: Vec<u8>) -> usize {
+        self.bufs.push(Arc::new(Bytes::Owned(data)));
+        self.bufs.len() - 1
     }
     fn push_f32(&mut self, v: &[f32]) -> usize {
-        let b: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
-        self.push(&b)
+        self.push(v.iter().flat_map(|x| x.to_le_bytes()).collect())
     }
 }
 
@@ -155,7 +151,7 @@ pub(super) fn index_gguf(ck: &mut Checkpoint, what: &str) -> Result<()> {
         as usize;
     ck.layout = format!("llama.cpp GGUF v{} ({arch})", g.version);
     ck.vocab = gguf_vocab(&g, what)?;
-    let mut conv = Converted { bytes: Vec::new() };
+    let mut conv = Converted::default();
     for t in &g.tensors {
         let place = rwkv7_place(&t.name, &t.shape, head_size).ok_or_else(|| {
             Error::bad(format!(
@@ -165,7 +161,7 @@ pub(super) fn index_gguf(ck: &mut Checkpoint, what: &str) -> Result<()> {
         })?;
         place_tensor(ck, &map, &mut conv, t, place, what)?;
     }
-    ck.converted = Arc::new(Bytes::Owned(conv.bytes));
+    ck.converted = conv.bufs;
     Ok(())
 }
 
@@ -183,14 +179,14 @@ fn place_tensor(
         shape,
         offset,
         nbytes,
-        converted: false,
+        converted: None,
     };
-    let owned = |dtype: DType, shape: Vec<usize>, offset: usize, nbytes: usize| TensorMeta {
+    let owned = |dtype: DType, shape: Vec<usize>, buf: usize, nbytes: usize| TensorMeta {
         dtype,
         shape,
-        offset,
+        offset: 0,
         nbytes,
-        converted: true,
+        converted: Some(buf),
     };
     match place {
         Place::Unused => Ok(()),
@@ -226,8 +222,9 @@ fn place_tensor(
                     } else {
                         (DType::U8, cols / 2)
                     };
-                    let qo = conv.push(&q);
-                    ck.insert(name.clone(), owned(dtype, vec![rows, packed], qo, q.len()))?;
+                    let qn = q.len();
+                    let qo = conv.push(q);
+                    ck.insert(name.clone(), owned(dtype, vec![rows, packed], qo, qn))?;
                     let dof = conv.push_f32(&d);
                     ck.insert(
                         format!("{name}.scales"),
@@ -270,8 +267,9 @@ fn place_tensor(
                     out[to..to + es].copy_from_slice(&src[from..from + es]);
                 }
             }
-            let o = conv.push(&out);
-            ck.insert(name, owned(dtype, vec![cols, rows], o, out.len()))
+            let n = out.len();
+            let o = conv.push(out);
+            ck.insert(name, owned(dtype, vec![cols, rows], o, n))
         }
         Place::Split(names) => {
             let n = names.len();

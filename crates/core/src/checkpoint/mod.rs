@@ -53,9 +53,9 @@ pub struct TensorMeta {
     pub shape: Vec<usize>,
     offset: usize,
     nbytes: usize,
-    /// Whether the bytes are in the checkpoint's own buffer (values converted at open time:
-    /// dequantized, transposed or repacked) rather than in the file.
-    converted: bool,
+    /// The checkpoint's own buffer holding the bytes, for values converted at open time
+    /// (dequantized, transposed or repacked), or `None` for bytes in the file.
+    converted: Option<usize>,
 }
 
 impl TensorMeta {
@@ -87,8 +87,9 @@ pub struct Checkpoint {
     path: PathBuf,
     format: Format,
     map: Arc<Bytes>,
-    /// Tensors converted at open time (GGUF types the kernels do not read in place).
-    converted: Arc<Bytes>,
+    /// Tensors converted at open time (GGUF types the kernels do not read in place), one
+    /// buffer each so that a model keeps only those it uses in place.
+    converted: Vec<Arc<Bytes>>,
     order: Vec<String>,
     tensors: HashMap<String, TensorMeta>,
     metadata: BTreeMap<String, String>,
@@ -145,7 +146,7 @@ impl Checkpoint {
             path,
             format: Format::Safetensors,
             map: Arc::new(map),
-            converted: Arc::new(Bytes::Owned(Vec::new())),
+            converted: Vec::new(),
             order: Vec::new(),
             tensors: HashMap::new(),
             metadata: BTreeMap::new(),
@@ -210,7 +211,7 @@ impl Checkpoint {
                     shape,
                     offset,
                     nbytes: view.data().len(),
-                    converted: false,
+                    converted: None,
                 },
             )?;
         }
@@ -278,7 +279,7 @@ impl Checkpoint {
                     shape: t.shape,
                     offset: entry.offset + start.unwrap_or(0),
                     nbytes: nbytes.unwrap_or(0),
-                    converted: false,
+                    converted: None,
                 },
             )?;
         }
@@ -332,10 +333,9 @@ impl Checkpoint {
 
     /// The buffer a tensor's bytes are in.
     fn buffer(&self, m: &TensorMeta) -> &Arc<Bytes> {
-        if m.converted {
-            &self.converted
-        } else {
-            &self.map
+        match m.converted {
+            Some(i) => &self.converted[i],
+            None => &self.map,
         }
     }
 
