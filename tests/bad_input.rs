@@ -1,22 +1,10 @@
 //! Bad input never panics: each case is a clear error naming the file or tensor.
 
 mod common;
-use common::{fixture, make_zip, rewrite, tmpdir};
+use common::{fixture, load_err, make_zip, rewrite, tmpdir};
 use rwkv::checkpoint::Checkpoint;
 use rwkv::model::{Model, State};
 use rwkv::tensor::DType;
-
-fn load_err(path: &std::path::Path) -> String {
-    match Model::load(path) {
-        Ok(_) => panic!("{} loaded but should not", path.display()),
-        Err(e) => {
-            let s = e.to_string();
-            assert_eq!(e.exit_code(), 2, "{s}");
-            assert!(!s.contains('\n'), "multi-line message: {s}");
-            s
-        }
-    }
-}
 
 #[test]
 fn missing_file() {

@@ -55,6 +55,19 @@ pub fn tol_ratio(got: &[f32], want: &[f32]) -> f32 {
         .fold(0.0, f32::max)
 }
 
+/// The one-line, exit-code-2 message of a model file or directory that must not load.
+pub fn load_err(path: &std::path::Path) -> String {
+    match rwkv::model::Model::load(path) {
+        Ok(_) => panic!("{} loaded but should not", path.display()),
+        Err(e) => {
+            let s = e.to_string();
+            assert_eq!(e.exit_code(), 2, "{s}");
+            assert!(!s.contains('\n'), "multi-line message: {s}");
+            s
+        }
+    }
+}
+
 /// Maximum absolute difference.
 pub fn max_abs(got: &[f32], want: &[f32]) -> f32 {
     got.iter()

@@ -82,6 +82,9 @@ pub struct ModelInfo {
     /// The vocabulary the file carries (GGUF), each id's bytes.
     #[serde(skip)]
     pub vocab: Option<std::sync::Arc<[Vec<u8>]>>,
+    /// The tokenizer file beside the weights (a Hugging Face directory's).
+    #[serde(skip)]
+    pub tokenizer_file: Option<std::path::PathBuf>,
     /// File size in bytes.
     pub file_bytes: usize,
 }
@@ -142,7 +145,9 @@ pub fn detect(ck: &Checkpoint) -> Result<ModelInfo> {
             emb.shape
         )));
     }
-    let (vocab, c) = (emb.shape[0], emb.shape[1]);
+    // A q4-packed table (a GGUF's Q4_0 embedding) holds two values per byte.
+    let per_byte = if emb.dtype == DType::U8 { 2 } else { 1 };
+    let (vocab, c) = (emb.shape[0], emb.shape[1] * per_byte);
     // Layers: every block index that any key mentions must form 0..n.
     let mut idx = BTreeSet::new();
     for name in ck.names() {
@@ -261,6 +266,7 @@ pub fn detect(ck: &Checkpoint) -> Result<ModelInfo> {
         format: ck.format().to_string(),
         layout: ck.layout().to_string(),
         vocab: ck.vocab().cloned(),
+        tokenizer_file: ck.tokenizer_file().map(|p| p.to_path_buf()),
         file_bytes: ck.file_size(),
     })
 }

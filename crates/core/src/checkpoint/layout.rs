@@ -14,7 +14,7 @@
 
 use super::detect::{detect, Generation};
 use super::gguf::{self, GgmlType, Gguf, TensorInfo, Value};
-use super::{Bytes, Checkpoint, TensorMeta};
+use super::{Bytes, Checkpoint, Format, TensorMeta};
 use crate::error::{Error, Result};
 use crate::tensor::{DType, QBLOCK};
 use std::collections::BTreeMap;
@@ -47,7 +47,8 @@ fn rwkv7_place(name: &str, shape: &[usize], head_size: usize) -> Option<Place> {
     let c = *shape.last()?;
     let vector = |n: &str| Some(Place::As(n.to_string(), vec![c]));
     match name {
-        "token_embd.weight" => return Some(Place::As("emb.weight".into(), shape.to_vec())),
+        // Read a row at a time, it may stay block-quantized as a matrix does.
+        "token_embd.weight" => return Some(Place::Matrix("emb.weight".into())),
         "token_embd_norm.weight" => return vector("blocks.0.ln0.weight"),
         "token_embd_norm.bias" => return vector("blocks.0.ln0.bias"),
         "output_norm.weight" => return vector("ln_out.weight"),
@@ -634,6 +635,188 @@ pub fn escape_repr(b: &[u8]) -> String {
         }
     }
     s
+}
+
+/// A map of a layout's tensor names onto the official ones (`None`: not a name it has).
+type Rename = fn(&str) -> Option<String>;
+
+/// The Hugging Face layouts read: `config.json`'s architecture, the layout's name and its
+/// tensor names' map.
+fn hf_name_map(arch: &str) -> Option<(&'static str, Rename)> {
+    match arch {
+        "RwkvForCausalLM" => Some(("transformers RwkvForCausalLM (RWKV-4)", transformers_rwkv4)),
+        _ => None,
+    }
+}
+
+/// transformers' `RwkvForCausalLM` names (its `convert_rwkv_checkpoint_to_hf.py` renames the
+/// official ones and changes no values): `rwkv.` before all but the head, `embeddings`,
+/// `pre_ln`, `attention`, `feed_forward` and the spelled-out token-shift mixes. Its
+/// `rescale_every` halves the output and value weights and the residual stream together at
+/// run time (fp16 headroom), which leaves the stored weights and the function unchanged.
+fn transformers_rwkv4(name: &str) -> Option<String> {
+    if name == "head.weight" {
+        return Some(name.into());
+    }
+    let n = name.strip_prefix("rwkv.")?;
+    let n = match n {
+        "embeddings.weight" => return Some("emb.weight".into()),
+        _ => n.replacen("blocks.0.pre_ln.", "blocks.0.ln0.", 1),
+    };
+    Some(
+        n.replace(".attention.", ".att.")
+            .replace(".feed_forward.", ".ffn.")
+            .replace(".time_mix_key", ".time_mix_k")
+            .replace(".time_mix_value", ".time_mix_v")
+            .replace(".time_mix_receptance", ".time_mix_r"),
+    )
+}
+
+/// Opens a Hugging Face model directory: `config.json`, then `model.safetensors`, the shards
+/// of `model.safetensors.index.json`, or `pytorch_model.bin` (or its index), each memory-mapped;
+/// the tensors renamed to the official names; the tokenizer beside them.
+pub(super) fn open_hf_dir(dir: &Path) -> Result<Checkpoint> {
+    let cfg_path = dir.join("config.json");
+    let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
+    let cfg: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| Error::bad(format!("{}: not valid JSON: {e}", cfg_path.display())))?;
+    let arch = cfg["architectures"][0].as_str().unwrap_or("").to_string();
+    let (layout, rename) = hf_name_map(&arch).ok_or_else(|| {
+        Error::bad(format!(
+            "{}: architecture {arch:?} is not a layout rwkv reads (RwkvForCausalLM)",
+            cfg_path.display()
+        ))
+    })?;
+    let files = weight_files(dir)?;
+    let mut ck = Checkpoint {
+        path: dir.to_path_buf(),
+        format: Format::Safetensors,
+        map: Arc::new(Bytes::Owned(Vec::new())),
+        converted: Vec::new(),
+        tokenizer_file: None,
+        file_bytes: 0,
+        order: Vec::new(),
+        tensors: std::collections::HashMap::new(),
+        metadata: BTreeMap::new(),
+        layout: format!("Hugging Face {layout}"),
+        vocab: None,
+    };
+    for (file, wanted) in files {
+        let shard = Checkpoint::open(&file)?;
+        ck.format = shard.format;
+        ck.file_bytes += shard.file_bytes;
+        let buf = ck.converted.len();
+        ck.converted.push(shard.map.clone());
+        if let Some(missing) = wanted.iter().flatten().find(|n| !shard.has(n)) {
+            return Err(Error::bad(format!(
+                "{}: tensor {missing}, which the index puts there, is missing",
+                file.display()
+            )));
+        }
+        for name in shard.names() {
+            if let Some(w) = &wanted {
+                if !w.contains(name.as_str()) {
+                    return Err(Error::bad(format!(
+                        "{}: tensor {name} is not the one the index puts there",
+                        file.display()
+                    )));
+                }
+            }
+            let official = rename(name).ok_or_else(|| {
+                Error::bad(format!(
+                    "{}: unknown tensor {name} (not part of the {layout} layout)",
+                    file.display()
+                ))
+            })?;
+            let mut m = shard.get(name).expect("listed").clone();
+            m.converted = Some(buf);
+            ck.insert(official, m)?;
+        }
+    }
+    let info = detect(&ck)?;
+    for (key, dim, got) in [
+        ("hidden_size", "width", info.n_embd),
+        ("num_hidden_layers", "layers", info.n_layer),
+        ("vocab_size", "vocab", info.vocab_size),
+    ] {
+        let Some(want) = cfg[key].as_u64() else {
+            continue;
+        };
+        let got = got as u64;
+        if got != want {
+            return Err(Error::bad(format!(
+                "{}: {key} is {want} but the tensors make {dim} {got}",
+                cfg_path.display()
+            )));
+        }
+    }
+    ck.tokenizer_file = ["tokenizer.json", "rwkv_vocab_v20230424.txt"]
+        .iter()
+        .map(|f| dir.join(f))
+        .find(|p| p.is_file());
+    Ok(ck)
+}
+
+/// The weight files of a directory, each with the tensor names its index puts in it.
+#[allow(clippy::type_complexity)]
+fn weight_files(
+    dir: &Path,
+) -> Result<
+    Vec<(
+        std::path::PathBuf,
+        Option<std::collections::HashSet<String>>,
+    )>,
+> {
+    for (single, index) in [
+        ("model.safetensors", "model.safetensors.index.json"),
+        ("pytorch_model.bin", "pytorch_model.bin.index.json"),
+    ] {
+        let ip = dir.join(index);
+        if ip.is_file() {
+            let text = std::fs::read_to_string(&ip).map_err(|e| Error::io(&ip, e))?;
+            let v: serde_json::Value = serde_json::from_str(&text)
+                .map_err(|e| Error::bad(format!("{}: not valid JSON: {e}", ip.display())))?;
+            let map = v["weight_map"]
+                .as_object()
+                .ok_or_else(|| Error::bad(format!("{}: no weight_map object", ip.display())))?;
+            let mut by_file: BTreeMap<String, std::collections::HashSet<String>> = BTreeMap::new();
+            for (tensor, file) in map {
+                let file = file
+                    .as_str()
+                    .filter(|f| !f.contains('/') && !f.contains(".."))
+                    .ok_or_else(|| {
+                        Error::bad(format!(
+                            "{}: weight_map entry {tensor} is not a file name beside the index",
+                            ip.display()
+                        ))
+                    })?;
+                by_file
+                    .entry(file.to_string())
+                    .or_default()
+                    .insert(tensor.clone());
+            }
+            let mut out = Vec::new();
+            for (file, names) in by_file {
+                let p = dir.join(&file);
+                if !p.is_file() {
+                    return Err(Error::bad(format!(
+                        "{}: names shard {file}, which is missing",
+                        ip.display()
+                    )));
+                }
+                out.push((p, Some(names)));
+            }
+            return Ok(out);
+        }
+        let sp = dir.join(single);
+        if sp.is_file() {
+            return Ok(vec![(sp, None)]);
+        }
+    }
+    Err(Error::bad(format!(
+        "{}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin",
+        dir.display()
+    )))
 }
 
 #[cfg(test)]

@@ -53,8 +53,9 @@ pub struct TensorMeta {
     pub shape: Vec<usize>,
     offset: usize,
     nbytes: usize,
-    /// The checkpoint's own buffer holding the bytes, for values converted at open time
-    /// (dequantized, transposed or repacked), or `None` for bytes in the file.
+    /// The checkpoint's other buffer holding the bytes (a file of a directory's, or values
+    /// converted at open time: dequantized, transposed or repacked), or `None` for bytes in
+    /// the file.
     converted: Option<usize>,
 }
 
@@ -87,9 +88,12 @@ pub struct Checkpoint {
     path: PathBuf,
     format: Format,
     map: Arc<Bytes>,
-    /// Tensors converted at open time (GGUF types the kernels do not read in place), one
-    /// buffer each so that a model keeps only those it uses in place.
+    /// The other buffers: the files of a Hugging Face directory, and tensors converted at
+    /// open time (GGUF types the kernels do not read in place), one buffer each so that a
+    /// model keeps only those it uses in place.
     converted: Vec<Arc<Bytes>>,
+    tokenizer_file: Option<PathBuf>,
+    file_bytes: usize,
     order: Vec<String>,
     tensors: HashMap<String, TensorMeta>,
     metadata: BTreeMap<String, String>,
@@ -116,6 +120,9 @@ impl Checkpoint {
     /// Opens a `.pth` or `.safetensors` file (detected from its content, not its name).
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
+        if path.is_dir() {
+            return layout::open_hf_dir(path);
+        }
         let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
         // SAFETY: the map is read-only; a file truncated underneath a running process is the
         // same hazard every mmap-based loader (llama.cpp, safetensors) accepts.
@@ -147,12 +154,15 @@ impl Checkpoint {
             format: Format::Safetensors,
             map: Arc::new(map),
             converted: Vec::new(),
+            tokenizer_file: None,
+            file_bytes: 0,
             order: Vec::new(),
             tensors: HashMap::new(),
             metadata: BTreeMap::new(),
             layout: layout::OFFICIAL.to_string(),
             vocab: None,
         };
+        ck.file_bytes = ck.map.len();
         if ck.map[..4] == *b"PK\x03\x04" {
             ck.format = Format::Pth;
             ck.index_pth(&what)?;
@@ -294,9 +304,9 @@ impl Checkpoint {
     pub fn format(&self) -> Format {
         self.format
     }
-    /// File size in bytes.
+    /// File size in bytes (of all its files, for a directory).
     pub fn file_size(&self) -> usize {
-        self.map.len()
+        self.file_bytes
     }
     /// Tensor names in file order.
     pub fn names(&self) -> &[String] {
@@ -310,6 +320,11 @@ impl Checkpoint {
     /// name map of another tool read onto them.
     pub fn layout(&self) -> &str {
         &self.layout
+    }
+    /// The tokenizer file found beside the weights of a Hugging Face directory
+    /// (`tokenizer.json`, or the World vocabulary's `rwkv_vocab_v20230424.txt`).
+    pub fn tokenizer_file(&self) -> Option<&Path> {
+        self.tokenizer_file.as_deref()
     }
     /// The vocabulary the file carries (GGUF), as each id's bytes (empty for ids that do not
     /// decode: control and padding tokens).

@@ -493,10 +493,17 @@ impl<'a> Loader<'a> {
         })
     }
 
-    /// A tensor of exactly its schema shape in its stored format (the embedding table,
-    /// stacked LoRA blocks).
+    /// A tensor of exactly its schema shape in its stored format (the embedding table, which
+    /// may be block-quantized, stacked LoRA blocks).
     pub fn stored(&mut self, name: &str) -> Result<FloatData> {
         let shape = self.param(name)?.shape.clone();
+        if let [rows, cols] = shape[..] {
+            if let Some(q) = self.ck.quantized_matrix(name, rows, cols)? {
+                self.used.insert(name.to_string());
+                self.used.insert(format!("{name}.scales"));
+                return Ok(q);
+            }
+        }
         self.ck.expect_shape(name, &shape)?;
         self.used.insert(name.to_string());
         self.ck.float_tensor(name)

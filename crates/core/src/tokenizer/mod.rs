@@ -70,8 +70,12 @@ pub fn for_vocab(model_vocab: usize) -> Result<Box<dyn Tokenizer>> {
 }
 
 /// The tokenizer of a model when the user did not name one: the vocabulary its file carries
-/// (GGUF), else the one [`for_vocab`] picks for its size.
+/// (GGUF), the tokenizer file beside its weights (a Hugging Face directory), else the one
+/// [`for_vocab`] picks for its size.
 pub fn for_model(info: &crate::checkpoint::ModelInfo) -> Result<Box<dyn Tokenizer>> {
+    if let Some(f) = &info.tokenizer_file {
+        return load(&f.display().to_string());
+    }
     match &info.vocab {
         Some(tokens) => Ok(Box::new(WorldTokenizer::from_tokens(
             tokens,

@@ -1,0 +1,142 @@
+//! Hugging Face model directories: transformers' `RwkvForCausalLM` (RWKV-4) as its own
+//! `save_pretrained` writes it, sharded with an index and as `pytorch_model.bin`, against
+//! transformers' logits (`tests/fixtures/formats/README.md`); and the bad directories.
+
+mod common;
+
+use common::{fixture, load_err, tol_ratio};
+use rwkv::checkpoint::Checkpoint;
+use rwkv::model::{Logits, Model};
+use std::path::{Path, PathBuf};
+
+fn expected(name: &str) -> Vec<f32> {
+    Checkpoint::open(fixture("formats/hf/rwkv4-expected.safetensors"))
+        .unwrap()
+        .f32_vec(name)
+        .unwrap()
+}
+
+fn tokens(seq: &str) -> Vec<u32> {
+    Checkpoint::open(fixture("formats/hf/rwkv4-expected.safetensors"))
+        .unwrap()
+        .i64_vec(&format!("{seq}.tokens"))
+        .unwrap()
+        .into_iter()
+        .map(|t| t as u32)
+        .collect()
+}
+
+#[test]
+fn transformers_rwkv4_directories_give_transformers_logits() {
+    for dir in ["rwkv4-sharded", "rwkv4-bin"] {
+        let model = Model::load(fixture(&format!("formats/hf/{dir}"))).unwrap();
+        assert!(model.info().layout.contains("transformers RwkvForCausalLM"));
+        for seq in ["seq0", "seq1"] {
+            let toks = tokens(seq);
+            let want = expected(&format!("{seq}.logits"));
+            let par = model
+                .forward(&toks, &mut model.new_state(), Logits::All)
+                .unwrap();
+            let mut st = model.new_state();
+            let rec: Vec<f32> = toks
+                .iter()
+                .flat_map(|&t| model.step(t, &mut st).unwrap())
+                .collect();
+            for (mode, got) in [("parallel", par), ("recurrent", rec)] {
+                let r = tol_ratio(&got, &want);
+                println!("{dir} {seq} {mode}: {r:.3} of the tolerance");
+                assert!(r <= 1.0, "{dir} {seq} {mode}: {r} times the tolerance");
+            }
+        }
+    }
+}
+
+#[test]
+fn the_tokenizer_beside_the_weights_is_used() {
+    let model = Model::load(fixture("formats/hf/rwkv4-sharded")).unwrap();
+    let tok = rwkv::tokenizer::for_model(model.info()).unwrap();
+    assert!(tok.name().ends_with("tokenizer.json"), "{}", tok.name());
+    let info = Model::load(fixture("formats/hf/rwkv4-bin")).unwrap();
+    let e = rwkv::tokenizer::for_model(info.info())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("--tokenizer") || e.contains("name one"), "{e}");
+}
+
+/// A copy of a fixture directory to break.
+fn copy(dir: &str, tag: &str) -> PathBuf {
+    let out = std::env::temp_dir().join(format!("rwkv-hf-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&out);
+    std::fs::create_dir_all(&out).unwrap();
+    for e in std::fs::read_dir(fixture(&format!("formats/hf/{dir}"))).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), out.join(e.file_name())).unwrap();
+    }
+    out
+}
+
+fn edit(path: &Path, from: &str, to: &str) {
+    let s = std::fs::read_to_string(path).unwrap();
+    assert!(s.contains(from));
+    std::fs::write(path, s.replacen(from, to, 1)).unwrap();
+}
+
+/// The error of the sharded directory with `from` in its `config.json` changed to `to`.
+fn config_err(from: &str, to: &str, tag: &str) -> String {
+    let d = copy("rwkv4-sharded", tag);
+    edit(&d.join("config.json"), from, to);
+    load_err(&d)
+}
+
+#[test]
+fn bad_directories_are_refused_by_name() {
+    let d = copy("rwkv4-sharded", "shard");
+    std::fs::remove_file(d.join("model-00003-of-00004.safetensors")).unwrap();
+    let e = load_err(&d);
+    assert!(
+        e.contains("names shard model-00003-of-00004.safetensors, which is missing"),
+        "{e}"
+    );
+
+    let e = config_err("\"hidden_size\": 128", "\"hidden_size\": 256", "config");
+    assert!(
+        e.contains("config.json: hidden_size is 256 but the tensors make width 128"),
+        "{e}"
+    );
+
+    let e = config_err("RwkvForCausalLM", "LlamaForCausalLM", "arch");
+    assert!(
+        e.contains("architecture \"LlamaForCausalLM\" is not a layout rwkv reads"),
+        "{e}"
+    );
+
+    let d = copy("rwkv4-sharded", "index");
+    let idx = d.join("model.safetensors.index.json");
+    let s = std::fs::read_to_string(&idx).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&s).unwrap();
+    let at = v["weight_map"]["head.weight"].as_str().unwrap().to_string();
+    let other = if at.contains("00001") {
+        "model-00002-of-00004.safetensors"
+    } else {
+        "model-00001-of-00004.safetensors"
+    };
+    edit(
+        &idx,
+        &format!("\"head.weight\": \"{at}\""),
+        &format!("\"head.weight\": \"{other}\""),
+    );
+    let e = load_err(&d);
+    assert!(
+        e.contains("tensor head.weight, which the index puts there, is missing"),
+        "{e}"
+    );
+
+    let d = copy("rwkv4-bin", "empty");
+    std::fs::remove_file(d.join("pytorch_model.bin")).unwrap();
+    let e = load_err(&d);
+    assert!(e.contains("no model.safetensors"), "{e}");
+    std::fs::remove_file(d.join("config.json")).unwrap();
+    let e = load_err(&d);
+    assert!(e.contains("config.json"), "{e}");
+}
