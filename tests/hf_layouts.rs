@@ -51,6 +51,31 @@ fn transformers_rwkv4_directories_give_transformers_logits() {
     }
 }
 
+/// fla-hub's RWKV-7 layout, written by the flash-linear-attention project's own converter
+/// from `v7/model.pth`: the official package's logits and states of that file.
+#[test]
+fn the_fla_hub_rwkv7_layout_is_the_official_model() {
+    let model = Model::load(fixture("formats/hf/rwkv7-fla")).unwrap();
+    assert!(model.info().layout.contains("fla-hub"));
+    let exp = common::Expected::open("v7");
+    for seq in ["seq0", "seq1"] {
+        let toks = exp.tokens(seq);
+        let want = exp.f32(&format!("{seq}.logits_full"));
+        let mut st = model.new_state();
+        let got = model.forward(&toks, &mut st, Logits::All).unwrap();
+        let r = tol_ratio(&got, &want);
+        let mut rs = 0f32;
+        for j in 0..st.len() {
+            rs = rs.max(tol_ratio(
+                st.tensor(j),
+                &exp.f32(&format!("{seq}.state_full.{j}")),
+            ));
+        }
+        println!("fla {seq}: logits {r:.4}, state {rs:.4} of the tolerance");
+        assert!(r <= 1.0 && rs <= 1.0, "{seq}: {r} {rs}");
+    }
+}
+
 #[test]
 fn the_tokenizer_beside_the_weights_is_used() {
     let model = Model::load(fixture("formats/hf/rwkv4-sharded")).unwrap();

@@ -42,6 +42,14 @@ enum Place {
 /// The six token-shift mixes of RWKV-7 in the order llama.cpp fuses them.
 const V7_LERPS: [&str; 6] = ["x_r", "x_w", "x_k", "x_v", "x_a", "x_g"];
 
+/// The block of a tensor named `PREFIX{i}.rest`: `i`, its official prefix `blocks.{i}`, and
+/// `rest`.
+fn block_of<'a>(name: &'a str, prefix: &str) -> Option<(usize, String, &'a str)> {
+    let (i, rest) = name.strip_prefix(prefix)?.split_once('.')?;
+    let i: usize = i.parse().ok()?;
+    Some((i, format!("blocks.{i}"), rest))
+}
+
 /// Where a tensor of llama.cpp's `rwkv7` layout goes; `None` for a name it does not have.
 fn rwkv7_place(name: &str, shape: &[usize], head_size: usize) -> Option<Place> {
     let c = *shape.last()?;
@@ -56,10 +64,7 @@ fn rwkv7_place(name: &str, shape: &[usize], head_size: usize) -> Option<Place> {
         "output.weight" => return Some(Place::Matrix("head.weight".into())),
         _ => {}
     }
-    let rest = name.strip_prefix("blk.")?;
-    let (i, t) = rest.split_once('.')?;
-    let i: usize = i.parse().ok()?;
-    let b = format!("blocks.{i}");
+    let (i, b, t) = block_of(name, "blk.")?;
     let (t, suffix) = t.rsplit_once('.')?;
     let at = |n: &str| format!("{b}.att.{n}");
     Some(match (t, suffix) {
@@ -93,20 +98,14 @@ fn rwkv7_place(name: &str, shape: &[usize], head_size: usize) -> Option<Place> {
     })
 }
 
-/// The tensors converted at open time, one buffer each.
-#[derive(Default)]
-struct Converted {
-    bufs: Vec<Arc<Bytes>>,
-}
-
-impl Converted {
-    /// Keeps `data` and returns its buffer's index.
-    fn push(&mut self, data: Vec<u8>) -> usize {
-        self.bufs.push(Arc::new(Bytes::Owned(data)));
-        self.bufs.len() - 1
+impl Checkpoint {
+    /// Keeps `data` as one of the checkpoint's buffers and returns its index.
+    fn keep(&mut self, data: Vec<u8>) -> usize {
+        self.converted.push(Arc::new(Bytes::Owned(data)));
+        self.converted.len() - 1
     }
-    fn push_f32(&mut self, v: &[f32]) -> usize {
-        self.push(v.iter().flat_map(|x| x.to_le_bytes()).collect())
+    fn keep_f32(&mut self, v: &[f32]) -> usize {
+        self.keep(v.iter().flat_map(|x| x.to_le_bytes()).collect())
     }
 }
 
@@ -152,7 +151,6 @@ pub(super) fn index_gguf(ck: &mut Checkpoint, what: &str) -> Result<()> {
         as usize;
     ck.layout = format!("llama.cpp GGUF v{} ({arch})", g.version);
     ck.vocab = gguf_vocab(&g, what)?;
-    let mut conv = Converted::default();
     for t in &g.tensors {
         let place = rwkv7_place(&t.name, &t.shape, head_size).ok_or_else(|| {
             Error::bad(format!(
@@ -160,16 +158,17 @@ pub(super) fn index_gguf(ck: &mut Checkpoint, what: &str) -> Result<()> {
                 t.name, t.shape
             ))
         })?;
-        place_tensor(ck, &map, &mut conv, t, place, what)?;
+        place_tensor(ck, &map, None, t, place, what)?;
     }
-    ck.converted = conv.bufs;
     Ok(())
 }
 
+/// Enters tensor `t` of `map` (the checkpoint's file when `src` is `None`, else its buffer
+/// `src`) at its official place, in place where its type allows.
 fn place_tensor(
     ck: &mut Checkpoint,
     map: &[u8],
-    conv: &mut Converted,
+    src: Option<usize>,
     t: &TensorInfo,
     place: Place,
     what: &str,
@@ -180,7 +179,7 @@ fn place_tensor(
         shape,
         offset,
         nbytes,
-        converted: None,
+        converted: src,
     };
     let owned = |dtype: DType, shape: Vec<usize>, buf: usize, nbytes: usize| TensorMeta {
         dtype,
@@ -202,7 +201,7 @@ fn place_tensor(
                 Some(d) => in_file(d, shape, t.offset, t.nbytes),
                 None => {
                     let v = dequantized(map, t);
-                    owned(DType::F32, shape, conv.push_f32(&v), numel * 4)
+                    owned(DType::F32, shape, ck.keep_f32(&v), numel * 4)
                 }
             };
             ck.insert(name, meta)
@@ -224,9 +223,9 @@ fn place_tensor(
                         (DType::U8, cols / 2)
                     };
                     let qn = q.len();
-                    let qo = conv.push(q);
+                    let qo = ck.keep(q);
                     ck.insert(name.clone(), owned(dtype, vec![rows, packed], qo, qn))?;
-                    let dof = conv.push_f32(&d);
+                    let dof = ck.keep_f32(&d);
                     ck.insert(
                         format!("{name}.scales"),
                         owned(DType::F32, vec![rows, cols / QBLOCK], dof, d.len() * 4),
@@ -236,7 +235,7 @@ fn place_tensor(
                     Some(d) => ck.insert(name, in_file(d, vec![rows, cols], t.offset, t.nbytes)),
                     None => {
                         let v = dequantized(map, t);
-                        let o = conv.push_f32(&v);
+                        let o = ck.keep_f32(&v);
                         ck.insert(name, owned(DType::F32, vec![rows, cols], o, numel * 4))
                     }
                 },
@@ -269,7 +268,7 @@ fn place_tensor(
                 }
             }
             let n = out.len();
-            let o = conv.push(out);
+            let o = ck.keep(out);
             ck.insert(name, owned(dtype, vec![cols, rows], o, n))
         }
         Place::Split(names) => {
@@ -292,7 +291,7 @@ fn place_tensor(
                 None => {
                     let v = dequantized(map, t);
                     for (k, name) in names.into_iter().enumerate() {
-                        let o = conv.push_f32(&v[k * c..(k + 1) * c]);
+                        let o = ck.keep_f32(&v[k * c..(k + 1) * c]);
                         ck.insert(name, owned(DType::F32, vec![c], o, c * 4))?;
                     }
                     Ok(())
@@ -398,9 +397,7 @@ fn rwkv7_gguf_name(name: &str) -> Option<(String, Put)> {
         "head.weight" => return g("output.weight"),
         _ => {}
     }
-    let rest = name.strip_prefix("blocks.")?;
-    let (i, t) = rest.split_once('.')?;
-    let i: usize = i.parse().ok()?;
+    let (i, _, t) = block_of(name, "blocks.")?;
     let blk = |n: &str| format!("blk.{i}.{n}");
     let (module, t) = t.split_once('.')?;
     Some(match (module, t) {
@@ -637,16 +634,82 @@ pub fn escape_repr(b: &[u8]) -> String {
     s
 }
 
-/// A map of a layout's tensor names onto the official ones (`None`: not a name it has).
-type Rename = fn(&str) -> Option<String>;
+/// A map of a layout's tensors (name and shape) onto the official ones (`None`: not a name
+/// it has).
+type Rename = fn(&str, &[usize]) -> Option<Place>;
 
 /// The Hugging Face layouts read: `config.json`'s architecture, the layout's name and its
-/// tensor names' map.
+/// tensors' map.
 fn hf_name_map(arch: &str) -> Option<(&'static str, Rename)> {
     match arch {
-        "RwkvForCausalLM" => Some(("transformers RwkvForCausalLM (RWKV-4)", transformers_rwkv4)),
+        "RwkvForCausalLM" => Some(("transformers RwkvForCausalLM (RWKV-4)", |n, s| {
+            transformers_rwkv4(n).map(|o| Place::As(o, s.to_vec()))
+        })),
+        "RWKV7ForCausalLM" => Some(("fla-hub RWKV7ForCausalLM (RWKV-7)", fla_rwkv7)),
         _ => None,
     }
+}
+
+/// The flash-linear-attention project's RWKV-7 names (its `convert_from_rwkv7.py`):
+/// `model.layers.N.attn.*` with the six token-shift mixes as `x_r … x_g` (or, in its earlier
+/// releases, fused into `x_x` `[6, C]`, order r w k v a g), each LoRA an `nn.Linear` pair (`X_lora.lora.0.weight` `[rank, C]`,
+/// `lora.2.weight` `[C, rank]`, the `X0` vector as `lora.2.bias`), `r_proj k_proj v_proj
+/// o_proj g_norm` for `receptance key value output ln_x`, `attn_norm`/`ffn_norm`/`pre_norm`
+/// for `ln1`/`ln2`/`ln0`, `model.norm` and `lm_head`.
+fn fla_rwkv7(name: &str, shape: &[usize]) -> Option<Place> {
+    let same = |n: &str| Some(Place::As(n.to_string(), shape.to_vec()));
+    match name {
+        "model.embeddings.weight" => return Some(Place::Matrix("emb.weight".into())),
+        "model.norm.weight" => return same("ln_out.weight"),
+        "model.norm.bias" => return same("ln_out.bias"),
+        "lm_head.weight" => return Some(Place::Matrix("head.weight".into())),
+        _ => {}
+    }
+    let (i, b, t) = block_of(name, "model.layers.")?;
+    let (module, t) = t.split_once('.')?;
+    Some(match (module, t) {
+        ("pre_norm", s) => Place::As(format!("{b}.ln0.{s}"), shape.to_vec()),
+        ("attn_norm", s) => Place::As(format!("{b}.ln1.{s}"), shape.to_vec()),
+        ("ffn_norm", s) => Place::As(format!("{b}.ln2.{s}"), shape.to_vec()),
+        ("attn", "x_x") => Place::Split(V7_LERPS.iter().map(|n| format!("{b}.att.{n}")).collect()),
+        ("attn", x) if V7_LERPS.contains(&x) => Place::As(format!("{b}.att.{x}"), shape.to_vec()),
+        ("attn", "k_k" | "k_a" | "r_k") => Place::As(format!("{b}.att.{t}"), shape.to_vec()),
+        ("attn", p) if p.contains("_lora.lora.") => {
+            let (x, part) = p.split_once("_lora.lora.")?;
+            if !matches!(x, "w" | "a" | "v" | "g") {
+                return None;
+            }
+            if i == 0 && x == "v" {
+                return Some(Place::Unused);
+            }
+            match part {
+                "0.weight" => Place::Transposed(format!("{b}.att.{x}1")),
+                "2.weight" => Place::Transposed(format!("{b}.att.{x}2")),
+                "2.bias" if x != "g" => Place::As(format!("{b}.att.{x}0"), shape.to_vec()),
+                _ => return None,
+            }
+        }
+        ("attn", p) => {
+            let (proj, s) = p.split_once('.')?;
+            let official = match proj {
+                "r_proj" => "receptance",
+                "k_proj" => "key",
+                "v_proj" => "value",
+                "o_proj" => "output",
+                "g_norm" => "ln_x",
+                _ => return None,
+            };
+            let n = format!("{b}.att.{official}.{s}");
+            if official == "ln_x" {
+                Place::As(n, shape.to_vec())
+            } else {
+                Place::Matrix(n)
+            }
+        }
+        ("ffn", "x_k") => Place::As(format!("{b}.ffn.x_k"), shape.to_vec()),
+        ("ffn", "key.weight" | "value.weight") => Place::Matrix(format!("{b}.ffn.{t}")),
+        _ => return None,
+    })
 }
 
 /// transformers' `RwkvForCausalLM` names (its `convert_rwkv_checkpoint_to_hf.py` renames the
@@ -713,24 +776,39 @@ pub(super) fn open_hf_dir(dir: &Path) -> Result<Checkpoint> {
                 file.display()
             )));
         }
+        let fname = file.display().to_string();
         for name in shard.names() {
             if let Some(w) = &wanted {
                 if !w.contains(name.as_str()) {
                     return Err(Error::bad(format!(
-                        "{}: tensor {name} is not the one the index puts there",
-                        file.display()
+                        "{fname}: tensor {name} is not the one the index puts there"
                     )));
                 }
             }
-            let official = rename(name).ok_or_else(|| {
+            let m = shard.get(name).expect("listed");
+            let place = rename(name, &m.shape).ok_or_else(|| {
                 Error::bad(format!(
-                    "{}: unknown tensor {name} (not part of the {layout} layout)",
-                    file.display()
+                    "{fname}: unknown tensor {name} (not part of the {layout} layout)"
                 ))
             })?;
-            let mut m = shard.get(name).expect("listed").clone();
-            m.converted = Some(buf);
-            ck.insert(official, m)?;
+            let ty = match m.dtype {
+                DType::F32 => GgmlType::F32,
+                DType::F16 => GgmlType::F16,
+                DType::BF16 => GgmlType::BF16,
+                d => {
+                    return Err(Error::bad(format!(
+                        "{fname}: tensor {name} has dtype {d}, expected a float type"
+                    )))
+                }
+            };
+            let t = TensorInfo {
+                name: name.clone(),
+                shape: m.shape.clone(),
+                ty,
+                offset: m.offset,
+                nbytes: m.nbytes,
+            };
+            place_tensor(&mut ck, &shard.map, Some(buf), &t, place, &fname)?;
         }
     }
     let info = detect(&ck)?;
