@@ -59,6 +59,19 @@ enum Cmd {
         #[arg(long)]
         tokenizer: Option<String>,
     },
+    /// Fold an RWKV-PEFT LoRA file into a checkpoint and write the result (as RWKV-PEFT's
+    /// merge script does: W += B·A·ALPHA/rank in f32, stored in the weight's dtype).
+    Merge {
+        /// Base checkpoint (any readable layout).
+        base: PathBuf,
+        /// The LoRA file and its alpha: FILE[:ALPHA] (ALPHA default 16).
+        lora: String,
+        /// Output file: .safetensors, .pth or .gguf.
+        output: PathBuf,
+        /// The vocabulary a .gguf carries: world, bytes or a tokenizer file.
+        #[arg(long)]
+        tokenizer: Option<String>,
+    },
     /// Create a random-weight checkpoint of any shape, initialised as the official trainer does.
     Init(InitArgs),
     /// Train an RWKV-7 or RWKV-4 model from a text file, time-parallel on the CPU.
@@ -98,6 +111,10 @@ struct ModelArgs {
     /// Weight format at load: f32, f16, bf16, int8 or q4 (default: as stored).
     #[arg(long)]
     quant: Option<String>,
+    /// Fold an RWKV-PEFT LoRA file into the weights at load: FILE[:ALPHA] (ALPHA default 16,
+    /// as RWKV-PEFT's merge script; the scale is ALPHA / rank).
+    #[arg(long)]
+    lora: Option<String>,
 }
 
 #[derive(Args, Clone)]
@@ -279,6 +296,9 @@ struct LogitsArgs {
     /// Start from this state instead of the zero state.
     #[arg(long)]
     state_in: Option<PathBuf>,
+    /// Fold an RWKV-PEFT LoRA file into the weights: FILE[:ALPHA] (ALPHA default 16).
+    #[arg(long)]
+    lora: Option<String>,
     /// Output safetensors file.
     #[arg(long)]
     out: PathBuf,
@@ -300,7 +320,7 @@ fn load_model(m: &ModelArgs) -> Result<(Model, Box<dyn Tokenizer>)> {
         Some(p) => p.clone(),
         None => rwkv::default_model()?,
     };
-    let model = Model::load_as(&path, parse_quant(&m.quant)?)?;
+    let model = Model::load_with_lora(&path, parse_quant(&m.quant)?, m.lora.as_deref())?;
     let tok = match &m.tokenizer {
         Some(spec) => tokenizer::load(spec)?,
         None => tokenizer::for_model(model.info())
@@ -317,23 +337,42 @@ fn convert_cmd(
     tokenizer: Option<&str>,
 ) -> Result<()> {
     let q = parse_quant(quant)?;
-    let is_gguf = output.extension().is_some_and(|e| e == "gguf");
-    let vocab = if is_gguf {
-        let ck = Checkpoint::open(input)?;
-        let info = detect(&ck)?;
-        let tok = match (tokenizer, ck.vocab()) {
-            (Some(spec), _) => Some(tokenizer::load(spec)?),
-            (None, Some(_)) => None,
-            (None, None) => Some(
-                tokenizer::for_model(&info)
-                    .map_err(|e| Error::bad(format!("{}: {e}", input.display())))?,
-            ),
-        };
-        tok.map(|t| tokenizer::token_table(t.as_ref(), info.vocab_size))
+    let vocab = if output.extension().is_some_and(|e| e == "gguf") {
+        gguf_vocab(&Checkpoint::open(input)?, output, tokenizer)?
     } else {
         None
     };
     convert(input, output, dtype, q, vocab.as_deref())
+}
+
+/// The vocabulary table a `.gguf` output carries when the input has none of its own: that of
+/// `--tokenizer`, else the one the model's vocabulary implies.
+fn gguf_vocab(
+    ck: &Checkpoint,
+    output: &Path,
+    tokenizer: Option<&str>,
+) -> Result<Option<Vec<Vec<u8>>>> {
+    if output.extension().is_none_or(|e| e != "gguf") {
+        return Ok(None);
+    }
+    let info = detect(ck)?;
+    let tok = match (tokenizer, ck.vocab()) {
+        (Some(spec), _) => tokenizer::load(spec)?,
+        (None, Some(_)) => return Ok(None),
+        (None, None) => tokenizer::for_model(&info)
+            .map_err(|e| Error::bad(format!("{}: {e}", ck.path().display())))?,
+    };
+    Ok(Some(tokenizer::token_table(tok.as_ref(), info.vocab_size)))
+}
+
+fn merge(base: &Path, lora: &str, output: &Path, tokenizer: Option<&str>) -> Result<()> {
+    let mut ck = Checkpoint::open(base)?;
+    let (file, alpha) = rwkv::checkpoint::lora::parse_spec(lora)?;
+    let n = rwkv::checkpoint::lora::merge_lora(&mut ck, &Checkpoint::open(&file)?, alpha, true)?;
+    let vocab = gguf_vocab(&ck, output, tokenizer)?;
+    rwkv::checkpoint::write::convert_checkpoint(&ck, output, None, None, vocab.as_deref())?;
+    eprintln!("merged {n} adapted weights into {}", output.display());
+    Ok(())
 }
 
 fn read_stdin() -> Result<Vec<u8>> {
@@ -439,7 +478,7 @@ fn chat(a: ChatArgs) -> Result<()> {
 
 fn logits(a: LogitsArgs) -> Result<()> {
     rwkv::kernels::set_threads(a.threads)?;
-    let model = Model::load_as(&a.model, parse_quant(&a.quant)?)?;
+    let model = Model::load_with_lora(&a.model, parse_quant(&a.quant)?, a.lora.as_deref())?;
     let tokens = parse_ids(&a.tokens, "--tokens")?;
     if tokens.is_empty() {
         return Err(Error::bad("--tokens: give at least one token id"));
@@ -573,6 +612,12 @@ fn main() -> ExitCode {
             &quant,
             tokenizer.as_deref(),
         ),
+        Cmd::Merge {
+            base,
+            lora,
+            output,
+            tokenizer,
+        } => merge(&base, &lora, &output, tokenizer.as_deref()),
         Cmd::Init(a) => init(a),
         Cmd::Train(a) => train(a),
         Cmd::Eval(a) => eval(a),

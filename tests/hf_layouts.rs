@@ -165,3 +165,31 @@ fn bad_directories_are_refused_by_name() {
     let e = load_err(&d);
     assert!(e.contains("config.json"), "{e}");
 }
+
+/// `rwkv convert` reads every layout: a GGUF (float and quantized, whose repacked Q8_0/Q4_0
+/// blocks are stored as ours) and a Hugging Face directory become official-named files that
+/// give the same logits.
+#[test]
+fn convert_goes_from_every_layout_to_official_files() {
+    let dir = common::tmpdir("layout-convert");
+    let toks = common::Expected::open("v7").tokens("seq1");
+    for (src, out) in [
+        ("formats/hf/rwkv7-fla", "fla.pth"),
+        ("formats/hf/rwkv4-sharded", "rwkv4.safetensors"),
+        ("formats/gguf/v7-bf16.gguf", "bf16.safetensors"),
+        ("formats/gguf/v7-q8_0.gguf", "q8_0.safetensors"),
+        ("formats/gguf/v7-q4_k_m.gguf", "q4_k_m.safetensors"),
+    ] {
+        let from = Model::load(fixture(src)).unwrap();
+        let out = dir.join(out);
+        rwkv::checkpoint::write::convert(&fixture(src), &out, None, None, None).unwrap();
+        let ck = Checkpoint::open(&out).unwrap();
+        assert_eq!(ck.layout(), "official", "{src}");
+        let to = Model::load(&out).unwrap();
+        let a = from
+            .forward(&toks, &mut from.new_state(), Logits::All)
+            .unwrap();
+        let b = to.forward(&toks, &mut to.new_state(), Logits::All).unwrap();
+        assert_eq!(a, b, "{src}");
+    }
+}

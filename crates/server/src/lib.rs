@@ -64,6 +64,9 @@ pub struct ServeConfig {
     /// model's vocabulary size).
     #[cfg_attr(feature = "clap", arg(long))]
     pub tokenizer: Option<String>,
+    /// Fold an RWKV-PEFT LoRA file into the weights at load: FILE[:ALPHA] (ALPHA default 16).
+    #[cfg_attr(feature = "clap", arg(long))]
+    pub lora: Option<String>,
     /// Address to listen on.
     #[cfg_attr(feature = "clap", arg(long, default_value = "127.0.0.1"))]
     pub host: String,
@@ -219,7 +222,7 @@ pub fn serve(args: ServeConfig) -> Result<()> {
         Some(p) => p.clone(),
         None => rwkv_core::default_model()?,
     };
-    let model = Model::load_as(&path, quant)?;
+    let model = Model::load_with_lora(&path, quant, args.lora.as_deref())?;
     let states = match &args.state_dir {
         Some(d) => load_states(d, &model)?,
         None => Vec::new(),

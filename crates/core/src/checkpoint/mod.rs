@@ -8,6 +8,7 @@
 pub mod detect;
 pub mod gguf;
 pub mod layout;
+pub mod lora;
 pub mod pickle;
 pub mod write;
 pub mod zip;

@@ -346,23 +346,33 @@ pub fn convert(
     quant: Option<WeightFormat>,
     vocab: Option<&[Vec<u8>]>,
 ) -> Result<()> {
-    let ck = Checkpoint::open(input)?;
-    let fmt = format_for(output)?;
     if std::fs::canonicalize(input).ok() == std::fs::canonicalize(output).ok() {
         return Err(Error::bad(format!(
             "{}: output would overwrite the input",
             output.display()
         )));
     }
+    convert_checkpoint(&Checkpoint::open(input)?, output, dtype, quant, vocab)
+}
+
+/// [`convert`] of an opened checkpoint (a model with a LoRA merged into it, say).
+pub fn convert_checkpoint(
+    ck: &Checkpoint,
+    output: &Path,
+    dtype: Option<DType>,
+    quant: Option<WeightFormat>,
+    vocab: Option<&[Vec<u8>]>,
+) -> Result<()> {
+    let fmt = format_for(output)?;
     if fmt == super::Format::Gguf {
-        let ty = gguf_type(&ck, dtype, quant)?;
+        let ty = gguf_type(ck, dtype, quant)?;
         let vocab = vocab.or(ck.vocab().map(|v| &v[..])).ok_or_else(|| {
             Error::bad(format!(
                 "{}: a GGUF needs the model's vocabulary: name its tokenizer",
                 output.display()
             ))
         })?;
-        return super::layout::write_gguf(&ck, output, ty, vocab);
+        return super::layout::write_gguf(ck, output, ty, vocab);
     }
     let mut tensors = Vec::with_capacity(ck.names().len());
     for name in ck.names() {

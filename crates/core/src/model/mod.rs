@@ -105,6 +105,23 @@ impl Model {
         Self::from_checkpoint(&ck, format)
     }
 
+    /// [`Model::load_as`] with a LoRA file folded into the weights first: `lora` is
+    /// `FILE[:ALPHA]` (RWKV-PEFT's `lora_A`/`lora_B`; see [`crate::checkpoint::lora`]). The
+    /// adapted matrices are kept in f32 unless `format` says otherwise.
+    pub fn load_with_lora(
+        path: impl AsRef<Path>,
+        format: Option<WeightFormat>,
+        lora: Option<&str>,
+    ) -> Result<Model> {
+        let mut ck = Checkpoint::open(path)?;
+        if let Some(spec) = lora {
+            let (file, alpha) = crate::checkpoint::lora::parse_spec(spec)?;
+            let l = Checkpoint::open(&file)?;
+            crate::checkpoint::lora::merge_lora(&mut ck, &l, alpha, false)?;
+        }
+        Self::from_checkpoint(&ck, format)
+    }
+
     /// Loads a model from an opened checkpoint (see [`Model::load_as`]).
     pub fn from_checkpoint(ck: &Checkpoint, format: Option<WeightFormat>) -> Result<Model> {
         let info = detect(ck)?;

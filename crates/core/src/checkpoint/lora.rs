@@ -1,0 +1,148 @@
+//! LoRA files of fine-tuning tools, folded into a checkpoint's weights.
+//!
+//! RWKV-PEFT saves a LoRA as a flat dict of `P.lora_A` `[r, in]` and `P.lora_B` `[out, r]` for
+//! each adapted `P.weight` `[out, in]`, plus the other parameters it trained (LayerNorms,
+//! `emb`, `head`, … under their own names), and no scale: its merge script
+//! (`merge/merge_lora.py`) takes `alpha` from the command line and computes
+//! `W += B·A·alpha/r` (with `r` from `lora_B`'s shape), replacing every other tensor the file
+//! holds. That is what [`merge_lora`] does.
+
+use super::{Bytes, Checkpoint, TensorMeta};
+use crate::error::{Error, Result};
+use crate::tensor::DType;
+use std::sync::Arc;
+
+/// RWKV-PEFT merge script's default `alpha` (its `merge.py --lora_alpha`).
+pub const DEFAULT_ALPHA: f32 = 16.0;
+
+/// A `FILE[:ALPHA]` argument: the LoRA file and its alpha ([`DEFAULT_ALPHA`] when omitted).
+pub fn parse_spec(spec: &str) -> Result<(std::path::PathBuf, f32)> {
+    if let Some((file, a)) = spec.rsplit_once(':') {
+        if let Ok(alpha) = a.parse::<f32>() {
+            if !alpha.is_finite() {
+                return Err(Error::bad(format!("--lora {spec}: alpha must be finite")));
+            }
+            return Ok((file.into(), alpha));
+        }
+    }
+    Ok((spec.into(), DEFAULT_ALPHA))
+}
+
+/// Folds the LoRA file `lora` into `ck` with scale `alpha / r`: each adapted weight becomes
+/// `W + B·A·alpha/r`, computed in f32 and kept as f32 (`narrow`: `false`) or rounded to the
+/// weight's stored dtype (`true`, what the merge script writes); every other tensor of the
+/// file replaces the checkpoint's of the same name and shape. Returns how many weights were
+/// adapted. A tensor of the file the model does not have, or of another shape, is an error.
+pub fn merge_lora(
+    ck: &mut Checkpoint,
+    lora: &Checkpoint,
+    alpha: f32,
+    narrow: bool,
+) -> Result<usize> {
+    let lw = lora.path().display().to_string();
+    let mut adapted = 0;
+    for name in lora.names() {
+        let m = lora.meta(name)?;
+        if let Some(prefix) = name.strip_suffix(".lora_B") {
+            if !lora.has(&format!("{prefix}.lora_A")) {
+                return Err(Error::bad(format!("{lw}: {name} has no {prefix}.lora_A")));
+            }
+            continue;
+        }
+        let Some(prefix) = name.strip_suffix(".lora_A") else {
+            // A trained parameter of its own: it replaces the model's.
+            let base = ck.get(name).ok_or_else(|| {
+                Error::bad(format!(
+                    "{lw}: tensor {name} is not in the model {}",
+                    ck.path().display()
+                ))
+            })?;
+            let squeeze = |s: &[usize]| s.iter().copied().filter(|&d| d != 1).collect::<Vec<_>>();
+            if squeeze(&base.shape) != squeeze(&m.shape) {
+                return Err(Error::bad(format!(
+                    "{lw}: tensor {name} has shape {:?}, the model's {:?}",
+                    m.shape, base.shape
+                )));
+            }
+            let shape = base.shape.clone();
+            let v = lora.f32_vec(name)?;
+            put(ck, name, shape, &v, narrow.then_some(m.dtype));
+            continue;
+        };
+        let target = format!("{prefix}.weight");
+        let bname = format!("{prefix}.lora_B");
+        let base = ck.get(&target).cloned().ok_or_else(|| {
+            Error::bad(format!(
+                "{lw}: {name} adapts {target}, which the model does not have"
+            ))
+        })?;
+        let b = lora
+            .meta(&bname)
+            .map_err(|_| Error::bad(format!("{lw}: {name} has no {bname}")))?;
+        let (out, inp) = match base.shape[..] {
+            [o, i] if matches!(base.dtype, DType::F32 | DType::F16 | DType::BF16) => (o, i),
+            _ => {
+                return Err(Error::bad(format!(
+                    "{lw}: {target} is {} {:?}; a LoRA merges into a float matrix",
+                    base.dtype, base.shape
+                )))
+            }
+        };
+        let r = m.shape.first().copied().unwrap_or(0);
+        if m.shape != [r, inp] || b.shape != [out, r] || r == 0 {
+            return Err(Error::bad(format!(
+                "{lw}: {name} {:?} and {bname} {:?} do not adapt {target} {:?} (expected [r, {inp}] and [{out}, r])",
+                m.shape, b.shape, base.shape
+            )));
+        }
+        let (a, bv) = (lora.f32_vec(name)?, lora.f32_vec(&bname)?);
+        let mut w = ck.f32_vec(&target)?;
+        let scale = alpha / r as f32;
+        for o in 0..out {
+            let row = &mut w[o * inp..(o + 1) * inp];
+            for k in 0..r {
+                let s = bv[o * r + k] * scale;
+                for (x, &av) in row.iter_mut().zip(&a[k * inp..(k + 1) * inp]) {
+                    *x += s * av;
+                }
+            }
+        }
+        put(
+            ck,
+            &target,
+            base.shape.clone(),
+            &w,
+            narrow.then_some(base.dtype),
+        );
+        adapted += 1;
+    }
+    Ok(adapted)
+}
+
+/// Replaces tensor `name` of `ck` by `v` in `dtype` (f32 when `None`).
+fn put(ck: &mut Checkpoint, name: &str, shape: Vec<usize>, v: &[f32], dtype: Option<DType>) {
+    let dtype = dtype
+        .filter(|d| matches!(d, DType::F16 | DType::BF16))
+        .unwrap_or(DType::F32);
+    let bytes: Vec<u8> = match dtype {
+        DType::BF16 => v
+            .iter()
+            .flat_map(|x| half::bf16::from_f32(*x).to_bits().to_le_bytes())
+            .collect(),
+        DType::F16 => v
+            .iter()
+            .flat_map(|x| half::f16::from_f32(*x).to_bits().to_le_bytes())
+            .collect(),
+        _ => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+    };
+    let nbytes = bytes.len();
+    ck.converted.push(Arc::new(Bytes::Owned(bytes)));
+    let meta = TensorMeta {
+        dtype,
+        shape,
+        offset: 0,
+        nbytes,
+        converted: Some(ck.converted.len() - 1),
+    };
+    ck.tensors.insert(name.to_string(), meta);
+}
