@@ -181,8 +181,9 @@ struct GenerateArgs {
     max_tokens: usize,
     #[command(flatten)]
     s: SamplingArgs,
-    /// Start from a state saved earlier (safetensors of `state.{j}`).
-    #[arg(long)]
+    /// Start from a state saved earlier (safetensors of `state.{j}`, or an RWKV-PEFT tuned
+    /// time_state).
+    #[arg(long, alias = "state")]
     state_in: Option<PathBuf>,
     /// Save the final state here.
     #[arg(long)]
@@ -204,6 +205,10 @@ struct ChatArgs {
     system: Option<String>,
     #[command(flatten)]
     s: SamplingArgs,
+    /// Start from this state (ours, or an RWKV-PEFT tuned time_state); /reset returns to it
+    /// (and to the --system prompt after it).
+    #[arg(long)]
+    state: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -294,7 +299,7 @@ struct LogitsArgs {
     #[arg(long, value_enum, default_value = "parallel")]
     mode: Mode,
     /// Start from this state instead of the zero state.
-    #[arg(long)]
+    #[arg(long, alias = "state")]
     state_in: Option<PathBuf>,
     /// Fold an RWKV-PEFT LoRA file into the weights: FILE[:ALPHA] (ALPHA default 16).
     #[arg(long)]
@@ -458,6 +463,9 @@ fn generate(a: GenerateArgs) -> Result<()> {
 fn chat(a: ChatArgs) -> Result<()> {
     let (model, tok) = load_model(&a.m)?;
     let mut sess = Session::new(&model, tok.as_ref(), a.s.config()?)?;
+    if let Some(p) = &a.state {
+        sess.set_state(State::load(p, model.info())?)?;
+    }
     if let Some(sys) = &a.system {
         sess.feed_text(sys)?;
     }
@@ -792,6 +800,10 @@ struct EvalArgs {
     /// Score only this fraction at the end of the text (the split `rwkv train` validates on).
     #[arg(long)]
     val_fraction: Option<f64>,
+    /// Score from this initial state (ours, or an RWKV-PEFT tuned time_state) instead of the
+    /// zero state.
+    #[arg(long)]
+    state: Option<PathBuf>,
     /// Print one JSON object.
     #[arg(long)]
     json: bool,
@@ -799,6 +811,11 @@ struct EvalArgs {
 
 fn eval(a: EvalArgs) -> Result<()> {
     let (model, tok) = load_model(&a.m)?;
+    let initial = a
+        .state
+        .as_ref()
+        .map(|p| State::load(p, model.info()))
+        .transpose()?;
     let tty = std::io::stderr().is_terminal();
     let start = std::time::Instant::now();
     let mut progress = |done: usize, total: usize| {
@@ -816,6 +833,7 @@ fn eval(a: EvalArgs) -> Result<()> {
         &a.data,
         a.ctx,
         a.val_fraction,
+        initial.as_ref(),
         &mut progress,
     )?;
     if tty {

@@ -90,3 +90,35 @@ fn time_state_files_that_do_not_fit_are_refused() {
         "{err}"
     );
 }
+
+/// `rwkv eval --state`: the loss is scored from the tuned state, window by window as in one
+/// pass (every window from the state).
+#[test]
+fn eval_scores_from_a_tuned_state() {
+    let model = Model::load(fixture("v7/model.safetensors")).unwrap();
+    let state = State::load(fixture("peft/v7-time_state.pth"), model.info()).unwrap();
+    let tokens = Expected::open("v7").tokens("seq0");
+    let quiet = &mut |_: usize, _: usize| {};
+    let zero = rwkv::eval::score(&model, &tokens, 1, None, None, quiet).unwrap();
+    let tuned = rwkv::eval::score(&model, &tokens, 1, None, Some(&state), quiet).unwrap();
+    let windows = rwkv::eval::score(&model, &tokens, 1, Some(4096), Some(&state), quiet).unwrap();
+    // The loss by hand from the state's logits.
+    let mut st = state.clone();
+    let logits = model.forward(&tokens, &mut st, Logits::All).unwrap();
+    let v = model.vocab_size();
+    let mut total = 0f64;
+    for i in 0..tokens.len() - 1 {
+        let row = &logits[i * v..(i + 1) * v];
+        let mx = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) as f64;
+        let s: f64 = row.iter().map(|&z| (z as f64 - mx).exp()).sum();
+        total += s.ln() + mx - row[tokens[i + 1] as usize] as f64;
+    }
+    let want = total / (tokens.len() - 1) as f64;
+    assert!((tuned.loss - want).abs() < 1e-4, "{} {want}", tuned.loss);
+    assert!(
+        (windows.loss - want).abs() < 1e-4,
+        "{} {want}",
+        windows.loss
+    );
+    assert!((zero.loss - want).abs() > 1e-2, "the state changes nothing");
+}

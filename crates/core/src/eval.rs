@@ -1,7 +1,7 @@
 //! `rwkv eval`: how well a model predicts a text, in parallel mode.
 
 use crate::error::{Error, Result};
-use crate::model::{BatchItem, Logits, Model, Scratch};
+use crate::model::{BatchItem, Logits, Model, Scratch, State};
 use crate::tokenizer::Tokenizer;
 use serde::Serialize;
 use std::path::Path;
@@ -41,7 +41,8 @@ pub(crate) fn windows(n: usize, ctx: usize) -> Vec<(usize, usize)> {
 
 /// Scores the text file `path` (tokenized by `tok`; `tokenizer_spec` names it for the token
 /// cache, as `rwkv train --tokenizer` does), or only its last `val_fraction` (the split
-/// `rwkv train` validates on). See [`score`] for `ctx` and `progress`.
+/// `rwkv train` validates on). See [`score`] for `ctx`, `start` and `progress`.
+#[allow(clippy::too_many_arguments)]
 pub fn score_file(
     model: &Model,
     tok: &dyn Tokenizer,
@@ -49,6 +50,7 @@ pub fn score_file(
     path: &Path,
     ctx: Option<usize>,
     val_fraction: Option<f64>,
+    start: Option<&State>,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<Score> {
     let spec = match tokenizer_spec {
@@ -66,20 +68,26 @@ pub fn score_file(
     };
     let ids = &ids[from..];
     let bytes = tok.decode_bytes(ids.get(1..).unwrap_or(&[]))?.len();
-    score(model, ids, bytes, ctx, progress)
+    score(model, ids, bytes, ctx, start, progress)
 }
 
 /// Scores `tokens` (whose text is `text_bytes` long). With `ctx`, the text is cut into windows
 /// of `ctx` tokens, each scored from a fresh state (how a model of context `ctx` is measured);
 /// without it, one pass carries the state through the whole text (how an RNN is used).
-/// `progress` is called with the number of tokens done so far.
+/// Every window (or the one pass) starts from `start` (a tuned initial state, say), else from
+/// the zero state. `progress` is called with the number of tokens done so far.
 pub fn score(
     model: &Model,
     tokens: &[u32],
     text_bytes: usize,
     ctx: Option<usize>,
+    start: Option<&State>,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<Score> {
+    if let Some(s) = start {
+        s.check_compatible(model.info())?;
+    }
+    let fresh = || start.cloned().unwrap_or_else(|| model.new_state());
     if tokens.len() < 2 {
         return Err(Error::bad(
             "the text has fewer than two tokens: nothing to score",
@@ -101,7 +109,7 @@ pub fn score(
             // Several windows per call: one batched pass shares the weight reads.
             const GROUP: usize = 16;
             for group in ws.chunks(GROUP) {
-                let mut states: Vec<_> = group.iter().map(|_| model.new_state()).collect();
+                let mut states: Vec<_> = group.iter().map(|_| fresh()).collect();
                 let mut items: Vec<BatchItem> = group
                     .iter()
                     .zip(states.iter_mut())
@@ -123,7 +131,7 @@ pub fn score(
             }
         }
         None => {
-            let mut st = model.new_state();
+            let mut st = fresh();
             const CHUNK: usize = 256;
             let n = tokens.len() - 1;
             let mut s = 0;

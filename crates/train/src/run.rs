@@ -381,7 +381,7 @@ pub fn window_loss(m: &Params, toks: &Tokens, range: (usize, usize), ctx: usize)
     let model = Model::from_checkpoint(&ck, None)?;
     let mut ids = Vec::with_capacity(range.1 - range.0);
     toks.copy(range.0, range.1, &mut ids);
-    Ok(eval::score(&model, &ids, 0, Some(ctx), &mut |_, _| {})?.loss)
+    Ok(eval::score(&model, &ids, 0, Some(ctx), None, &mut |_, _| {})?.loss)
 }
 
 /// A generation's hand-written pass with one work area per shard and the weights' forms for
