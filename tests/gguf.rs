@@ -193,8 +193,6 @@ fn a_gguf_of_another_architecture_or_type_is_refused_by_name() {
         e.contains("\"llama\" is not supported (not an RWKV model)"),
         "{e}"
     );
-    let e = load_err(&patched(&bytes, b"rwkv7", b"rwkv6"), "rwkv6");
-    assert!(e.contains("\"rwkv6\" is not supported"), "{e}");
     // The tensor table entry of output.weight: name, 2 dims, two u64 extents, then its type.
     let name = b"output.weight";
     let at = bytes.windows(name.len()).position(|w| w == name).unwrap() + name.len();
@@ -355,4 +353,41 @@ fn convert_writes_the_gguf_llama_cpps_converter_writes() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("needs the model's vocabulary"), "{e}");
+}
+
+/// llama.cpp's `rwkv6` GGUFs: a float file equals the official v6.0 file exactly, including
+/// the output and value matrices its converter divides by `2^(i / rescale_every)` (this one:
+/// `rescale_every` 1); a quantized one is within the bound of llama.cpp's own logits.
+#[test]
+fn rwkv6_ggufs_load_as_the_official_model() {
+    let official = Model::load(fixture("v6_0/model.pth")).unwrap();
+    let exp = Expected::open("v6_0");
+    let toks = exp.tokens("seq0");
+    let want = official
+        .forward(&toks, &mut official.new_state(), Logits::All)
+        .unwrap();
+    let m = Model::load(fixture("formats/gguf/v6-rescale1-bf16.gguf")).unwrap();
+    assert_eq!(m.info().generation.name(), "v6.0");
+    let got = m.forward(&toks, &mut m.new_state(), Logits::All).unwrap();
+    assert_eq!(got, want);
+    assert!(tol_ratio(&got, &exp.f32("seq0.logits_full")) <= 1.0);
+    // llama.cpp's logits are of the v7 fixtures' seq0, as for the rwkv7 files.
+    let toks = tokens("seq0");
+    let want = official
+        .forward(&toks, &mut official.new_state(), Logits::All)
+        .unwrap();
+    let ll = Checkpoint::open(fixture("formats/gguf/llama-cpp.safetensors")).unwrap();
+    for ty in ["rescale1-bf16", "q5_k_m"] {
+        let m = Model::load(fixture(&format!("formats/gguf/v6-{ty}.gguf"))).unwrap();
+        let mut st = m.new_state();
+        let ours: Vec<f32> = toks
+            .iter()
+            .flat_map(|&t| m.step(t, &mut st).unwrap())
+            .collect();
+        let theirs = ll.f32_vec(&format!("v6-{ty}.seq0.logits")).unwrap();
+        let rms = (want.iter().map(|x| x * x).sum::<f32>() / want.len() as f32).sqrt();
+        let d = max_abs(&ours, &theirs) / rms;
+        println!("v6 {ty}: {d:.4} of the logit rms from llama.cpp's");
+        assert!(d <= 0.2, "v6 {ty}: {d}");
+    }
 }

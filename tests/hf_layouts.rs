@@ -193,3 +193,21 @@ fn convert_goes_from_every_layout_to_official_files() {
         assert_eq!(a, b, "{src}");
     }
 }
+
+/// The RWKV-5/6 remote-code layout (`Rwkv6ForCausalLM`, the names llama.cpp's converter reads
+/// for it), with a World-format vocabulary beside the weights.
+#[test]
+fn the_rwkv6_remote_code_layout_is_the_official_model() {
+    let m = Model::load(fixture("formats/hf/rwkv6-remote-code")).unwrap();
+    assert!(m.info().layout.contains("RWKV-5/6"));
+    let official = Model::load(fixture("v6_0/model.pth")).unwrap();
+    let toks = common::Expected::open("v6_0").tokens("seq0");
+    let a = m.forward(&toks, &mut m.new_state(), Logits::All).unwrap();
+    let b = official
+        .forward(&toks, &mut official.new_state(), Logits::All)
+        .unwrap();
+    assert_eq!(a, b);
+    let tok = rwkv::tokenizer::for_model(m.info()).unwrap();
+    assert_eq!(tok.vocab_size(), 300);
+    assert_eq!(tok.encode("\n\n").unwrap(), vec![261]);
+}

@@ -35,6 +35,10 @@ enum Place {
     Transposed(String),
     /// Equal slices along the first dimension, one official vector each.
     Split(Vec<String>),
+    /// Matrices stacked `[n, a, b]`, each stored transposed (officially `[n, b, a]`).
+    TransposedStack(String),
+    /// An official `[out, in]` weight matrix stored divided by this factor.
+    Scaled(String, f32),
     /// Not used by the math.
     Unused,
 }
@@ -50,27 +54,111 @@ fn block_of<'a>(name: &'a str, prefix: &str) -> Option<(usize, String, &'a str)>
     Some((i, format!("blocks.{i}"), rest))
 }
 
-/// Where a tensor of llama.cpp's `rwkv7` layout goes; `None` for a name it does not have.
-fn rwkv7_place(name: &str, shape: &[usize], head_size: usize) -> Option<Place> {
-    let c = *shape.last()?;
+/// The tensors every llama.cpp RWKV layout names alike: the embedding, its norm (`ln0`), the
+/// final norm and the head (`c` is the width).
+fn gguf_shared_place(name: &str, c: usize) -> Option<Place> {
     let vector = |n: &str| Some(Place::As(n.to_string(), vec![c]));
     match name {
         // Read a row at a time, it may stay block-quantized as a matrix does.
-        "token_embd.weight" => return Some(Place::Matrix("emb.weight".into())),
-        "token_embd_norm.weight" => return vector("blocks.0.ln0.weight"),
-        "token_embd_norm.bias" => return vector("blocks.0.ln0.bias"),
-        "output_norm.weight" => return vector("ln_out.weight"),
-        "output_norm.bias" => return vector("ln_out.bias"),
-        "output.weight" => return Some(Place::Matrix("head.weight".into())),
-        _ => {}
+        "token_embd.weight" => Some(Place::Matrix("emb.weight".into())),
+        "token_embd_norm.weight" => vector("blocks.0.ln0.weight"),
+        "token_embd_norm.bias" => vector("blocks.0.ln0.bias"),
+        "output_norm.weight" => vector("ln_out.weight"),
+        "output_norm.bias" => vector("ln_out.bias"),
+        "output.weight" => Some(Place::Matrix("head.weight".into())),
+        _ => None,
+    }
+}
+
+/// A block's norms in every llama.cpp RWKV layout: `ln1`, `ln2` and the time mix's `ln_x`.
+fn gguf_norm_place(t: &str, suffix: &str, b: &str, c: usize) -> Option<Place> {
+    let n = match t {
+        "attn_norm" => "ln1",
+        "attn_norm_2" => "ln2",
+        "time_mix_ln" => "att.ln_x",
+        _ => return None,
+    };
+    Some(Place::As(format!("{b}.{n}.{suffix}"), vec![c]))
+}
+
+/// A llama.cpp tensor name, read as far as every RWKV layout of llama.cpp reads it alike.
+enum GgufName<'a> {
+    /// One of the tensors all layouts place alike.
+    Placed(Place),
+    /// Another tensor of block `i` (official prefix, name, suffix, width).
+    Block(usize, String, &'a str, &'a str, usize),
+}
+
+fn gguf_name<'a>(name: &'a str, shape: &[usize]) -> Option<GgufName<'a>> {
+    let c = *shape.last()?;
+    if let Some(p) = gguf_shared_place(name, c) {
+        return Some(GgufName::Placed(p));
     }
     let (i, b, t) = block_of(name, "blk.")?;
     let (t, suffix) = t.rsplit_once('.')?;
+    Some(match gguf_norm_place(t, suffix, &b, c) {
+        Some(p) => GgufName::Placed(p),
+        None => GgufName::Block(i, b, t, suffix, c),
+    })
+}
+
+/// The five token-shift mixes of RWKV-6 in the order llama.cpp fuses them.
+const V6_LERPS: [&str; 5] = ["w", "k", "v", "r", "g"];
+
+/// Where a tensor of llama.cpp's `rwkv6` layout goes (its converter: the LoRA matrices
+/// transposed, `time_mix_w2` stored `[5, C, 32]`, the five mixes fused `[5, 1, 1, C]`, and with
+/// `rescale_every` = R > 0 the output and value matrices of block `i` divided by
+/// `2^(i / R)`); `None` for a name it does not have.
+fn rwkv6_place(name: &str, shape: &[usize], rescale: usize) -> Option<Place> {
+    let (i, b, t, suffix, c) = match gguf_name(name, shape)? {
+        GgufName::Placed(p) => return Some(p),
+        GgufName::Block(i, b, t, suffix, c) => (i, b, t, suffix, c),
+    };
+    let at = |n: &str| format!("{b}.att.{n}");
+    let scaled = |n: String| {
+        let k = i.checked_div(rescale).unwrap_or(0);
+        if k == 0 {
+            Place::Matrix(n)
+        } else {
+            Place::Scaled(n, (1u64 << k.min(62)) as f32)
+        }
+    };
+    Some(match (t, suffix) {
+        ("time_mix_lerp_fused", "weight") => Place::Split(
+            V6_LERPS
+                .iter()
+                .map(|n| at(&format!("time_maa_{n}")))
+                .collect(),
+        ),
+        ("time_mix_lerp_x", "weight") => Place::As(at("time_maa_x"), vec![c]),
+        ("time_mix_w1", "weight") => Place::Transposed(at("time_maa_w1")),
+        ("time_mix_w2", "weight") => Place::TransposedStack(at("time_maa_w2")),
+        ("time_mix_decay", "weight") => Place::As(at("time_decay"), vec![c]),
+        ("time_mix_decay_w1", "weight") => Place::Transposed(at("time_decay_w1")),
+        ("time_mix_decay_w2", "weight") => Place::Transposed(at("time_decay_w2")),
+        ("time_mix_first", "weight") => Place::As(at("time_faaaa"), shape.to_vec()),
+        ("time_mix_key" | "time_mix_value" | "time_mix_receptance" | "time_mix_gate", "weight") => {
+            Place::Matrix(at(&format!("{}.weight", &t["time_mix_".len()..])))
+        }
+        ("time_mix_output", "weight") => scaled(at("output.weight")),
+        ("channel_mix_lerp_k", "weight") => Place::As(format!("{b}.ffn.time_maa_k"), vec![c]),
+        ("channel_mix_lerp_r", "weight") => Place::As(format!("{b}.ffn.time_maa_r"), vec![c]),
+        ("channel_mix_key" | "channel_mix_receptance", "weight") => {
+            Place::Matrix(format!("{b}.ffn.{}.weight", &t["channel_mix_".len()..]))
+        }
+        ("channel_mix_value", "weight") => scaled(format!("{b}.ffn.value.weight")),
+        _ => return None,
+    })
+}
+
+/// Where a tensor of llama.cpp's `rwkv7` layout goes; `None` for a name it does not have.
+fn rwkv7_place(name: &str, shape: &[usize], head_size: usize) -> Option<Place> {
+    let (i, b, t, suffix, c) = match gguf_name(name, shape)? {
+        GgufName::Placed(p) => return Some(p),
+        GgufName::Block(i, b, t, suffix, c) => (i, b, t, suffix, c),
+    };
     let at = |n: &str| format!("{b}.att.{n}");
     Some(match (t, suffix) {
-        ("attn_norm", s) => Place::As(format!("{b}.ln1.{s}"), vec![c]),
-        ("attn_norm_2", s) => Place::As(format!("{b}.ln2.{s}"), vec![c]),
-        ("time_mix_ln", s) => Place::As(format!("{b}.att.ln_x.{s}"), vec![c]),
         ("time_mix_lerp_fused", "weight") => Place::Split(V7_LERPS.iter().map(|n| at(n)).collect()),
         // llama.cpp gives block 0 a copy of the `a` LoRA as its value LoRA.
         ("time_mix_v0" | "time_mix_v1" | "time_mix_v2", "weight") if i == 0 => Place::Unused,
@@ -135,24 +223,38 @@ pub(super) fn index_gguf(ck: &mut Checkpoint, what: &str) -> Result<()> {
         .and_then(Value::as_str)
         .ok_or_else(|| Error::bad(format!("{what}: GGUF file has no general.architecture")))?
         .to_string();
-    if arch != "rwkv7" {
+    if arch != "rwkv7" && arch != "rwkv6" {
         let hint = match arch.as_str() {
-            "rwkv6" | "rwkv6qwen2" | "arwkv7" => "; rwkv reads llama.cpp's rwkv7 files",
+            "rwkv6qwen2" | "arwkv7" => {
+                "; rwkv reads llama.cpp's rwkv6 and rwkv7 files (RWKV's own)"
+            }
             _ => " (not an RWKV model)",
         };
         return Err(Error::bad(format!(
             "{what}: GGUF architecture {arch:?} is not supported{hint}"
         )));
     }
-    let head_size = g
-        .get("rwkv7.wkv.head_size")
-        .and_then(Value::as_uint)
-        .ok_or_else(|| Error::bad(format!("{what}: GGUF metadata rwkv7.wkv.head_size missing")))?
-        as usize;
+    let meta_uint = |k: &str| -> Result<usize> {
+        g.get(&format!("{arch}.{k}"))
+            .and_then(Value::as_uint)
+            .map(|v| v as usize)
+            .ok_or_else(|| Error::bad(format!("{what}: GGUF metadata {arch}.{k} missing")))
+    };
+    let head_size = meta_uint("wkv.head_size")?;
+    let rescale = if arch == "rwkv6" {
+        meta_uint("rescale_every_n_layers").unwrap_or(0)
+    } else {
+        0
+    };
     ck.layout = format!("llama.cpp GGUF v{} ({arch})", g.version);
     ck.vocab = gguf_vocab(&g, what)?;
     for t in &g.tensors {
-        let place = rwkv7_place(&t.name, &t.shape, head_size).ok_or_else(|| {
+        let place = if arch == "rwkv6" {
+            rwkv6_place(&t.name, &t.shape, rescale)
+        } else {
+            rwkv7_place(&t.name, &t.shape, head_size)
+        };
+        let place = place.ok_or_else(|| {
             Error::bad(format!(
                 "{what}: unknown tensor {} (shape {:?}; not part of llama.cpp's {arch} layout)",
                 t.name, t.shape
@@ -270,6 +372,32 @@ fn place_tensor(
             let n = out.len();
             let o = ck.keep(out);
             ck.insert(name, owned(dtype, vec![cols, rows], o, n))
+        }
+        Place::TransposedStack(name) => {
+            let [n, rows, cols] = t.shape[..] else {
+                return Err(Error::bad(format!(
+                    "{what}: tensor {} has shape {:?}, expected [n, a, b]",
+                    t.name, t.shape
+                )));
+            };
+            let v = dequantized(map, t);
+            let mut out = vec![0f32; v.len()];
+            for k in 0..n {
+                let (src, dst) = (&v[k * rows * cols..], &mut out[k * rows * cols..]);
+                for r in 0..rows {
+                    for c in 0..cols {
+                        dst[c * rows + r] = src[r * cols + c];
+                    }
+                }
+            }
+            let o = ck.keep_f32(&out);
+            ck.insert(name, owned(DType::F32, vec![n, cols, rows], o, numel * 4))
+        }
+        Place::Scaled(name, factor) => {
+            let shape = t.shape.clone();
+            let v: Vec<f32> = dequantized(map, t).iter().map(|x| x * factor).collect();
+            let o = ck.keep_f32(&v);
+            ck.insert(name, owned(DType::F32, shape, o, numel * 4))
         }
         Place::Split(names) => {
             let n = names.len();
@@ -646,6 +774,9 @@ fn hf_name_map(arch: &str) -> Option<(&'static str, Rename)> {
             transformers_rwkv4(n).map(|o| Place::As(o, s.to_vec()))
         })),
         "RWKV7ForCausalLM" => Some(("fla-hub RWKV7ForCausalLM (RWKV-7)", fla_rwkv7)),
+        "Rwkv5ForCausalLM" | "Rwkv6ForCausalLM" => Some(("RWKV-5/6 remote-code", |n, s| {
+            rwkv56_hf(n).map(|o| Place::As(o, s.to_vec()))
+        })),
         _ => None,
     }
 }
@@ -718,20 +849,29 @@ fn fla_rwkv7(name: &str, shape: &[usize]) -> Option<Place> {
 /// `rescale_every` halves the output and value weights and the residual stream together at
 /// run time (fp16 headroom), which leaves the stored weights and the function unchanged.
 fn transformers_rwkv4(name: &str) -> Option<String> {
+    let n = rwkv56_hf(name)?;
+    Some(
+        n.replace(".time_mix_key", ".time_mix_k")
+            .replace(".time_mix_value", ".time_mix_v")
+            .replace(".time_mix_receptance", ".time_mix_r"),
+    )
+}
+
+/// The RWKV-5/6 Hugging Face names (the `modeling_rwkv5.py`/`modeling_rwkv6.py` remote code,
+/// as llama.cpp's converter reads them): transformers' RWKV-4 renames without its spelled-out
+/// mixes (`time_maa_*`, `time_decay*`, `time_faaaa` keep their official names).
+fn rwkv56_hf(name: &str) -> Option<String> {
     if name == "head.weight" {
         return Some(name.into());
     }
     let n = name.strip_prefix("rwkv.")?;
-    let n = match n {
-        "embeddings.weight" => return Some("emb.weight".into()),
-        _ => n.replacen("blocks.0.pre_ln.", "blocks.0.ln0.", 1),
-    };
+    if n == "embeddings.weight" {
+        return Some("emb.weight".into());
+    }
     Some(
-        n.replace(".attention.", ".att.")
-            .replace(".feed_forward.", ".ffn.")
-            .replace(".time_mix_key", ".time_mix_k")
-            .replace(".time_mix_value", ".time_mix_v")
-            .replace(".time_mix_receptance", ".time_mix_r"),
+        n.replacen("blocks.0.pre_ln.", "blocks.0.ln0.", 1)
+            .replace(".attention.", ".att.")
+            .replace(".feed_forward.", ".ffn."),
     )
 }
 
@@ -918,7 +1058,11 @@ mod tests {
                 Put::Same => p.shape.clone(),
             };
             let back = match rwkv7_place(&g, &shape, 64).unwrap() {
-                Place::As(n, _) | Place::Matrix(n) | Place::Transposed(n) => n,
+                Place::As(n, _)
+                | Place::Matrix(n)
+                | Place::Transposed(n)
+                | Place::TransposedStack(n)
+                | Place::Scaled(n, _) => n,
                 Place::Split(v) => match put {
                     Put::Lerp(k) => v[k].clone(),
                     _ => panic!("{name}"),
