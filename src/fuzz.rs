@@ -15,6 +15,7 @@ pub type Entry = fn(&[u8]);
 pub const TARGETS: &[(&str, Entry)] = &[
     ("pth", checkpoint),
     ("safetensors", checkpoint),
+    ("gguf", checkpoint),
     ("state", state),
     ("world_tokenizer", world_tokenizer),
     ("world_vocab", world_vocab),
@@ -23,8 +24,9 @@ pub const TARGETS: &[(&str, Entry)] = &[
     ("request", request),
 ];
 
-/// A `.pth` (zip + pickle) or `.safetensors` file: indexing, every tensor read as f32, the
-/// generation detected and the model loaded (every shape and name checked).
+/// A `.pth` (zip + pickle), `.safetensors` or GGUF file: indexing (a GGUF's names mapped,
+/// its blocks dequantized or repacked), every tensor read as f32, the generation detected and
+/// the model loaded (every shape and name checked).
 pub fn checkpoint(data: &[u8]) {
     let Ok(ck) = Checkpoint::from_bytes("fuzz", data.to_vec()) else {
         return;
