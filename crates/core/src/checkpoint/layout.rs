@@ -2,15 +2,20 @@
 //! [`crate::schema`]: a checkpoint opened from such a file lists the official names, so the
 //! models load it as they load an official file.
 //!
-//! llama.cpp's GGUF (`rwkv7`, as `convert_hf_to_gguf.py` writes it): `blk.N.time_mix_*` and
-//! `channel_mix_*` names, the six token-shift mixes fused into one `[6, 1, 1, C]` tensor, the
-//! LoRA matrices stored `[out, in]` (the official files store them `[in, out]`), `r_k`
-//! flattened to `[C]`, and a dummy value LoRA in block 0 (a copy of the `a` one, which the
-//! official block 0 does not have). Tensors are used in place where the kernels read their
-//! type: F32/F16/BF16 always; Q8_0 and Q4_0 weight matrices are repacked at open time into the
-//! integer kernels' blocks (the same bytes per weight: no float copy); every other quantized
-//! type, and every quantized vector, table or LoRA matrix, is dequantized to f32 at open time
-//! exactly as ggml dequantizes it.
+//! - llama.cpp's GGUF, `rwkv7` (as `convert_hf_to_gguf.py` writes it): `blk.N.time_mix_*` and
+//!   `channel_mix_*` names, the six token-shift mixes fused into one `[6, 1, 1, C]` tensor, the
+//!   LoRA matrices stored `[out, in]` (the official files store them `[in, out]`), `r_k`
+//!   flattened to `[C]`, and a dummy value LoRA in block 0 (a copy of the `a` one, which the
+//!   official block 0 does not have); `rwkv6`: its five fused mixes, transposed LoRAs, the
+//!   `time_mix_w2` stack stored transposed, and `rescale_every`'s divided matrices. Tensors are
+//!   used in place where the kernels read their type: F32/F16/BF16 always; Q8_0 and Q4_0
+//!   weight matrices (and the embedding) are repacked at open time into the integer kernels'
+//!   blocks (the same bytes per weight: no float copy); every other quantized type, and every
+//!   quantized vector or LoRA matrix, is dequantized to f32 at open time exactly as ggml
+//!   dequantizes it. [`write_gguf`] writes the `rwkv7` layout.
+//! - Hugging Face directories (`config.json` with one or several safetensors or
+//!   `pytorch_model.bin` files): transformers' `RwkvForCausalLM` (RWKV-4), the RWKV-5/6
+//!   remote-code layout and fla-hub's `RWKV7ForCausalLM`.
 
 use super::detect::{detect, Generation};
 use super::gguf::{self, GgmlType, Gguf, TensorInfo, Value};

@@ -346,13 +346,14 @@ pub fn convert(
     quant: Option<WeightFormat>,
     vocab: Option<&[Vec<u8>]>,
 ) -> Result<()> {
+    let ck = Checkpoint::open(input)?;
     if std::fs::canonicalize(input).ok() == std::fs::canonicalize(output).ok() {
         return Err(Error::bad(format!(
             "{}: output would overwrite the input",
             output.display()
         )));
     }
-    convert_checkpoint(&Checkpoint::open(input)?, output, dtype, quant, vocab)
+    convert_checkpoint(&ck, output, dtype, quant, vocab)
 }
 
 /// [`convert`] of an opened checkpoint (a model with a LoRA merged into it, say).
