@@ -191,15 +191,15 @@ fn rwkv7_place(name: &str, shape: &[usize], head_size: usize) -> Option<Place> {
     })
 }
 
-impl Checkpoint {
-    /// Keeps `data` as one of the checkpoint's buffers and returns its index.
-    fn keep(&mut self, data: Vec<u8>) -> usize {
-        self.converted.push(Arc::new(Bytes::Owned(data)));
-        self.converted.len() - 1
+/// The `[cols, rows]` transpose of a row-major `[rows, cols]` matrix.
+fn transpose<T: Copy + Default>(src: &[T], rows: usize, cols: usize) -> Vec<T> {
+    let mut out = vec![T::default(); src.len()];
+    for r in 0..rows {
+        for c in 0..cols {
+            out[c * rows + r] = src[r * cols + c];
+        }
     }
-    fn keep_f32(&mut self, v: &[f32]) -> usize {
-        self.keep(v.iter().flat_map(|x| x.to_le_bytes()).collect())
-    }
+    out
 }
 
 /// The float dtype a ggml type is used as in place, if any.
@@ -355,25 +355,21 @@ fn place_tensor(
                     t.name, t.shape
                 )));
             };
-            let (dtype, es, src): (DType, usize, Vec<u8>) = match in_place_dtype(t.ty) {
-                Some(d) => (d, d.size(), map[t.offset..t.offset + t.nbytes].to_vec()),
-                None => (
-                    DType::F32,
-                    4,
-                    dequantized(map, t)
-                        .iter()
-                        .flat_map(|x| x.to_le_bytes())
-                        .collect(),
-                ),
-            };
-            let mut out = vec![0u8; src.len()];
-            for r in 0..rows {
-                for c in 0..cols {
-                    let from = (r * cols + c) * es;
-                    let to = (c * rows + r) * es;
-                    out[to..to + es].copy_from_slice(&src[from..from + es]);
+            // Floats keep their type, transposed as 16- or 32-bit words; the rest as f32.
+            let (dtype, out): (DType, Vec<u8>) = match in_place_dtype(t.ty) {
+                Some(d) if d.size() == 2 => {
+                    let w: Vec<u16> = map[t.offset..t.offset + t.nbytes]
+                        .chunks_exact(2)
+                        .map(|b| u16::from_le_bytes([b[0], b[1]]))
+                        .collect();
+                    let tw = transpose(&w, rows, cols);
+                    (d, tw.iter().flat_map(|x| x.to_le_bytes()).collect())
                 }
-            }
+                _ => {
+                    let tv = transpose(&dequantized(map, t), rows, cols);
+                    (DType::F32, gguf::quantize(GgmlType::F32, &tv))
+                }
+            };
             let n = out.len();
             let o = ck.keep(out);
             ck.insert(name, owned(dtype, vec![cols, rows], o, n))
@@ -386,15 +382,10 @@ fn place_tensor(
                 )));
             };
             let v = dequantized(map, t);
-            let mut out = vec![0f32; v.len()];
-            for k in 0..n {
-                let (src, dst) = (&v[k * rows * cols..], &mut out[k * rows * cols..]);
-                for r in 0..rows {
-                    for c in 0..cols {
-                        dst[c * rows + r] = src[r * cols + c];
-                    }
-                }
-            }
+            let out: Vec<f32> = v
+                .chunks_exact(rows * cols)
+                .flat_map(|m| transpose(m, rows, cols))
+                .collect();
             let o = ck.keep_f32(&out);
             ck.insert(name, owned(DType::F32, vec![n, cols, rows], o, numel * 4))
         }
@@ -662,13 +653,7 @@ pub fn write_gguf(ck: &Checkpoint, path: &Path, ty: GgmlType, vocab: &[Vec<u8>])
             Put::Flat => *entry = (vec![v.len()], v),
             Put::Transpose => {
                 let (rows, cols) = (shape[0], shape[1]);
-                let mut t = vec![0.0; v.len()];
-                for r in 0..rows {
-                    for k in 0..cols {
-                        t[k * rows + r] = v[r * cols + k];
-                    }
-                }
-                *entry = (vec![cols, rows], t);
+                *entry = (vec![cols, rows], transpose(&v, rows, cols));
             }
             Put::Lerp(k) => {
                 if entry.1.is_empty() {

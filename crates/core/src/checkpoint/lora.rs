@@ -7,10 +7,10 @@
 //! `W += B·A·alpha/r` (with `r` from `lora_B`'s shape), replacing every other tensor the file
 //! holds. That is what [`merge_lora`] does.
 
-use super::{Bytes, Checkpoint, TensorMeta};
+use super::gguf::GgmlType;
+use super::{Checkpoint, TensorMeta};
 use crate::error::{Error, Result};
 use crate::tensor::DType;
-use std::sync::Arc;
 
 /// RWKV-PEFT merge script's default `alpha` (its `merge.py --lora_alpha`).
 pub const DEFAULT_ALPHA: f32 = 16.0;
@@ -119,30 +119,22 @@ pub fn merge_lora(
     Ok(adapted)
 }
 
-/// Replaces tensor `name` of `ck` by `v` in `dtype` (f32 when `None`).
+/// Replaces tensor `name` of `ck` by `v` in `dtype` (f32 when `None` or not a 16-bit float).
 fn put(ck: &mut Checkpoint, name: &str, shape: Vec<usize>, v: &[f32], dtype: Option<DType>) {
-    let dtype = dtype
-        .filter(|d| matches!(d, DType::F16 | DType::BF16))
-        .unwrap_or(DType::F32);
-    let bytes: Vec<u8> = match dtype {
-        DType::BF16 => v
-            .iter()
-            .flat_map(|x| half::bf16::from_f32(*x).to_bits().to_le_bytes())
-            .collect(),
-        DType::F16 => v
-            .iter()
-            .flat_map(|x| half::f16::from_f32(*x).to_bits().to_le_bytes())
-            .collect(),
-        _ => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+    let (dtype, ty) = match dtype {
+        Some(DType::BF16) => (DType::BF16, GgmlType::BF16),
+        Some(DType::F16) => (DType::F16, GgmlType::F16),
+        _ => (DType::F32, GgmlType::F32),
     };
+    let bytes = super::gguf::quantize(ty, v);
     let nbytes = bytes.len();
-    ck.converted.push(Arc::new(Bytes::Owned(bytes)));
+    let buf = ck.keep(bytes);
     let meta = TensorMeta {
         dtype,
         shape,
         offset: 0,
         nbytes,
-        converted: Some(ck.converted.len() - 1),
+        converted: Some(buf),
     };
     ck.tensors.insert(name.to_string(), meta);
 }

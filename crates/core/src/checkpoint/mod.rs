@@ -347,6 +347,17 @@ impl Checkpoint {
             .ok_or_else(|| Error::bad(format!("{}: missing tensor {name}", self.path.display())))
     }
 
+    /// Keeps `data` as one of the checkpoint's buffers and returns its index.
+    fn keep(&mut self, data: Vec<u8>) -> usize {
+        self.converted.push(Arc::new(Bytes::Owned(data)));
+        self.converted.len() - 1
+    }
+
+    /// [`Checkpoint::keep`] of f32 values.
+    fn keep_f32(&mut self, v: &[f32]) -> usize {
+        self.keep(gguf::quantize(gguf::GgmlType::F32, v))
+    }
+
     /// The buffer a tensor's bytes are in.
     fn buffer(&self, m: &TensorMeta) -> &Arc<Bytes> {
         match m.converted {
