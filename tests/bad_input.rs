@@ -187,3 +187,52 @@ fn token_out_of_range_and_foreign_state() {
         "{e}"
     );
 }
+
+#[test]
+fn deep_embed_attention_and_misplaced_deep_embed_are_refused() {
+    let dir = tmpdir("deepembed");
+    // RWKV-7b's DeepEmbedAttention tensors: refused by name, not guessed at.
+    let p = dir.join("v7b.safetensors");
+    rewrite(&fixture("v7a/model.pth"), &p, |ts| {
+        let mut extra = ts[1].clone();
+        extra.name = "blocks.0.ffn.k_emb.weight".into();
+        ts.push(extra);
+    });
+    let e = load_err(&p);
+    assert!(
+        e.contains("blocks.0.ffn.k_emb.weight") && e.contains("RWKV-7b"),
+        "{e}"
+    );
+    // DeepEmbed tensors on a generation that has none.
+    let p = dir.join("v6-de.safetensors");
+    let v7a = Checkpoint::open(fixture("v7a/model.pth")).unwrap();
+    rewrite(&fixture("v6_0/model.safetensors"), &p, |ts| {
+        let m = v7a.get("blocks.0.ffn.s_emb.weight").unwrap();
+        ts.push(rwkv::checkpoint::OutTensor {
+            name: "blocks.0.ffn.s_emb.weight".into(),
+            dtype: m.dtype,
+            shape: m.shape.clone(),
+            data: v7a
+                .bytes("blocks.0.ffn.s_emb.weight")
+                .unwrap()
+                .to_vec()
+                .into(),
+        });
+    });
+    let e = load_err(&p);
+    assert!(e.contains("s_emb") && e.contains("v6.0"), "{e}");
+    // A DeepEmbed table of the wrong width.
+    let p = dir.join("v7a-shape.safetensors");
+    rewrite(&fixture("v7a/model.pth"), &p, |ts| {
+        let t = ts
+            .iter_mut()
+            .find(|t| t.name == "blocks.1.ffn.s_emb.weight")
+            .unwrap();
+        t.shape = vec![600, 512];
+    });
+    let e = load_err(&p);
+    assert!(
+        e.contains("blocks.1.ffn.s_emb.weight") && e.contains("shape"),
+        "{e}"
+    );
+}

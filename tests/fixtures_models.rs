@@ -173,3 +173,13 @@ fn v5_2_matches_reference() {
 fn v6_0_matches_reference() {
     check_generation("v6_0", &["model.pth", "model.safetensors"]);
 }
+
+#[test]
+fn v7a_deep_embed_matches_reference() {
+    // RWKV-7a: the v7 fixture with DeepEmbed in every channel mix, against the official
+    // package run with RWKV_DE_VERSION=1 (its outputs differ from plain v7 by up to 4.8 in
+    // the logits, so a model that ignored DeepEmbed fails here).
+    let model = Model::load(fixture("v7a/model.pth")).unwrap();
+    assert_eq!(model.info().deep_embed, 32);
+    check_generation("v7a", &["model.pth"]);
+}

@@ -161,6 +161,8 @@ fn schema_dims(d: &Dims, shapes: &HashMap<&str, &[usize]>) -> schema::Dims {
         ffn_dim: col("blocks.0.ffn.key.weight", 0),
         vocab: d.vocab,
         lora,
+        // The trainer's passes have no DeepEmbed: its tensors are reported as unknown.
+        deep_embed: 0,
     }
 }
 

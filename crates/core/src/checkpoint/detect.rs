@@ -71,6 +71,9 @@ pub struct ModelInfo {
     pub vocab_size: usize,
     /// LoRA ranks by name (v6: `maa`, `decay`; v7: `w`, `a`, `v`, `g`).
     pub lora: BTreeMap<String, usize>,
+    /// RWKV-7a's DeepEmbed rank R (`ffn.s1` is `[C, R]`, `ffn.s_emb` rows are `R×R`); 0 for a
+    /// model without DeepEmbed.
+    pub deep_embed: usize,
     /// Total number of parameters.
     pub params: usize,
     /// The dtype most weights are stored in.
@@ -92,7 +95,15 @@ pub struct ModelInfo {
 impl fmt::Display for ModelInfo {
     /// The architecture as `rwkv info` prints it, one `key  value` line each.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        writeln!(f, "generation  RWKV {}", self.generation)?;
+        if self.deep_embed > 0 {
+            writeln!(
+                f,
+                "generation  RWKV {} (RWKV-7a, DeepEmbed rank {})",
+                self.generation, self.deep_embed
+            )?;
+        } else {
+            writeln!(f, "generation  RWKV {}", self.generation)?;
+        }
         writeln!(f, "layout      {}", self.layout)?;
         writeln!(f, "layers      {}", self.n_layer)?;
         writeln!(f, "width       {}", self.n_embd)?;
@@ -234,6 +245,7 @@ pub fn detect(ck: &Checkpoint) -> Result<ModelInfo> {
             (dim("blocks.0.att.r_k", 0)?, dim("blocks.0.att.r_k", 1)?)
         }
     };
+    let deep_embed = deep_embed(ck, generation, &what, &dim)?;
     if generation != Generation::V4 && n_head * head_size != c {
         return Err(Error::bad(format!(
             "{what}: {n_head} heads of size {head_size} do not make the width {c}"
@@ -261,6 +273,7 @@ pub fn detect(ck: &Checkpoint) -> Result<ModelInfo> {
         ffn_dim,
         vocab_size: vocab,
         lora,
+        deep_embed,
         params,
         dtype,
         format: ck.format().to_string(),
@@ -269,4 +282,38 @@ pub fn detect(ck: &Checkpoint) -> Result<ModelInfo> {
         tokenizer_file: ck.tokenizer_file().map(|p| p.to_path_buf()),
         file_bytes: ck.file_size(),
     })
+}
+
+/// Tensor-name parts of RWKV-7b's DeepEmbedAttention (its per-token key and value tables and
+/// the attention they feed), which this project does not run.
+const DEEP_EMBED_ATTENTION: [&str; 3] = ["k_emb", "v_emb", ".qkv."];
+
+/// RWKV-7a's DeepEmbed rank (0 without `ffn.s_emb`); RWKV-7b and DeepEmbed outside RWKV-7
+/// are refused by name.
+fn deep_embed(
+    ck: &Checkpoint,
+    generation: Generation,
+    what: &str,
+    dim: &dyn Fn(&str, usize) -> Result<usize>,
+) -> Result<usize> {
+    if let Some(n) = ck
+        .names()
+        .iter()
+        .find(|n| DEEP_EMBED_ATTENTION.iter().any(|p| n.contains(p)))
+    {
+        return Err(Error::bad(format!(
+            "{what}: tensor {n} belongs to RWKV-7b (DeepEmbedAttention), which is not supported \
+             (RWKV-7 and RWKV-7a DeepEmbed models run)"
+        )));
+    }
+    if !ck.has("blocks.0.ffn.s_emb.weight") {
+        return Ok(0);
+    }
+    if generation != Generation::V7 {
+        return Err(Error::bad(format!(
+            "{what}: tensor blocks.0.ffn.s_emb.weight is DeepEmbed, which exists only for RWKV-7 \
+             (this is a {generation} checkpoint)"
+        )));
+    }
+    dim("blocks.0.ffn.s1", 1)
 }

@@ -4,6 +4,11 @@
 //! `S = S·diag(w) + (S·(-kk)) (kk·a)ᵀ + v kᵀ`, `y = S r`, then GroupNorm, the `r·k·r_k`
 //! bonus, the gate `g` and the output projection. Channel mixing is `relu(k W_k)² W_v` without
 //! a receptance gate. See `tests/fixtures/README.md` for the full formulas.
+//!
+//! RWKV-7a adds DeepEmbed to the channel mixing: a per-token `R×R` matrix
+//! `E = s_emb[token] + reshape(LN0(emb[token]) s_emb_xᵀ)` turns the mix input into a
+//! gate on the hidden layer, `k ← k · ((xn s1) E s2 + s0)` (`xn` = LN2 output, before the
+//! token shift), as the official package computes it with `RWKV_DE_VERSION=1`.
 
 use super::consts::{GN_EPS, NORMALIZE_EPS, V7_DECAY_SCALE_OFFICIAL};
 use super::{buf, per_seq, token_shift, Io, Loader, Norm, Scratch, Seq, Slot};
@@ -11,7 +16,7 @@ use crate::checkpoint::ModelInfo;
 use crate::error::Result;
 use crate::kernels::{self, matmul, sigmoid, SendPtr};
 use crate::schema::v7::BLOCK0_UNUSED;
-use crate::tensor::Matrix;
+use crate::tensor::{FloatData, Matrix};
 use rayon::prelude::*;
 
 struct Lora {
@@ -31,6 +36,93 @@ impl Lora {
     }
     fn bytes(&self) -> usize {
         self.down.bytes() + self.up.bytes()
+    }
+}
+
+/// RWKV-7a's DeepEmbed tensors of one channel mix (see the module's docs).
+struct DeepEmbed {
+    /// `[V, R²]`, one row per token, as stored.
+    table: FloatData,
+    /// `[R², C]`: the embedded input's part of each token's matrix.
+    from_input: Matrix,
+    /// `[C, R]`.
+    s1: Matrix,
+    /// `[R, F]`.
+    s2: Matrix,
+    /// `[F]`.
+    s0: Vec<f32>,
+}
+
+impl DeepEmbed {
+    fn load(ld: &mut Loader, q: &str) -> Result<DeepEmbed> {
+        Ok(DeepEmbed {
+            table: ld.stored(&format!("{q}s_emb.weight"))?,
+            from_input: ld.matrix(&format!("{q}s_emb_x.weight"))?,
+            s1: ld.matrix(&format!("{q}s1"))?,
+            s2: ld.matrix(&format!("{q}s2"))?,
+            s0: ld.vec(&format!("{q}s0"))?,
+        })
+    }
+
+    fn rank(&self) -> usize {
+        self.s1.n_out
+    }
+
+    /// Bytes read per token: the products and one table row.
+    fn bytes(&self) -> usize {
+        let r = self.rank();
+        self.from_input.bytes()
+            + self.s1.bytes()
+            + self.s2.bytes()
+            + r * r * self.table.dtype().size()
+    }
+
+    /// Multiplies the hidden rows `hid` (`[T, F]`) by each token's DeepEmbed gate, from the
+    /// LN2 rows `xn` and the embedded inputs `x0` (`[T, C]`). `m` (`[T, R²]`), `p`
+    /// (`[2TR + R²]`) and `gate` (`[T, F]`) are work buffers.
+    #[allow(clippy::too_many_arguments)]
+    fn gate(
+        &self,
+        tokens: &[u32],
+        xn: &[f32],
+        x0: &[f32],
+        hid: &mut [f32],
+        m: &mut [f32],
+        p: &mut [f32],
+        gate: &mut [f32],
+    ) {
+        let t = tokens.len();
+        let r = self.rank();
+        let rr = r * r;
+        matmul(&self.from_input, x0, t, m);
+        let (pin, rest) = p.split_at_mut(t * r);
+        let (pout, row) = rest.split_at_mut(t * r);
+        matmul(&self.s1, xn, t, pin);
+        for (ti, &tok) in tokens.iter().enumerate() {
+            let mr = &mut m[ti * rr..(ti + 1) * rr];
+            kernels::embedding_row(&self.table, tok as usize, &mut row[..rr]);
+            for (a, b) in mr.iter_mut().zip(row.iter()) {
+                *a += b;
+            }
+            // (xn s1) · E: a row vector times the token's R×R matrix.
+            let pi = &pin[ti * r..(ti + 1) * r];
+            let po = &mut pout[ti * r..(ti + 1) * r];
+            po.fill(0.0);
+            for (i, &pv) in pi.iter().enumerate() {
+                for (o, e) in po.iter_mut().zip(&mr[i * r..(i + 1) * r]) {
+                    *o += pv * e;
+                }
+            }
+        }
+        matmul(&self.s2, pout, t, gate);
+        for (hr, gr) in hid
+            .chunks_mut(self.s0.len())
+            .zip(gate.chunks(self.s0.len()))
+        {
+            for ((h, g), s0) in hr.iter_mut().zip(gr).zip(&self.s0) {
+                *h *= g + s0;
+            }
+        }
     }
 }
 
@@ -61,6 +153,8 @@ struct Layer {
     ffn_x_k: Vec<f32>,
     ffn_key: Matrix,
     ffn_value: Matrix,
+    /// RWKV-7a's DeepEmbed gate on the channel mix.
+    deep: Option<DeepEmbed>,
 }
 
 /// An RWKV-7 model.
@@ -113,6 +207,11 @@ impl V7 {
                 ffn_x_k: ld.vec(&format!("{q}x_k"))?,
                 ffn_key: ld.matrix(&format!("{q}key.weight"))?,
                 ffn_value: ld.matrix(&format!("{q}value.weight"))?,
+                deep: if info.deep_embed > 0 {
+                    Some(DeepEmbed::load(ld, &q)?)
+                } else {
+                    None
+                },
             });
         }
         Ok(V7 { info, io, layers })
@@ -134,6 +233,7 @@ impl V7 {
                         + l.v.as_ref().map_or(0, |(_, lo)| lo.bytes())
                         + l.ffn_key.bytes()
                         + l.ffn_value.bytes()
+                        + l.deep.as_ref().map_or(0, DeepEmbed::bytes)
                 })
                 .sum::<usize>()
     }
@@ -157,8 +257,8 @@ impl V7 {
             })
             .max()
             .unwrap_or(0);
-        let [x, bxn, xr, xw, xk, xv, xa, xg, r, k, v, w, a, g, kk, y, lo, vf, hid, btmp] =
-            sc.bufs::<20>();
+        let [x, bxn, xr, xw, xk, xv, xa, xg, r, k, v, w, a, g, kk, y, lo, vf, hid, btmp, x0, dm, dp, dg] =
+            sc.bufs::<24>();
         let x = buf(x, t * c);
         let xn = buf(bxn, t * c);
         let (xr, xw, xk, xv) = (
@@ -175,6 +275,13 @@ impl V7 {
         let hid = buf(hid, t * f.max(c));
 
         self.io.embed(tokens, x, &mut y[..c]);
+        // DeepEmbed reads every layer's embedded input.
+        let de_rank = self.info.deep_embed;
+        let x0 = buf(x0, if de_rank > 0 { t * c } else { 0 });
+        x0.copy_from_slice(&x[..x0.len()]);
+        let dm = buf(dm, t * de_rank * de_rank);
+        let dp = buf(dp, 2 * t * de_rank + de_rank * de_rank);
+        let dg = buf(dg, if de_rank > 0 { t * f } else { 0 });
         for (li, l) in self.layers.iter().enumerate() {
             // ---- time mixing ----
             l.ln1.rows(x, xn);
@@ -311,6 +418,9 @@ impl V7 {
                 let q = z.max(0.0);
                 *z = q * q
             });
+            if let Some(de) = &l.deep {
+                de.gate(tokens, xn, x0, hid, dm, dp, dg);
+            }
             matmul(&l.ffn_value, hid, t, xr);
             for i in 0..t * c {
                 x[i] += xr[i];

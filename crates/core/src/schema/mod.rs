@@ -83,6 +83,8 @@ pub struct Dims {
     pub vocab: usize,
     /// LoRA ranks (v6: `maa`, `decay`; v7: `w`, `a`, `v`, `g`).
     pub lora: Vec<(&'static str, usize)>,
+    /// RWKV-7a's DeepEmbed rank (0: none).
+    pub deep_embed: usize,
 }
 
 impl Dims {
@@ -104,6 +106,7 @@ impl Dims {
                 .into_iter()
                 .map(|k| (k, info.lora.get(k).copied().unwrap_or(0)))
                 .collect(),
+            deep_embed: info.deep_embed,
         }
     }
 
@@ -142,6 +145,7 @@ impl Dims {
             ffn_dim,
             vocab,
             lora,
+            deep_embed: 0,
         })
     }
 

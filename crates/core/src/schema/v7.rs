@@ -118,7 +118,30 @@ pub(super) fn blocks(d: &Dims, o: &mut Params) {
         );
         o.linear(format!("{q}.key.weight"), f, c, 1.0, false);
         o.linear(format!("{q}.value.weight"), c, f, 0.0, false);
+        if d.deep_embed > 0 {
+            deep_embed(o, &format!("{q}."), d);
+        }
     }
+}
+
+/// RWKV-7a's DeepEmbed tensors of one channel mix (prefix `q`), rank R: a per-token table
+/// `s_emb [V, R²]` plus a projection `s_emb_x [R², C]` of the embedded input, read as an
+/// `R×R` matrix per token, and the maps `s1 [C, R]`, `s2 [R, F]`, `s0 [F]` around it. The
+/// official package folds `LN0(emb) s_emb_xᵀ` into the table at load; the model computes it
+/// per token instead, so the table stays as stored. (RWKV-LM publishes no initialisation for
+/// these: the values below make a new block start as plain RWKV-7, its gate `s0` at one.)
+fn deep_embed(o: &mut Params, q: &str, d: &Dims) {
+    let (c, f, v, r) = (d.n_embd, d.ffn_dim, d.vocab, d.deep_embed);
+    o.push(
+        format!("{q}s_emb.weight"),
+        &[v, r * r],
+        super::Role::Table,
+        Init::Zeros,
+    );
+    o.linear(format!("{q}s_emb_x.weight"), r * r, c, 0.0, false);
+    o.lora(format!("{q}s1"), c, r, Init::Zeros);
+    o.lora(format!("{q}s2"), r, f, Init::Zeros);
+    o.push(format!("{q}s0"), &[f], super::Role::Vector, Init::Ones);
 }
 
 #[cfg(test)]
