@@ -41,7 +41,7 @@ enum Cmd {
     /// Write the logits of every input token and the final state to a safetensors file.
     Logits(LogitsArgs),
     /// Convert a checkpoint of any readable layout to .pth or .safetensors (the official key
-    /// names) or to llama.cpp's GGUF (RWKV-7).
+    /// names) or to llama.cpp's GGUF (RWKV-6 and RWKV-7).
     Convert {
         /// Input checkpoint.
         input: PathBuf,

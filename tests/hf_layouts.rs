@@ -26,6 +26,19 @@ fn tokens(seq: &str) -> Vec<u32> {
         .collect()
 }
 
+/// The logits of every token of `toks` from the zero state, time-parallel and time-sequential.
+fn both_modes(model: &Model, toks: &[u32]) -> [(&'static str, Vec<f32>); 2] {
+    let par = model
+        .forward(toks, &mut model.new_state(), Logits::All)
+        .unwrap();
+    let mut st = model.new_state();
+    let rec: Vec<f32> = toks
+        .iter()
+        .flat_map(|&t| model.step(t, &mut st).unwrap())
+        .collect();
+    [("parallel", par), ("recurrent", rec)]
+}
+
 #[test]
 fn transformers_rwkv4_directories_give_transformers_logits() {
     for dir in ["rwkv4-sharded", "rwkv4-bin"] {
@@ -34,15 +47,7 @@ fn transformers_rwkv4_directories_give_transformers_logits() {
         for seq in ["seq0", "seq1"] {
             let toks = tokens(seq);
             let want = expected(&format!("{seq}.logits"));
-            let par = model
-                .forward(&toks, &mut model.new_state(), Logits::All)
-                .unwrap();
-            let mut st = model.new_state();
-            let rec: Vec<f32> = toks
-                .iter()
-                .flat_map(|&t| model.step(t, &mut st).unwrap())
-                .collect();
-            for (mode, got) in [("parallel", par), ("recurrent", rec)] {
+            for (mode, got) in both_modes(&model, &toks) {
                 let r = tol_ratio(&got, &want);
                 println!("{dir} {seq} {mode}: {r:.3} of the tolerance");
                 assert!(r <= 1.0, "{dir} {seq} {mode}: {r} times the tolerance");
@@ -73,6 +78,34 @@ fn the_fla_hub_rwkv7_layout_is_the_official_model() {
         }
         println!("fla {seq}: logits {r:.4}, state {rs:.4} of the tolerance");
         assert!(r <= 1.0 && rs <= 1.0, "{seq}: {r} {rs}");
+    }
+}
+
+/// RWKV-block's RWKV-7 layout (RWKV-org's "-HF" repositories of that project), written by its
+/// own `hf_builder.py` from the v7 fixture cut to the LoRA ranks it derives (32): the official
+/// package's logits of that checkpoint, in both modes.
+#[test]
+fn the_rwkv_block_rwkv7_layout_is_the_official_model() {
+    let model = Model::load(fixture("formats/hf/rwkv7-block")).unwrap();
+    assert!(
+        model.info().layout.contains("RWKV-block"),
+        "{}",
+        model.info().layout
+    );
+    let exp = Checkpoint::open(fixture("formats/hf/rwkv7-block-expected.safetensors")).unwrap();
+    for seq in ["seq0", "seq1"] {
+        let toks: Vec<u32> = exp
+            .i64_vec(&format!("{seq}.tokens"))
+            .unwrap()
+            .iter()
+            .map(|&t| t as u32)
+            .collect();
+        let want = exp.f32_vec(&format!("{seq}.logits")).unwrap();
+        for (mode, got) in both_modes(&model, &toks) {
+            let r = tol_ratio(&got, &want);
+            println!("RWKV-block {seq} {mode}: {r:.4} of the tolerance");
+            assert!(r <= 1.0, "{seq} {mode}: {r}");
+        }
     }
 }
 

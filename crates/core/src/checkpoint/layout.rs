@@ -12,10 +12,10 @@
 //!   weight matrices (and the embedding) are repacked at open time into the integer kernels'
 //!   blocks (the same bytes per weight: no float copy); every other quantized type, and every
 //!   quantized vector or LoRA matrix, is dequantized to f32 at open time exactly as ggml
-//!   dequantizes it. [`write_gguf`] writes the `rwkv7` layout.
+//!   dequantizes it. [`write_gguf`] writes the `rwkv7` and `rwkv6` layouts.
 //! - Hugging Face directories (`config.json` with one or several safetensors or
 //!   `pytorch_model.bin` files): transformers' `RwkvForCausalLM` (RWKV-4), the RWKV-5/6
-//!   remote-code layout and fla-hub's `RWKV7ForCausalLM`.
+//!   remote-code layout, fla-hub's `RWKV7ForCausalLM` and RWKV-block's (the official names).
 
 use super::detect::{detect, Generation};
 use super::gguf::{self, GgmlType, Gguf, TensorInfo, Value};
@@ -508,9 +508,10 @@ pub fn unescape_repr(s: &str) -> std::result::Result<Vec<u8>, String> {
     Ok(out)
 }
 
-/// Where an official RWKV-7 tensor goes in llama.cpp's `rwkv7` layout (the inverse of
-/// [`rwkv7_place`]): its llama.cpp name and how its values are arranged there.
-fn rwkv7_gguf_name(name: &str) -> Option<(String, Put)> {
+/// Where an official RWKV-6 or RWKV-7 tensor goes in llama.cpp's `rwkv6` or `rwkv7` layout
+/// (the inverse of [`rwkv6_place`] with `rescale_every` 0 and of [`rwkv7_place`]): its
+/// llama.cpp name and how its values are arranged there.
+fn gguf_out_name(generation: Generation, name: &str) -> Option<(String, Put)> {
     let g = |n: &str| Some((n.to_string(), Put::Same));
     match name {
         "emb.weight" => return g("token_embd.weight"),
@@ -524,30 +525,77 @@ fn rwkv7_gguf_name(name: &str) -> Option<(String, Put)> {
     let (i, _, t) = block_of(name, "blocks.")?;
     let blk = |n: &str| format!("blk.{i}.{n}");
     let (module, t) = t.split_once('.')?;
-    Some(match (module, t) {
-        ("ln1", s) => (blk(&format!("attn_norm.{s}")), Put::Same),
-        ("ln2", s) => (blk(&format!("attn_norm_2.{s}")), Put::Same),
-        ("att", "ln_x.weight" | "ln_x.bias") => (
-            blk(&format!("time_mix_ln.{}", &t["ln_x.".len()..])),
-            Put::Same,
-        ),
-        ("att", x) if V7_LERPS.contains(&x) => (
+    match (module, t) {
+        ("ln1", s) => return Some((blk(&format!("attn_norm.{s}")), Put::Same)),
+        ("ln2", s) => return Some((blk(&format!("attn_norm_2.{s}")), Put::Same)),
+        ("att", "ln_x.weight" | "ln_x.bias") => {
+            return Some((
+                blk(&format!("time_mix_ln.{}", &t["ln_x.".len()..])),
+                Put::Same,
+            ))
+        }
+        _ => {}
+    }
+    let lerp = |names: &[&str], x: &str| {
+        Some((
             blk("time_mix_lerp_fused.weight"),
-            Put::Lerp(V7_LERPS.iter().position(|l| *l == x)?),
-        ),
-        ("att", "w0" | "a0" | "v0" | "k_k" | "k_a" | "r_k") => {
-            (blk(&format!("time_mix_{t}.weight")), Put::Flat)
-        }
-        ("att", "w1" | "w2" | "a1" | "a2" | "v1" | "v2" | "g1" | "g2") => {
-            (blk(&format!("time_mix_{t}.weight")), Put::Transpose)
-        }
-        ("att", "key.weight" | "value.weight" | "receptance.weight" | "output.weight") => {
-            (blk(&format!("time_mix_{t}")), Put::Same)
-        }
-        ("ffn", "x_k") => (blk("channel_mix_lerp_k.weight"), Put::Flat),
-        ("ffn", "key.weight" | "value.weight") => (blk(&format!("channel_mix_{t}")), Put::Same),
-        _ => return None,
-    })
+            Put::Lerp(names.iter().position(|l| *l == x)?, names.len()),
+        ))
+    };
+    match generation {
+        Generation::V7 => Some(match (module, t) {
+            ("att", x) if V7_LERPS.contains(&x) => return lerp(&V7_LERPS, x),
+            ("att", "w0" | "a0" | "v0" | "k_k" | "k_a" | "r_k") => {
+                (blk(&format!("time_mix_{t}.weight")), Put::Flat)
+            }
+            ("att", "w1" | "w2" | "a1" | "a2" | "v1" | "v2" | "g1" | "g2") => {
+                (blk(&format!("time_mix_{t}.weight")), Put::Transpose)
+            }
+            ("att", "key.weight" | "value.weight" | "receptance.weight" | "output.weight") => {
+                (blk(&format!("time_mix_{t}")), Put::Same)
+            }
+            ("ffn", "x_k") => (blk("channel_mix_lerp_k.weight"), Put::Flat),
+            ("ffn", "key.weight" | "value.weight") => (blk(&format!("channel_mix_{t}")), Put::Same),
+            _ => return None,
+        }),
+        Generation::V6_0 => Some(match (module, t) {
+            ("att", "time_maa_x") => (blk("time_mix_lerp_x.weight"), Put::Flat),
+            ("att", x)
+                if x.strip_prefix("time_maa_")
+                    .is_some_and(|m| V6_LERPS.contains(&m)) =>
+            {
+                return lerp(&V6_LERPS, &x["time_maa_".len()..])
+            }
+            ("att", "time_maa_w1") => (blk("time_mix_w1.weight"), Put::Transpose),
+            ("att", "time_maa_w2") => (blk("time_mix_w2.weight"), Put::TransposeEach),
+            ("att", "time_decay") => (blk("time_mix_decay.weight"), Put::Flat),
+            ("att", "time_decay_w1" | "time_decay_w2") => (
+                blk(&format!(
+                    "time_mix_decay_{}.weight",
+                    &t["time_decay_".len()..]
+                )),
+                Put::Transpose,
+            ),
+            ("att", "time_faaaa") => (blk("time_mix_first.weight"), Put::Same),
+            (
+                "att",
+                "key.weight" | "value.weight" | "receptance.weight" | "gate.weight"
+                | "output.weight",
+            ) => (blk(&format!("time_mix_{t}")), Put::Same),
+            ("ffn", "time_maa_k" | "time_maa_r") => (
+                blk(&format!(
+                    "channel_mix_lerp_{}.weight",
+                    &t["time_maa_".len()..]
+                )),
+                Put::Flat,
+            ),
+            ("ffn", "key.weight" | "value.weight" | "receptance.weight") => {
+                (blk(&format!("channel_mix_{t}")), Put::Same)
+            }
+            _ => return None,
+        }),
+        Generation::V4 | Generation::V5_2 => None,
+    }
 }
 
 /// How an official tensor's values are arranged in its llama.cpp tensor.
@@ -559,8 +607,10 @@ enum Put {
     Flat,
     /// The `[in, out]` matrix transposed to `[out, in]`.
     Transpose,
-    /// Slice `k` of the fused token-shift mixes.
-    Lerp(usize),
+    /// Each matrix of an `[n, a, b]` stack transposed (`[n, b, a]`).
+    TransposeEach,
+    /// Slice `k` of the `n` fused token-shift mixes.
+    Lerp(usize, usize),
 }
 
 /// The ggml types `rwkv convert` writes.
@@ -600,18 +650,30 @@ fn values(ck: &Checkpoint, name: &str) -> Result<Vec<f32>> {
     }
 }
 
-/// Writes an RWKV-7 checkpoint (read from any layout) as llama.cpp's `rwkv7` GGUF, the way its
-/// `convert_hf_to_gguf.py` writes one: the weight matrices, embedding and LoRAs in `ty`
-/// (F16 where a quantized type's block does not divide a row), the vectors, the fused
-/// token-shift mixes and the decay LoRA in F32, block 0 given the dummy value LoRA llama.cpp
-/// expects, and the vocabulary `vocab` (each id's bytes; empty for ids that do not decode).
+/// Writes an RWKV-6 or RWKV-7 checkpoint (read from any layout) as llama.cpp's `rwkv6` or
+/// `rwkv7` GGUF, the way its `convert_hf_to_gguf.py` writes one: the weight matrices,
+/// embedding and LoRAs in `ty` (F16 where a quantized type's block does not divide a row), the
+/// vectors, the fused token-shift mixes, RWKV-7's decay LoRA and RWKV-6's mix and decay LoRAs
+/// and bonus in F32; RWKV-7's block 0 given the dummy value LoRA llama.cpp expects, RWKV-6's
+/// `rescale_every` 0 (no matrix divided); and the vocabulary `vocab` (each id's bytes; empty
+/// for ids that do not decode).
 pub fn write_gguf(ck: &Checkpoint, path: &Path, ty: GgmlType, vocab: &[Vec<u8>]) -> Result<()> {
     let what = ck.path().display().to_string();
     let info = detect(ck)?;
-    if info.generation != Generation::V7 {
+    let arch = match info.generation {
+        Generation::V7 => "rwkv7",
+        Generation::V6_0 => "rwkv6",
+        g => {
+            return Err(Error::bad(format!(
+                "{what}: GGUF output is written for RWKV-6 and RWKV-7 (llama.cpp's rwkv6 and \
+                 rwkv7); this is RWKV {g}"
+            )))
+        }
+    };
+    if info.deep_embed > 0 {
         return Err(Error::bad(format!(
-            "{what}: GGUF output is written for RWKV-7 (llama.cpp's rwkv7); this is RWKV {}",
-            info.generation
+            "{what}: RWKV-7a's DeepEmbed (tensor blocks.0.ffn.s_emb.weight) has no place in \
+             llama.cpp's rwkv7 layout; convert it to .safetensors or .pth instead"
         )));
     }
     if !GGUF_OUT.contains(&ty) {
@@ -632,9 +694,9 @@ pub fn write_gguf(ck: &Checkpoint, path: &Path, ty: GgmlType, vocab: &[Vec<u8>])
     let mut order: Vec<String> = Vec::new();
     let c = info.n_embd;
     for name in ck.names().iter().filter(|n| !n.ends_with(".scales")) {
-        let (gname, put) = rwkv7_gguf_name(name).ok_or_else(|| {
+        let (gname, put) = gguf_out_name(info.generation, name).ok_or_else(|| {
             Error::bad(format!(
-                "{what}: tensor {name} has no place in llama.cpp's rwkv7 layout"
+                "{what}: tensor {name} has no place in llama.cpp's {arch} layout"
             ))
         })?;
         let shape = ck.meta(name)?.shape.clone();
@@ -655,21 +717,31 @@ pub fn write_gguf(ck: &Checkpoint, path: &Path, ty: GgmlType, vocab: &[Vec<u8>])
                 let (rows, cols) = (shape[0], shape[1]);
                 *entry = (vec![cols, rows], transpose(&v, rows, cols));
             }
-            Put::Lerp(k) => {
+            Put::TransposeEach => {
+                let (n, rows, cols) = (shape[0], shape[1], shape[2]);
+                let t = v
+                    .chunks_exact(rows * cols)
+                    .flat_map(|m| transpose(m, rows, cols))
+                    .collect();
+                *entry = (vec![n, cols, rows], t);
+            }
+            Put::Lerp(k, n) => {
                 if entry.1.is_empty() {
-                    *entry = (vec![V7_LERPS.len(), 1, 1, c], vec![0.0; V7_LERPS.len() * c]);
+                    *entry = (vec![n, 1, 1, c], vec![0.0; n * c]);
                 }
                 entry.1[k * c..(k + 1) * c].copy_from_slice(&v);
             }
         }
     }
-    // llama.cpp reads a value LoRA in every block: block 0's is a copy of its `a` LoRA.
-    for (v, a) in [("v0", "a0"), ("v1", "a1"), ("v2", "a2")] {
-        let src = out.get(&format!("blk.0.time_mix_{a}.weight")).cloned();
-        if let Some(t) = src {
-            let name = format!("blk.0.time_mix_{v}.weight");
-            order.push(name.clone());
-            out.insert(name, t);
+    if arch == "rwkv7" {
+        // llama.cpp reads a value LoRA in every block: block 0's is a copy of its `a` LoRA.
+        for (v, a) in [("v0", "a0"), ("v1", "a1"), ("v2", "a2")] {
+            let src = out.get(&format!("blk.0.time_mix_{a}.weight")).cloned();
+            if let Some(t) = src {
+                let name = format!("blk.0.time_mix_{v}.weight");
+                order.push(name.clone());
+                out.insert(name, t);
+            }
         }
     }
     let mut w = gguf::Writer::default();
@@ -677,20 +749,27 @@ pub fn write_gguf(ck: &Checkpoint, path: &Path, ty: GgmlType, vocab: &[Vec<u8>])
         .file_stem()
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_default();
-    w.str("general.architecture", "rwkv7");
+    w.str("general.architecture", arch);
     w.str("general.type", "model");
     w.str("general.name", &stem);
-    let u = |w: &mut gguf::Writer, k: &str, v: usize| w.u32(&format!("rwkv7.{k}"), v as u32);
+    let u = |w: &mut gguf::Writer, k: &str, v: usize| w.u32(&format!("{arch}.{k}"), v as u32);
     u(&mut w, "context_length", 1 << 20);
     u(&mut w, "embedding_length", c);
     u(&mut w, "block_count", info.n_layer);
-    w.f32("rwkv7.attention.layer_norm_epsilon", 1e-5);
-    u(&mut w, "wkv.head_size", info.head_size);
+    w.f32(&format!("{arch}.attention.layer_norm_epsilon"), 1e-5);
     let rank = |k: &str| info.lora.get(k).copied().unwrap_or(0);
-    u(&mut w, "attention.decay_lora_rank", rank("w"));
-    u(&mut w, "attention.iclr_lora_rank", rank("a"));
-    u(&mut w, "attention.value_residual_mix_lora_rank", rank("v"));
-    u(&mut w, "attention.gate_lora_rank", rank("g"));
+    if arch == "rwkv7" {
+        u(&mut w, "wkv.head_size", info.head_size);
+        u(&mut w, "attention.decay_lora_rank", rank("w"));
+        u(&mut w, "attention.iclr_lora_rank", rank("a"));
+        u(&mut w, "attention.value_residual_mix_lora_rank", rank("v"));
+        u(&mut w, "attention.gate_lora_rank", rank("g"));
+    } else {
+        u(&mut w, "rescale_every_n_layers", 0);
+        u(&mut w, "wkv.head_size", info.head_size);
+        u(&mut w, "time_mix_extra_dim", rank("maa"));
+        u(&mut w, "time_decay_extra_dim", rank("decay"));
+    }
     u(&mut w, "feed_forward_length", info.ffn_dim);
     w.u32("general.file_type", file_type(ty));
     u(&mut w, "attention.head_count", 0);
@@ -717,11 +796,7 @@ pub fn write_gguf(ck: &Checkpoint, path: &Path, ty: GgmlType, vocab: &[Vec<u8>])
     w.str("tokenizer.chat_template", "rwkv-world");
     for name in order {
         let (shape, v) = out.remove(&name).expect("listed");
-        let forced_f32 = shape.len() == 1
-            || name.ends_with("time_mix_lerp_fused.weight")
-            || name.ends_with("time_mix_w1.weight")
-            || name.ends_with("time_mix_w2.weight");
-        let t = if forced_f32 {
+        let t = if shape.len() == 1 || GGUF_F32.iter().any(|s| name.ends_with(s)) {
             GgmlType::F32
         } else if ty.is_quantized() && !shape[shape.len() - 1].is_multiple_of(ty.block().0) {
             GgmlType::F16
@@ -732,6 +807,18 @@ pub fn write_gguf(ck: &Checkpoint, path: &Path, ty: GgmlType, vocab: &[Vec<u8>])
     }
     w.write(path)
 }
+
+/// The tensors llama.cpp's converter always writes in F32 (with every vector): the fused
+/// mixes, RWKV-7's decay LoRA (`time_mix_w1/w2`, RWKV-6's mix LoRA of the same names), RWKV-6's
+/// decay LoRA and its bonus `time_mix_first`.
+const GGUF_F32: [&str; 6] = [
+    "time_mix_lerp_fused.weight",
+    "time_mix_w1.weight",
+    "time_mix_w2.weight",
+    "time_mix_decay_w1.weight",
+    "time_mix_decay_w2.weight",
+    "time_mix_first.weight",
+];
 
 /// Python's `repr` of `bytes` without the `b'…'`: the token text llama.cpp's converter writes
 /// for the World vocabulary (read back by [`unescape_repr`]).
@@ -756,10 +843,17 @@ pub fn escape_repr(b: &[u8]) -> String {
 /// it has).
 type Rename = fn(&str, &[usize]) -> Option<Place>;
 
-/// The Hugging Face layouts read: `config.json`'s architecture, the layout's name and its
-/// tensors' map.
-fn hf_name_map(arch: &str) -> Option<(&'static str, Rename)> {
+/// The Hugging Face layouts read: from `config.json`'s architecture (and, for
+/// `RWKV7ForCausalLM`, which of its two layouts), the layout's name and its tensors' map.
+fn hf_name_map(arch: &str, cfg: &serde_json::Value) -> Option<(&'static str, Rename)> {
     match arch {
+        // RWKV-block's remote code (its `hf_builder.py`, behind RWKV-org's "-HF" repositories
+        // of that project) stores the official names unchanged; its config names the
+        // attention and channel-mix widths, which fla's does not.
+        "RWKV7ForCausalLM" if cfg.get("hidden_size_att").is_some() => Some((
+            "RWKV-block RWKV7ForCausalLM (RWKV-7, official names)",
+            |n, s| Some(Place::As(n.to_string(), s.to_vec())),
+        )),
         "RwkvForCausalLM" => Some(("transformers RwkvForCausalLM (RWKV-4)", |n, s| {
             transformers_rwkv4(n).map(|o| Place::As(o, s.to_vec()))
         })),
@@ -874,7 +968,7 @@ pub(super) fn open_hf_dir(dir: &Path) -> Result<Checkpoint> {
     let cfg: serde_json::Value = serde_json::from_str(&text)
         .map_err(|e| Error::bad(format!("{}: not valid JSON: {e}", cfg_path.display())))?;
     let arch = cfg["architectures"][0].as_str().unwrap_or("").to_string();
-    let (layout, rename) = hf_name_map(&arch).ok_or_else(|| {
+    let (layout, rename) = hf_name_map(&arch, &cfg).ok_or_else(|| {
         Error::bad(format!(
             "{}: architecture {arch:?} is not a layout rwkv reads (RwkvForCausalLM)",
             cfg_path.display()
@@ -1033,33 +1127,40 @@ mod tests {
 
     #[test]
     fn the_gguf_names_are_the_inverse_of_the_map() {
-        let path = concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../../tests/fixtures/v7/model.pth"
-        );
-        let ck = Checkpoint::open(path).unwrap();
-        for name in ck.names() {
-            let p = ck.get(name).unwrap();
-            let (g, put) = rwkv7_gguf_name(name).unwrap_or_else(|| panic!("{name}"));
-            let shape = match put {
-                Put::Transpose => vec![p.shape[1], p.shape[0]],
-                Put::Lerp(_) => vec![6, 1, 1, 128],
-                Put::Flat => vec![p.shape.iter().product()],
-                Put::Same => p.shape.clone(),
-            };
-            let back = match rwkv7_place(&g, &shape, 64).unwrap() {
-                Place::As(n, _)
-                | Place::Matrix(n)
-                | Place::Transposed(n)
-                | Place::TransposedStack(n)
-                | Place::Scaled(n, _) => n,
-                Place::Split(v) => match put {
-                    Put::Lerp(k) => v[k].clone(),
-                    _ => panic!("{name}"),
-                },
-                Place::Unused => panic!("{name}"),
-            };
-            assert_eq!(&back, name);
+        for (dir, generation) in [("v7", Generation::V7), ("v6_0", Generation::V6_0)] {
+            let path = format!(
+                "{}/../../tests/fixtures/{dir}/model.pth",
+                env!("CARGO_MANIFEST_DIR")
+            );
+            let ck = Checkpoint::open(path).unwrap();
+            for name in ck.names() {
+                let p = ck.get(name).unwrap();
+                let (g, put) = gguf_out_name(generation, name).unwrap_or_else(|| panic!("{name}"));
+                let shape = match put {
+                    Put::Transpose => vec![p.shape[1], p.shape[0]],
+                    Put::TransposeEach => vec![p.shape[0], p.shape[2], p.shape[1]],
+                    Put::Lerp(_, n) => vec![n, 1, 1, 128],
+                    Put::Flat => vec![p.shape.iter().product()],
+                    Put::Same => p.shape.clone(),
+                };
+                let place = match generation {
+                    Generation::V7 => rwkv7_place(&g, &shape, 64),
+                    _ => rwkv6_place(&g, &shape, 0),
+                };
+                let back = match place.unwrap_or_else(|| panic!("{g}")) {
+                    Place::As(n, _)
+                    | Place::Matrix(n)
+                    | Place::Transposed(n)
+                    | Place::TransposedStack(n)
+                    | Place::Scaled(n, _) => n,
+                    Place::Split(v) => match put {
+                        Put::Lerp(k, _) => v[k].clone(),
+                        _ => panic!("{name}"),
+                    },
+                    Place::Unused => panic!("{name}"),
+                };
+                assert_eq!(&back, name);
+            }
         }
     }
 

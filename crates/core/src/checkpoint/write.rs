@@ -334,7 +334,7 @@ fn is_quantizable(name: &str, shape: &[usize]) -> bool {
 }
 
 /// Converts a checkpoint of any readable layout to `.pth` or `.safetensors` with the official
-/// key names and order, or to llama.cpp's GGUF (RWKV-7), optionally changing the float dtype
+/// key names and order, or to llama.cpp's GGUF (RWKV-6 and RWKV-7), optionally changing the float dtype
 /// of every float tensor, and optionally storing the weight matrices quantized (`quant` int8
 /// or q4: `name` holds the packed values and `name.scales` the block scales, so that loading
 /// is a memory map; in a GGUF, Q8_0 and Q4_0). A GGUF carries a vocabulary: `vocab` (each
