@@ -76,6 +76,9 @@ enum Cmd {
     Init(InitArgs),
     /// Train an RWKV-7 or RWKV-4 model from a text file, time-parallel on the CPU.
     Train(TrainArgs),
+    /// Adapt an RWKV-7 to new data by state tuning: the weights stay frozen, every layer's
+    /// initial WKV state is learnt (written as a state file and as RWKV-PEFT's time_state).
+    Tune(TuneArgs),
     /// Score a model on a text: loss, perplexity and bits per byte (parallel mode).
     Eval(EvalArgs),
     /// Measure prompt and generation speed, bandwidth use and memory.
@@ -628,6 +631,7 @@ fn main() -> ExitCode {
         } => merge(&base, &lora, &output, tokenizer.as_deref()),
         Cmd::Init(a) => init(a),
         Cmd::Train(a) => train(a),
+        Cmd::Tune(a) => tune(a),
         Cmd::Eval(a) => eval(a),
         Cmd::Bench(a) => bench(a),
         Cmd::Serve(a) => rwkv::server::serve(a),
@@ -781,6 +785,133 @@ fn train(a: TrainArgs) -> Result<()> {
         "model {} | validation loss {:.4} | {:.0} tokens/s",
         s.model.display(),
         s.val_loss,
+        s.tokens_per_s
+    );
+    Ok(())
+}
+
+/// `rwkv tune` flags; each overrides the key of the same name of `TuneConfig`.
+#[derive(Args, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+struct TuneArgs {
+    /// The checkpoint to adapt (any RWKV-7 file rwkv reads); default: the built-in model.
+    #[arg(long, short = 'm')]
+    #[serde(skip)]
+    model: Option<PathBuf>,
+    /// Tuning data: plain text, or .jsonl lines of {"text": ...} or {"messages": [...]} (the
+    /// loss on the assistant's tokens only).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    data: Option<PathBuf>,
+    /// What is learnt: state (every layer's initial WKV state) [default: state].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    method: Option<String>,
+    /// world, bytes or a tokenizer file (default: chosen from the model's vocabulary).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tokenizer: Option<String>,
+    /// Fraction at the end of --data (tokens of a text, lines of a jsonl) held out [default: 0.1].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    val_fraction: Option<f64>,
+    /// Separate validation data (instead of --val-fraction).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    val_data: Option<PathBuf>,
+    /// Tokens per window (a jsonl example is cut to this) [default: 256].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ctx: Option<usize>,
+    /// Windows per step [default: 4].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    batch: Option<usize>,
+    /// Optimizer steps [default: 200].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    steps: Option<u64>,
+    /// Peak learning rate [default: 0.1].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    lr: Option<f64>,
+    /// Learning rate at the last step [default: lr / 10].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    lr_final: Option<f64>,
+    /// Warm-up steps [default: 10].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    warmup: Option<u64>,
+    /// Largest global gradient norm [default: 1.0].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    grad_clip: Option<f64>,
+    /// Random seed (data order) [default: 1337].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    seed: Option<u64>,
+    /// Run directory: state.safetensors, time_state.pth, tune.safetensors, metrics.jsonl,
+    /// loss.svg [default: runs/tune].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    out: Option<PathBuf>,
+    /// Steps between checkpoints [default: 100].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    save_every: Option<u64>,
+    /// Steps between validations [default: 50; always at the last step].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    eval_every: Option<u64>,
+    /// Steps between metric lines [default: 10].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    log_every: Option<u64>,
+    /// bf16 or f32 products [default: bf16].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    precision: Option<String>,
+    /// Continue the run in --out from its last checkpoint.
+    #[arg(long)]
+    #[serde(skip)]
+    resume: bool,
+    /// Stop after this step as an interruption would (continue later with --resume).
+    #[arg(long)]
+    #[serde(skip)]
+    stop_at: Option<u64>,
+    /// Worker threads (default: all cores).
+    #[arg(long)]
+    #[serde(skip)]
+    threads: Option<usize>,
+}
+
+fn tune(a: TuneArgs) -> Result<()> {
+    use rwkv::train::TuneConfig;
+    rwkv::kernels::set_threads(a.threads)?;
+    let model = match &a.model {
+        Some(p) => p.clone(),
+        None => rwkv::default_model()?,
+    };
+    let mut given = serde_json::to_value(&a).map_err(|e| Error::Internal(e.to_string()))?;
+    given["model"] = serde_json::json!(model);
+    let c = TuneConfig::default().with_overrides(given)?;
+    let tok = match &c.tokenizer {
+        Some(spec) => tokenizer::load(spec)?,
+        None => {
+            let info =
+                rwkv::checkpoint::detect::detect(&rwkv::checkpoint::Checkpoint::open(&model)?)?;
+            tokenizer::for_model(&info)
+                .map_err(|e| Error::bad(format!("{}: {e}", model.display())))?
+        }
+    };
+    let s = rwkv::train::tune(c, tok.as_ref(), a.resume, a.stop_at)?;
+    println!(
+        "state {} (RWKV-PEFT: {}) | held-out loss {:.4} -> {:.4} | {:.0} tokens/s",
+        s.state.display(),
+        s.time_state.display(),
+        s.val_before,
+        s.val_after,
         s.tokens_per_s
     );
     Ok(())

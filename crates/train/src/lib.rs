@@ -8,7 +8,9 @@
 //! - `graph` (feature `graph`, tests only): both generations as a candle autograd graph with
 //!   fused ops — the gradient oracle the hand-written passes are tested against;
 //! - [`optim`]: AdamW and the schedule; [`run`]: the loop, checkpoints, resumption, metrics,
-//!   the loss plot. Validation scores through `rwkv_core::eval`, as `rwkv eval` does.
+//!   the loss plot. Validation scores through `rwkv_core::eval`, as `rwkv eval` does;
+//! - [`tune`]: state tuning of a trained RWKV-7 (the weights frozen, the initial WKV state
+//!   learnt through the same pass).
 
 mod common;
 #[cfg(feature = "graph")]
@@ -17,6 +19,7 @@ pub mod optim;
 pub mod params;
 pub mod pass;
 pub mod run;
+pub mod tune;
 pub mod v4;
 pub mod v7;
 
@@ -25,3 +28,4 @@ pub use graph::TrainModel;
 pub use params::{Dims, Params};
 
 pub use run::{train, Arch, Precision, TrainConfig};
+pub use tune::{tune, Method, TuneConfig, TuneSummary};

@@ -190,11 +190,7 @@ impl TrainConfig {
     /// This configuration with the settings in `overrides` (an object of the same keys, as
     /// `rwkv train`'s flags serialise) replaced.
     pub fn with_overrides(&self, overrides: serde_json::Value) -> Result<TrainConfig> {
-        let mut merged = serde_json::to_value(self).map_err(|e| Error::Internal(e.to_string()))?;
-        if let (Some(m), serde_json::Value::Object(o)) = (merged.as_object_mut(), overrides) {
-            m.extend(o);
-        }
-        serde_json::from_value(merged).map_err(|e| Error::bad(e.to_string()))
+        with_overrides(self, overrides)
     }
 
     /// Reads a TOML config file.
@@ -216,22 +212,22 @@ impl TrainConfig {
     /// Errors on a setting no run can use (a zero size, a width the heads do not divide, a
     /// learning rate that is not a positive number, ...).
     pub fn check(&self) -> Result<()> {
-        let pos = [
-            ("layers", self.layers as u64),
-            ("dim", self.dim as u64),
-            ("ctx", self.ctx as u64),
-            ("batch", self.batch as u64),
-            ("accum", self.accum as u64),
-            ("steps", self.steps),
-            ("save-every", self.save_every),
-            ("eval-every", self.eval_every),
-            ("log-every", self.log_every),
-        ];
-        for (n, v) in pos {
-            if v == 0 {
-                return Err(Error::bad(format!("{n} must be at least 1")));
-            }
-        }
+        check_run(
+            &[
+                ("layers", self.layers as u64),
+                ("dim", self.dim as u64),
+                ("ctx", self.ctx as u64),
+                ("batch", self.batch as u64),
+                ("accum", self.accum as u64),
+                ("steps", self.steps),
+                ("save-every", self.save_every),
+                ("eval-every", self.eval_every),
+                ("log-every", self.log_every),
+            ],
+            self.lr,
+            self.val_data.is_some(),
+            self.val_fraction,
+        )?;
         if self.arch == Arch::V7
             && (self.head_size == 0 || !self.dim.is_multiple_of(self.head_size))
         {
@@ -242,14 +238,6 @@ impl TrainConfig {
         }
         if self.arch == Arch::V7 && self.head_size > 256 {
             return Err(Error::bad("head-size above 256 is not supported"));
-        }
-        if !(self.lr > 0.0 && self.lr.is_finite()) {
-            return Err(Error::bad("lr must be a positive number"));
-        }
-        if self.val_data.is_none() && !(self.val_fraction > 0.0 && self.val_fraction < 1.0) {
-            return Err(Error::bad(
-                "val-fraction must be between 0 and 1 (or give val-data)",
-            ));
         }
         if self.data.as_os_str().is_empty() {
             return Err(Error::bad("data (the training text) is required"));
@@ -263,6 +251,41 @@ impl TrainConfig {
         // the end of the cosine.
         self.lr_final.unwrap_or(self.lr / 100.0)
     }
+}
+
+/// `cfg` with the keys in `overrides` (an object of its serialised keys) replaced.
+pub(crate) fn with_overrides<T: Serialize + serde::de::DeserializeOwned>(
+    cfg: &T,
+    overrides: serde_json::Value,
+) -> Result<T> {
+    let mut merged = serde_json::to_value(cfg).map_err(|e| Error::Internal(e.to_string()))?;
+    if let (Some(m), serde_json::Value::Object(o)) = (merged.as_object_mut(), overrides) {
+        m.extend(o);
+    }
+    serde_json::from_value(merged).map_err(|e| Error::bad(e.to_string()))
+}
+
+/// The checks every run's settings share: counts that must be at least 1, a learning rate that
+/// is a positive number, and a held-out fraction strictly between 0 and 1 unless separate
+/// validation data is given.
+pub(crate) fn check_run(
+    counts: &[(&str, u64)],
+    lr: f64,
+    val_data: bool,
+    val_fraction: f64,
+) -> Result<()> {
+    if let Some((n, _)) = counts.iter().find(|(_, v)| *v == 0) {
+        return Err(Error::bad(format!("{n} must be at least 1")));
+    }
+    if !(lr > 0.0 && lr.is_finite()) {
+        return Err(Error::bad("lr must be a positive number"));
+    }
+    if !(val_data || val_fraction > 0.0 && val_fraction < 1.0) {
+        return Err(Error::bad(
+            "val-fraction must be between 0 and 1 (or give val-data)",
+        ));
+    }
+    Ok(())
 }
 
 /// One metrics line.
@@ -303,9 +326,6 @@ impl RunDir {
     }
     fn model(&self) -> PathBuf {
         self.0.join("model.safetensors")
-    }
-    fn metrics(&self) -> PathBuf {
-        self.0.join("metrics.jsonl")
     }
 }
 
@@ -884,6 +904,155 @@ pub fn plot(metrics: &[Metric], path: &Path) -> Result<()> {
     rwkv_core::checkpoint::write_atomic(path, |w| w.write_all(svg.as_bytes()))
 }
 
+/// What the run loop ([`run_loop`]) drives: `rwkv train`'s trainer and `rwkv tune`'s tuner.
+pub(crate) trait Stepper {
+    /// Optimizer steps done so far.
+    fn done(&self) -> u64;
+    /// One optimizer step: (loss, gradient norm before clipping, learning rate).
+    fn step(&mut self) -> Result<(f64, f64, f64)>;
+    /// The validation loss now.
+    fn validate(&mut self) -> Result<f64>;
+    /// Writes a checkpoint (atomically).
+    fn save(&mut self) -> Result<()>;
+    /// The resumable checkpoint's file (named when a loss goes non-finite).
+    fn checkpoint(&self) -> PathBuf;
+}
+
+/// When the run loop validates, logs and saves, and how many tokens a step trains on.
+pub(crate) struct Schedule {
+    pub steps: u64,
+    pub eval_every: u64,
+    pub log_every: u64,
+    pub save_every: u64,
+    pub tokens_per_step: f64,
+    /// Stop after this step as an interruption would.
+    pub stop_at: Option<u64>,
+}
+
+/// How a run loop ended: the last validation loss and the median throughput of its logged
+/// windows (tokens per second).
+pub(crate) struct Outcome {
+    pub val_loss: f64,
+    pub tokens_per_s: f64,
+}
+
+/// The loop of a run in `dir` up to `sch.steps`: steps, validation at `eval_every` and at the
+/// end, a metrics line (`metrics.jsonl`, kept up to the resumed step) and a progress line at
+/// `log_every`, checkpoints and the loss plot at `save_every`, the end and `stop_at`.
+pub(crate) fn run_loop(s: &mut dyn Stepper, sch: &Schedule, dir: &Path) -> Result<Outcome> {
+    let metrics_path = dir.join("metrics.jsonl");
+    let mut metrics = read_metrics(&metrics_path, s.done());
+    let rewrite: String = metrics
+        .iter()
+        .map(|m| serde_json::to_string(m).unwrap_or_default() + "\n")
+        .collect();
+    rwkv_core::checkpoint::write_atomic(&metrics_path, |w| w.write_all(rewrite.as_bytes()))?;
+    let mut log = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&metrics_path)
+        .map_err(|e| Error::io(&metrics_path, e))?;
+    let tty = std::io::stderr().is_terminal();
+    let run_start = Instant::now();
+    let first_step = s.done();
+    let mut win_secs = 0.0;
+    let (mut win_loss, mut win_n) = (0.0, 0u64);
+    let mut last_val = f64::NAN;
+    while s.done() < sch.steps {
+        let t0 = Instant::now();
+        let (loss, norm, lr) = s.step()?;
+        win_secs += t0.elapsed().as_secs_f64();
+        if !loss.is_finite() {
+            let ck = s.checkpoint();
+            return Err(Error::bad(format!(
+                "step {}: the loss is {loss} (gradient norm {norm}); stopping. The last good checkpoint is {} (step {})",
+                s.done() + 1,
+                ck.display(),
+                Checkpoint::open(&ck)
+                    .ok()
+                    .and_then(|c| c.metadata().get("step").cloned())
+                    .unwrap_or_else(|| "none".into())
+            )));
+        }
+        win_loss += loss;
+        win_n += 1;
+        let step = s.done();
+        let last = step == sch.steps;
+        let val = if step.is_multiple_of(sch.eval_every) || last {
+            let v = s.validate()?;
+            last_val = v;
+            Some(v)
+        } else {
+            None
+        };
+        if step.is_multiple_of(sch.log_every) || last || val.is_some() {
+            let m = Metric {
+                step,
+                train_loss: win_loss / win_n as f64,
+                lr,
+                tokens_per_s: sch.tokens_per_step * win_n as f64 / win_secs.max(1e-9),
+                val_loss: val,
+                grad_norm: norm,
+            };
+            writeln!(log, "{}", serde_json::to_string(&m).unwrap_or_default())
+                .map_err(|e| Error::io(&metrics_path, e))?;
+            let done = (step - first_step) as f64;
+            let eta = run_start.elapsed().as_secs_f64() / done.max(1.0) * (sch.steps - step) as f64;
+            let line = format!(
+                "step {step}/{} | loss {:.4} | lr {:.2e} | {:.0} tok/s | ETA {}{}",
+                sch.steps,
+                m.train_loss,
+                lr,
+                m.tokens_per_s,
+                fmt_secs(eta),
+                val.map(|v| format!(" | val {v:.4}")).unwrap_or_default()
+            );
+            if tty {
+                eprint!("\r\x1b[2K{} {line}", bar(step, sch.steps));
+                if val.is_some() {
+                    eprintln!();
+                }
+            } else {
+                eprintln!("{line}");
+            }
+            metrics.push(m);
+            win_loss = 0.0;
+            win_n = 0;
+            // Throughput counts training steps only, not validation or checkpoints.
+            win_secs = 0.0;
+        }
+        if step.is_multiple_of(sch.save_every) || last || sch.stop_at == Some(step) {
+            s.save()?;
+            plot(&metrics, &dir.join("loss.svg"))?;
+        }
+        if sch.stop_at == Some(step) {
+            break;
+        }
+    }
+    if tty {
+        eprintln!();
+    }
+    if s.done() == first_step {
+        // Resumed a run that had already reached its steps: nothing to do, still report.
+        last_val = s.validate()?;
+    }
+    let trained = (s.done() - first_step) as f64 * sch.tokens_per_step;
+    let mut tps: Vec<f64> = metrics
+        .iter()
+        .filter(|m| m.step > first_step)
+        .map(|m| m.tokens_per_s)
+        .collect();
+    let tokens_per_s = if tps.is_empty() {
+        trained / run_start.elapsed().as_secs_f64().max(1e-9)
+    } else {
+        tps.sort_by(|a, b| a.total_cmp(b));
+        tps[tps.len() / 2]
+    };
+    Ok(Outcome {
+        val_loss: last_val,
+        tokens_per_s,
+    })
+}
+
 fn read_metrics(path: &Path, upto: u64) -> Vec<Metric> {
     std::fs::read_to_string(path)
         .unwrap_or_default()
@@ -891,6 +1060,32 @@ fn read_metrics(path: &Path, upto: u64) -> Vec<Metric> {
         .filter_map(|l| serde_json::from_str::<Metric>(l).ok())
         .filter(|m| m.step <= upto)
         .collect()
+}
+
+/// `rwkv train`'s trainer as the run loop sees it.
+struct TrainRun<'a> {
+    t: Trainer,
+    corpus: &'a Corpus,
+    dir: &'a RunDir,
+}
+
+impl Stepper for TrainRun<'_> {
+    fn done(&self) -> u64 {
+        self.t.step
+    }
+    fn step(&mut self) -> Result<(f64, f64, f64)> {
+        self.t.step(self.corpus)
+    }
+    fn validate(&mut self) -> Result<f64> {
+        let c = self.corpus;
+        window_loss(&self.t.params, c.val(), c.val_range, self.t.cfg.ctx)
+    }
+    fn save(&mut self) -> Result<()> {
+        self.t.save(self.dir)
+    }
+    fn checkpoint(&self) -> PathBuf {
+        self.dir.state()
+    }
 }
 
 /// Runs (or, with `resume`, continues) a training run; `stop_at` ends it early after that
@@ -904,7 +1099,7 @@ pub fn train(mut cfg: TrainConfig, resume: bool, stop_at: Option<u64>) -> Result
     rwkv_core::checkpoint::remove_stale_temporaries(&dir.0);
     let vocab = vocab_for(&cfg.tokenizer)?;
     let corpus = corpus(&cfg, vocab)?;
-    let mut t = if resume {
+    let t = if resume {
         if !dir.state().is_file() {
             return Err(Error::bad(format!(
                 "resume: {} has no state.safetensors to resume from",
@@ -915,27 +1110,7 @@ pub fn train(mut cfg: TrainConfig, resume: bool, stop_at: Option<u64>) -> Result
     } else {
         Trainer::new(cfg.clone(), vocab)?
     };
-    let cfg_text = toml::to_string(&cfg).map_err(|e| Error::Internal(e.to_string()))?;
-    rwkv_core::checkpoint::write_atomic(&dir.0.join("config.toml"), |w| {
-        w.write_all(cfg_text.as_bytes())
-    })?;
-    let mut metrics = read_metrics(&dir.metrics(), t.step);
-    let rewrite: String = metrics
-        .iter()
-        .map(|m| serde_json::to_string(m).unwrap_or_default() + "\n")
-        .collect();
-    rwkv_core::checkpoint::write_atomic(&dir.metrics(), |w| w.write_all(rewrite.as_bytes()))?;
-    let mut log = std::fs::OpenOptions::new()
-        .append(true)
-        .open(dir.metrics())
-        .map_err(|e| Error::io(dir.metrics(), e))?;
-    let tty = std::io::stderr().is_terminal();
-    let tok_per_step = (cfg.batch * cfg.ctx * cfg.accum) as f64;
-    let run_start = Instant::now();
-    let first_step = t.step;
-    let mut win_secs = 0.0;
-    let (mut win_loss, mut win_n) = (0.0, 0u64);
-    let mut last_val = f64::NAN;
+    write_config(&dir.0, &cfg)?;
     eprintln!(
         "training {} · {} layers × {} · ctx {} · batch {} · {} steps · {} training tokens · {}",
         cfg.arch,
@@ -947,100 +1122,29 @@ pub fn train(mut cfg: TrainConfig, resume: bool, stop_at: Option<u64>) -> Result
         corpus.train_range.1 - corpus.train_range.0,
         t.precision()
     );
-    while t.step < cfg.steps {
-        let t0 = Instant::now();
-        let (loss, norm, lr) = t.step(&corpus)?;
-        win_secs += t0.elapsed().as_secs_f64();
-        if !loss.is_finite() {
-            return Err(Error::bad(format!(
-                "step {}: the loss is {loss} (gradient norm {norm}); stopping. The last good checkpoint is {} (step {})",
-                t.step + 1,
-                dir.state().display(),
-                Checkpoint::open(dir.state())
-                    .ok()
-                    .and_then(|c| c.metadata().get("step").cloned())
-                    .unwrap_or_else(|| "none".into())
-            )));
-        }
-        win_loss += loss;
-        win_n += 1;
-        let s = t.step;
-        let last = s == cfg.steps;
-        let val = if s % cfg.eval_every == 0 || last {
-            let v = window_loss(&t.params, corpus.val(), corpus.val_range, cfg.ctx)?;
-            last_val = v;
-            Some(v)
-        } else {
-            None
-        };
-        if s % cfg.log_every == 0 || last || val.is_some() {
-            let dt = win_secs;
-            let m = Metric {
-                step: s,
-                train_loss: win_loss / win_n as f64,
-                lr,
-                tokens_per_s: tok_per_step * win_n as f64 / dt.max(1e-9),
-                val_loss: val,
-                grad_norm: norm,
-            };
-            writeln!(log, "{}", serde_json::to_string(&m).unwrap_or_default())
-                .map_err(|e| Error::io(dir.metrics(), e))?;
-            let done = (s - first_step) as f64;
-            let eta = run_start.elapsed().as_secs_f64() / done.max(1.0) * (cfg.steps - s) as f64;
-            let line = format!(
-                "step {s}/{} | loss {:.4} | lr {:.2e} | {:.0} tok/s | ETA {}{}",
-                cfg.steps,
-                m.train_loss,
-                lr,
-                m.tokens_per_s,
-                fmt_secs(eta),
-                val.map(|v| format!(" | val {v:.4}")).unwrap_or_default()
-            );
-            if tty {
-                eprint!("\r\x1b[2K{} {line}", bar(s, cfg.steps));
-                if val.is_some() {
-                    eprintln!();
-                }
-            } else {
-                eprintln!("{line}");
-            }
-            metrics.push(m);
-            win_loss = 0.0;
-            win_n = 0;
-            // Throughput counts training steps only, not validation or checkpoints.
-            win_secs = 0.0;
-        }
-        if s % cfg.save_every == 0 || last || stop_at == Some(s) {
-            t.save(&dir)?;
-            plot(&metrics, &dir.0.join("loss.svg"))?;
-        }
-        if stop_at == Some(s) {
-            break;
-        }
-    }
-    if tty {
-        eprintln!();
-    }
-    if t.step == first_step {
-        // Resumed a run that had already reached --steps: nothing to train, still report.
-        last_val = window_loss(&t.params, corpus.val(), corpus.val_range, cfg.ctx)?;
-    }
-    let trained = (t.step - first_step) as f64 * tok_per_step;
-    let tps = metrics
-        .iter()
-        .filter(|m| m.step > first_step)
-        .map(|m| m.tokens_per_s)
-        .collect::<Vec<_>>();
-    let tokens_per_s = if tps.is_empty() {
-        trained / run_start.elapsed().as_secs_f64().max(1e-9)
-    } else {
-        let mut v = tps;
-        v.sort_by(|a, b| a.total_cmp(b));
-        v[v.len() / 2]
+    let sch = Schedule {
+        steps: cfg.steps,
+        eval_every: cfg.eval_every,
+        log_every: cfg.log_every,
+        save_every: cfg.save_every,
+        tokens_per_step: (cfg.batch * cfg.ctx * cfg.accum) as f64,
+        stop_at,
     };
+    let mut run = TrainRun {
+        t,
+        corpus: &corpus,
+        dir: &dir,
+    };
+    let out = run_loop(&mut run, &sch, &dir.0)?;
     Ok(Summary {
-        val_loss: last_val,
-        tokens_per_s,
+        val_loss: out.val_loss,
+        tokens_per_s: out.tokens_per_s,
         model: dir.model(),
     })
+}
+
+/// Writes a run's resolved configuration as `config.toml` in `dir`.
+pub(crate) fn write_config<T: Serialize>(dir: &Path, cfg: &T) -> Result<()> {
+    let text = toml::to_string(cfg).map_err(|e| Error::Internal(e.to_string()))?;
+    rwkv_core::checkpoint::write_atomic(&dir.join("config.toml"), |w| w.write_all(text.as_bytes()))
 }

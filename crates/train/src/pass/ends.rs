@@ -122,7 +122,11 @@ impl Ends {
             let (hat, rstd, w) = (&e.hat0, &e.rstd0, p[self.ln0.0]);
             layer_norm_back(dx, hat, rstd, w, dxn, false, gw, gb);
         }
+        // A frozen embedding has no gradient buffer.
         let ge = &mut g[self.emb];
+        if ge.is_empty() {
+            return;
+        }
         for (r, &tok) in tokens.iter().enumerate() {
             let tok = tok as usize;
             add(&mut ge[tok * c..(tok + 1) * c], &dxn[r * c..(r + 1) * c]);

@@ -310,7 +310,8 @@ pub(crate) fn shift_back(
     dispatch!(body(x, t, mixes, dout, dx, dmix))
 }
 
-/// Cross-entropy of every row of `logits [M, V]` against `targets`; returns the sum over rows
+/// Cross-entropy of every row of `logits [M, V]` against `targets` (rows whose target is
+/// [`super::IGNORE`] get a zero gradient and add nothing); returns the sum over rows
 /// (in f64) and overwrites the logits with `scale ×` the gradient, plus RWKV-LM's L2Wrap term
 /// `l2 · max` on each row's largest logit.
 #[inline(always)]
@@ -323,6 +324,10 @@ pub(crate) fn cross_entropy(
 ) -> f64 {
     let mut total = 0f64;
     for (row, &tg) in logits.chunks_exact_mut(v).zip(targets) {
+        if tg == super::IGNORE {
+            row.fill(0.0);
+            continue;
+        }
         // The largest logit with sixteen running maxima (vectorised), then its first place.
         let mut m16 = [f32::NEG_INFINITY; 16];
         let ch = row.chunks_exact(16);

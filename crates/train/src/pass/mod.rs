@@ -12,6 +12,10 @@ use ends::{Ends, EndsWork};
 use products::{Prepared, Products};
 use rwkv_core::error::{Error, Result};
 
+/// A target that is not trained on (a chat prompt's tokens, padding): its row adds nothing to
+/// the loss or the gradients.
+pub const IGNORE: u32 = u32::MAX;
+
 /// A generation's forward and backward pass over a shard of training windows, every buffer
 /// in a work area that lives as long as the trainer.
 pub trait Pass: Sync {
@@ -44,7 +48,7 @@ pub trait Pass: Sync {
     );
 
     /// Runs the forward and backward pass over the work area's windows: returns the sum of
-    /// the rows' cross-entropies and adds `scale ×` its gradient (with RWKV-LM's L2Wrap term
+    /// the rows' cross-entropies (rows whose target is [`IGNORE`] left out) and adds `scale ×` its gradient (with RWKV-LM's L2Wrap term
     /// of `l2wrap · scale` per row) into `g`. `p` holds every parameter's values, in order,
     /// and `pr` their forms for the products, from [`Products::prepare`].
     #[allow(clippy::too_many_arguments)]
@@ -70,7 +74,8 @@ pub trait Pass: Sync {
         }
         self.products().check(p, pr, g)?;
         let v = self.ends().vocab;
-        if let Some(&bad) = tokens.iter().chain(targets).find(|&&x| x as usize >= v) {
+        let trained = targets.iter().filter(|&&x| x != IGNORE);
+        if let Some(&bad) = tokens.iter().chain(trained).find(|&&x| x as usize >= v) {
             return Err(Error::bad(format!(
                 "token id {bad} is outside the vocabulary of {v}"
             )));

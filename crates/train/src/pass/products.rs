@@ -18,13 +18,22 @@ pub struct Products {
     lens: Vec<usize>,
     /// Matrix products with bfloat16 inputs ([`Products::set_bf16`]).
     bf16: bool,
+    /// The matrices and the embedding are not trained ([`Products::set_frozen`]).
+    frozen: bool,
+    /// By parameter: a matrix or the embedding table (the tensors freezing leaves without
+    /// gradient buffers).
+    large: Vec<bool>,
 }
 
 impl Products {
     /// The matrices among the parameters, as their schema says (f32 products).
     pub fn new(params: &Params) -> Result<Products> {
         let mut mats: Vec<Option<Mat>> = vec![None; params.names().len()];
+        let mut large = vec![false; params.names().len()];
         for p in schema::params(params.schema()) {
+            if matches!(p.role, Role::Matrix(_) | Role::Table) {
+                large[params.find(&p.name)?] = true;
+            }
             if let (Role::Matrix(layout), &[a, b]) = (p.role, p.shape.as_slice()) {
                 mats[params.find(&p.name)?] = Some(match layout {
                     Layout::OutIn => Mat {
@@ -44,7 +53,21 @@ impl Products {
             mats,
             lens: params.values().iter().map(Vec::len).collect(),
             bf16: false,
+            frozen: false,
+            large,
         })
+    }
+
+    /// Freezes the weight matrices and the embedding (state tuning): the backward pass then
+    /// skips their gradients' products, and [`Products::zero_grads`] gives them no buffers,
+    /// so that only the activations' gradients (and the small vectors') are computed.
+    pub fn set_frozen(&mut self, on: bool) {
+        self.frozen = on;
+    }
+
+    /// Whether the matrices and the embedding are frozen.
+    pub fn frozen(&self) -> bool {
+        self.frozen
     }
 
     /// Runs the matrix products with their inputs rounded to bfloat16 and f32 sums
@@ -121,9 +144,13 @@ impl Products {
         });
     }
 
-    /// Zeroed gradient buffers, one per parameter.
+    /// Zeroed gradient buffers, one per parameter (empty for the frozen ones).
     pub fn zero_grads(&self) -> Vec<Vec<f32>> {
-        self.lens.iter().map(|&l| vec![0.0; l]).collect()
+        self.lens
+            .iter()
+            .zip(&self.large)
+            .map(|(&l, &big)| vec![0.0; if big && self.frozen { 0 } else { l }])
+            .collect()
     }
 
     /// Checks that the parameters `p`, their prepared forms `pr` and the gradient buffers `g`
@@ -146,7 +173,8 @@ impl Products {
             }
         }
         for (i, (a, b)) in p.iter().zip(g.iter()).enumerate() {
-            if a.len() != self.lens[i] || b.len() != self.lens[i] {
+            let frozen = self.frozen && self.large[i] && b.is_empty();
+            if a.len() != self.lens[i] || (b.len() != self.lens[i] && !frozen) {
                 return Err(Error::Internal(format!("parameter {i} changed size")));
             }
         }
@@ -227,7 +255,7 @@ impl Products {
         }
     }
 
-    /// `dW [n, k] += dyᵀ · x`.
+    /// `dW [n, k] += dyᵀ · x` (nothing when frozen).
     pub(crate) fn lin_dw(
         &self,
         dy: &[f32],
@@ -237,10 +265,12 @@ impl Products {
         k: usize,
         dw: &mut [f32],
     ) {
-        self.gemm(n, k, m, dw, true, dy, (1, n), x, (k, 1));
+        if !self.frozen {
+            self.gemm(n, k, m, dw, true, dy, (1, n), x, (k, 1));
+        }
     }
 
-    /// `dB [k, n] += xᵀ · dy`.
+    /// `dB [k, n] += xᵀ · dy` (nothing when frozen).
     pub(crate) fn mm_db(
         &self,
         x: &[f32],
@@ -250,7 +280,9 @@ impl Products {
         n: usize,
         db: &mut [f32],
     ) {
-        self.gemm(k, n, m, db, true, x, (1, k), dy, (n, 1));
+        if !self.frozen {
+            self.gemm(k, n, m, db, true, x, (1, k), dy, (n, 1));
+        }
     }
 }
 

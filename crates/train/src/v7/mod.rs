@@ -208,6 +208,8 @@ impl Pass for Fused7 {
         Work {
             bs,
             t,
+            s0: Vec::new(),
+            ds0: Vec::new(),
             ends: self.ends.work(m),
             x: z(m * c),
             layers,
@@ -283,11 +285,13 @@ impl Pass for Fused7 {
                 .mw(mx(5), pr, bk.g1, m, &mut a.hg, false, Some(map_sigmoid));
             self.prod.mw(&a.hg, pr, bk.g2, m, ag, false, None);
             let sh = self.scan_shape(w.bs, t);
+            let s0 = layer_part(&w.s0, li, self.blocks.len());
             scan::forward(
                 sh,
                 &a.acts,
                 p[bk.k_k],
                 p[bk.k_a],
+                s0,
                 &mut a.y,
                 &mut a.prep,
                 &mut w.scratch,
@@ -398,6 +402,8 @@ impl Pass for Fused7 {
                 );
             }
             let (dk_k, rest) = w.dwp.split_at_mut(c);
+            let nl = self.blocks.len();
+            let per = w.ds0.len() / nl;
             scan::backward(
                 self.scan_shape(w.bs, t),
                 &a.acts,
@@ -408,6 +414,7 @@ impl Pass for Fused7 {
                 &mut w.dacts,
                 dk_k,
                 &mut rest[..c],
+                &mut w.ds0[li * per..(li + 1) * per],
                 &mut w.sgrads,
             );
             for (i, ix) in [bk.k_k, bk.k_a, bk.r_k, bk.lnx.0, bk.lnx.1]
@@ -539,6 +546,10 @@ struct Acts {
 pub struct Work {
     bs: usize,
     t: usize,
+    /// The initial WKV state of every window, `[L, H, N, N]` (empty: zero), and its
+    /// gradient (summed over the windows; empty: not wanted). See [`Work::start_from`].
+    s0: Vec<f32>,
+    ds0: Vec<f32>,
     ends: EndsWork,
     /// The residual stream `[M, C]`.
     x: Vec<f32>,
@@ -562,6 +573,37 @@ pub struct Work {
     small: Vec<f32>,
     scratch: Vec<f32>,
     sgrads: scan::Grads,
+}
+
+impl Work {
+    /// Makes every window start from the WKV state `s0` (`[L, H, N, N]`, each head's matrix
+    /// `S[value i][key j]`, the inference state's layout; empty: zero) and, with
+    /// `grad`, makes the backward pass add the state's gradient into [`Work::state_grad`].
+    pub fn start_from(&mut self, s0: &[f32], grad: bool) {
+        self.s0.clear();
+        self.s0.extend_from_slice(s0);
+        self.ds0.clear();
+        if grad {
+            self.ds0.resize(s0.len(), 0.0);
+        }
+    }
+
+    /// The initial state's gradient summed since [`Work::start_from`] (or
+    /// [`Work::zero_state_grad`]).
+    pub fn state_grad(&self) -> &[f32] {
+        &self.ds0
+    }
+
+    /// Zeroes the initial state's gradient.
+    pub fn zero_state_grad(&mut self) {
+        self.ds0.iter_mut().for_each(|z| *z = 0.0);
+    }
+}
+
+/// Layer `li`'s part of a per-layer tensor of `nl` layers (empty stays empty).
+fn layer_part(all: &[f32], li: usize, nl: usize) -> &[f32] {
+    let per = all.len() / nl;
+    &all[li * per..(li + 1) * per]
 }
 
 // ---------------------------------------------------------------------------------------------

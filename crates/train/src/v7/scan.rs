@@ -92,12 +92,16 @@ pub(crate) fn simd(n: usize) -> bool {
 }
 
 /// The forward scan: from the planes `r, w, k, v, a` of `acts [6, M, C]` and `k_k`, `k_a`,
-/// makes `y [M, C]` and fills `p` for [`backward`].
+/// makes `y [M, C]` and fills `p` for [`backward`]. Every window starts from the state `s0`
+/// (`[H, N, N]`, `S[value i][key j]` per head, the inference state's layout), or from zero
+/// when it is empty.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn forward(
     d: Shape,
     acts: &[f32],
     k_k: &[f32],
     k_a: &[f32],
+    s0: &[f32],
     y: &mut [f32],
     p: &mut Prep,
     scratch: &mut Vec<f32>,
@@ -156,19 +160,24 @@ pub(crate) fn forward(
             let task = bi * d.h + hi;
             let ck = &mut ck[task * d.nck() * nn..(task + 1) * d.nck() * nn];
             let io = Io { t: d.t, c, o, n };
+            let init = if s0.is_empty() {
+                s0
+            } else {
+                &s0[hi * nn..(hi + 1) * nn]
+            };
             if simd(n) {
                 #[cfg(target_arch = "x86_64")]
                 // SAFETY: AVX-512F was detected; the kernel checks `io` against the slices.
                 unsafe {
                     match n {
-                        16 => avx512::fwd::<1>(io, &ins, sa, y, ck, scratch),
-                        32 => avx512::fwd::<2>(io, &ins, sa, y, ck, scratch),
-                        _ => avx512::fwd::<4>(io, &ins, sa, y, ck, scratch),
+                        16 => avx512::fwd::<1>(io, &ins, init, sa, y, ck, scratch),
+                        32 => avx512::fwd::<2>(io, &ins, init, sa, y, ck, scratch),
+                        _ => avx512::fwd::<4>(io, &ins, init, sa, y, ck, scratch),
                     }
                 }
                 continue;
             }
-            dispatch!(fwd_head(io, &ins, sa, y, ck, scratch));
+            dispatch!(fwd_head(io, &ins, init, sa, y, ck, scratch));
         }
     }
 }
@@ -240,12 +249,25 @@ fn prepare(
     }
 }
 
-/// The portable forward scan of one head (any head size).
+/// The portable forward scan of one head (any head size), from the state `init` (`[N, N]`;
+/// zero when empty).
 #[inline(always)]
-fn fwd_head(io: Io, x: &Ins<'_>, sa: &mut [f32], y: &mut [f32], ck: &mut [f32], s: &mut [f32]) {
+fn fwd_head(
+    io: Io,
+    x: &Ins<'_>,
+    init: &[f32],
+    sa: &mut [f32],
+    y: &mut [f32],
+    ck: &mut [f32],
+    s: &mut [f32],
+) {
     let n = io.n;
     let nn = n * n;
-    s.iter_mut().for_each(|z| *z = 0.0);
+    if init.is_empty() {
+        s[..nn].iter_mut().for_each(|z| *z = 0.0);
+    } else {
+        s[..nn].copy_from_slice(init);
+    }
     for ti in 0..io.t {
         if ti % WKV_CHUNK == 0 {
             let q = ti / WKV_CHUNK;
@@ -291,7 +313,9 @@ pub(crate) struct Grads {
 
 /// The backward pass of [`forward`]: adds the gradients of `r` and `v` into planes 0 and 3 of
 /// `dacts [6, M, C]`, sets those of `w, k, a` (planes 1, 2, 4) including what reaches the
-/// modified key through [`Grads::dkmod`], and adds those of `k_k`, `k_a` into `dk_k`, `dk_a`.
+/// modified key through [`Grads::dkmod`], adds those of `k_k`, `k_a` into `dk_k`, `dk_a`, and,
+/// when `ds0` is not empty, that of the initial state (`[H, N, N]`, summed over the windows)
+/// into `ds0`.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn backward(
     d: Shape,
@@ -303,6 +327,7 @@ pub(crate) fn backward(
     dacts: &mut [f32],
     dk_k: &mut [f32],
     dk_a: &mut [f32],
+    ds0: &mut [f32],
     gr: &mut Grads,
 ) {
     let (c, n) = (d.c(), d.n);
@@ -343,9 +368,15 @@ pub(crate) fn backward(
                         _ => avx512::bwd::<4>(io, pl(0), pl(3), p, gy, ck, outs, &mut gr.states),
                     }
                 }
-                continue;
+            } else {
+                dispatch!(bwd_head(io, pl(0), pl(3), p, gy, ck, outs, &mut gr.states));
             }
-            dispatch!(bwd_head(io, pl(0), pl(3), p, gy, ck, outs, &mut gr.states));
+            // Both scans leave the gradient of the state before the window's first token in
+            // the scratch's last `N × N` values.
+            if !ds0.is_empty() {
+                let ds = &gr.states[(WKV_CHUNK + 1) * nn..(WKV_CHUNK + 2) * nn];
+                add_into(&mut ds0[hi * nn..(hi + 1) * nn], ds);
+            }
         }
     }
     dispatch!(through_prep(
@@ -362,6 +393,11 @@ pub(crate) fn backward(
         dk_k,
         dk_a
     ));
+}
+
+/// `acc += x`.
+fn add_into(acc: &mut [f32], x: &[f32]) {
+    acc.iter_mut().zip(x).for_each(|(a, b)| *a += b);
 }
 
 /// Where the backward scan writes: `dr`, `dv` are added to; the others are set.
@@ -573,6 +609,7 @@ mod avx512 {
     pub(super) unsafe fn fwd<const Z: usize>(
         io: Io,
         x: &Ins<'_>,
+        init: &[f32],
         sa: &mut [f32],
         y: &mut [f32],
         ck: &mut [f32],
@@ -585,8 +622,17 @@ mod avx512 {
             assert!(last <= q.len());
         }
         assert!(s.len() >= nn && ck.len() >= io.t.div_ceil(WKV_CHUNK) * nn);
+        assert!(init.is_empty() || init.len() == nn);
+        if init.is_empty() {
+            s[..nn].fill(0.0);
+        } else {
+            for i in 0..n {
+                for j in 0..n {
+                    s[j * n + i] = init[i * n + j];
+                }
+            }
+        }
         let s = s.as_mut_ptr();
-        std::ptr::write_bytes(s, 0, nn);
         let ld = |x: &[f32], o: usize| -> [__m512; Z] {
             std::array::from_fn(|z| _mm512_loadu_ps(x.as_ptr().add(o + 16 * z)))
         };
@@ -839,21 +885,24 @@ mod tests {
         let k_a: Vec<f32> = (0..c).map(|_| rnd(0.0, 1.0)).collect();
         let gy: Vec<f32> = (0..mc).map(|_| rnd(-1.0, 1.0)).collect();
         let dkm0: Vec<f32> = (0..mc).map(|_| rnd(-1.0, 1.0)).collect();
+        let s0: Vec<f32> = (0..d.h * d.n * d.n).map(|_| rnd(-0.5, 0.5)).collect();
         let (mut y, mut p, mut scratch) = (vec![0f32; mc], Prep::default(), Vec::new());
-        forward(d, &acts, &k_k, &k_a, &mut y, &mut p, &mut scratch);
+        forward(d, &acts, &k_k, &k_a, &s0, &mut y, &mut p, &mut scratch);
         let mut dacts = vec![0.5f32; 6 * mc];
         let (mut dk_k, mut dk_a) = (vec![0f32; c], vec![0f32; c]);
+        let mut ds0 = vec![0f32; s0.len()];
         let mut gr = Grads::default();
         gr.dkmod(mc).copy_from_slice(&dkm0);
         backward(
-            d, &acts, &k_k, &k_a, &p, &gy, &mut dacts, &mut dk_k, &mut dk_a, &mut gr,
+            d, &acts, &k_k, &k_a, &p, &gy, &mut dacts, &mut dk_k, &mut dk_a, &mut ds0, &mut gr,
         );
         PORTABLE.with(|p| p.set(false));
-        vec![y, p.sa, p.ck, dacts, dk_k, dk_a]
+        vec![y, p.sa, p.ck, dacts, dk_k, dk_a, ds0]
     }
 
     /// The vector scan (AVX-512, head sizes 16, 32, 64) gives the portable scan's outputs,
-    /// checkpoints and gradients, over windows that end inside a chunk.
+    /// checkpoints and gradients (the initial state's too), over windows that start from a
+    /// state and end inside a chunk.
     #[test]
     fn vector_scan_matches_portable() {
         for n in [16, 32, 64] {

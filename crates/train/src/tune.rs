@@ -1,0 +1,873 @@
+//! `rwkv tune`: adapting a trained RWKV-7 to new data by state tuning (RWKV-PEFT's
+//! `time_state`): every layer's initial WKV state is the only parameter, learnt through the
+//! hand-written pass with every weight frozen (the backward pass computes the activations'
+//! gradients but no weight gradient), with the schedule, clipping, metrics, atomic
+//! checkpoints and exact resumption of `rwkv train`.
+//!
+//! The tuned state is written three ways: `state.safetensors` (this project's state file,
+//! for `--state` everywhere), `time_state.pth` (RWKV-PEFT's layout: one
+//! `blocks.{i}.att.time_state` `[H, N, N]` per layer, each head's matrix transposed against
+//! the inference state, as RWKV-PEFT and ChatRWKV read it) and `tune.safetensors` (the state
+//! with its optimizer moments, for `--resume`).
+//!
+//! Data: plain text (random windows of `ctx` tokens, every token trained on), or `.jsonl`
+//! lines of `{"text": …}` or `{"messages": [{"role": …, "content": …}, …]}` (each line one
+//! example starting from the tuned state; chat messages rendered in the RWKV chat format,
+//! `User: …\n\nAssistant: …\n\n`, with the loss on the assistant's tokens only).
+
+use crate::optim::{lr_at, AdamConfig, Slot};
+use crate::params::Params;
+use crate::pass::products::Prepared;
+use crate::pass::{Pass, IGNORE};
+use crate::run::{check_run, run_loop, write_config, Precision, Schedule, Stepper};
+use crate::v7::{Fused7, Work};
+use rayon::prelude::*;
+use rwkv_core::checkpoint::{write_safetensors, Checkpoint, Generation, OutTensor};
+use rwkv_core::error::{Error, Result};
+use rwkv_core::init::Rng;
+use rwkv_core::model::{Logits, Model, Slot as StateSlot, State};
+use rwkv_core::tokenizer::Tokenizer;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+/// What `rwkv tune` trains.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Method {
+    /// The initial WKV state of every layer (RWKV-PEFT's `time_state`).
+    State,
+}
+
+impl std::str::FromStr for Method {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Method> {
+        match s {
+            "state" => Ok(Method::State),
+            _ => Err(Error::bad(format!("unknown tuning method {s:?} (state)"))),
+        }
+    }
+}
+
+/// Everything that defines a tuning run; every field is also a `rwkv tune` flag.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+pub struct TuneConfig {
+    /// The checkpoint to adapt (any RWKV-7 file the project reads; its weights stay frozen).
+    pub model: PathBuf,
+    /// Training data: plain text, or `.jsonl` of `{"text"}` or `{"messages"}` lines.
+    pub data: PathBuf,
+    /// Tokenizer spec (`world`, `bytes`, a file); default: the model's own.
+    pub tokenizer: Option<String>,
+    /// What is trained.
+    pub method: Method,
+    /// Fraction of the data (its end: tokens of a text, lines of a jsonl) held out.
+    pub val_fraction: f64,
+    /// Separate validation data (same kinds as `data`).
+    pub val_data: Option<PathBuf>,
+    /// Tokens per training window (a jsonl example is cut to this).
+    pub ctx: usize,
+    /// Windows per optimizer step.
+    pub batch: usize,
+    /// Optimizer steps.
+    pub steps: u64,
+    /// Peak learning rate.
+    pub lr: f64,
+    /// Learning rate at the last step (default `lr / 10`).
+    pub lr_final: Option<f64>,
+    /// Warm-up steps.
+    pub warmup: u64,
+    /// Largest global gradient norm.
+    pub grad_clip: f64,
+    /// L2Wrap factor.
+    pub l2wrap: f64,
+    /// Random seed (data order).
+    pub seed: u64,
+    /// Run directory.
+    pub out: PathBuf,
+    /// Steps between checkpoints.
+    pub save_every: u64,
+    /// Steps between validations (also at the last step).
+    pub eval_every: u64,
+    /// Steps between metric lines.
+    pub log_every: u64,
+    /// `bf16` products (on CPUs with AVX512-BF16) or `f32`.
+    pub precision: Precision,
+}
+
+impl Default for TuneConfig {
+    fn default() -> Self {
+        TuneConfig {
+            model: PathBuf::new(),
+            data: PathBuf::new(),
+            tokenizer: None,
+            method: Method::State,
+            val_fraction: 0.1,
+            val_data: None,
+            ctx: 256,
+            batch: 4,
+            steps: 200,
+            lr: 0.1,
+            lr_final: None,
+            warmup: 10,
+            grad_clip: 1.0,
+            l2wrap: 1e-4,
+            seed: 1337,
+            out: PathBuf::from("runs/tune"),
+            save_every: 100,
+            eval_every: 50,
+            log_every: 10,
+            precision: Precision::Bf16,
+        }
+    }
+}
+
+impl TuneConfig {
+    /// This configuration with the settings in `overrides` (an object of the same keys)
+    /// replaced.
+    pub fn with_overrides(&self, overrides: serde_json::Value) -> Result<TuneConfig> {
+        crate::run::with_overrides(self, overrides)
+    }
+
+    fn check(&self) -> Result<()> {
+        check_run(
+            &[
+                ("ctx", self.ctx as u64),
+                ("batch", self.batch as u64),
+                ("steps", self.steps),
+                ("save-every", self.save_every),
+                ("eval-every", self.eval_every),
+                ("log-every", self.log_every),
+            ],
+            self.lr,
+            self.val_data.is_some(),
+            self.val_fraction,
+        )?;
+        if self.data.as_os_str().is_empty() {
+            return Err(Error::bad("data (the tuning text) is required"));
+        }
+        Ok(())
+    }
+
+    fn lr_final(&self) -> f64 {
+        self.lr_final.unwrap_or(self.lr / 10.0)
+    }
+}
+
+/// One example: token ids and, for each position but the last, whether the next token is
+/// trained on.
+#[derive(Debug, Clone, PartialEq)]
+struct Example {
+    ids: Vec<u32>,
+    trained: Vec<bool>,
+}
+
+/// Tuning or validation data.
+#[derive(Debug)]
+enum Data {
+    /// One text: random windows of it.
+    Stream(Vec<u32>),
+    /// Separate examples, each from the tuned state.
+    Examples(Vec<Example>),
+}
+
+/// A chat message's role as the RWKV chat format names it.
+fn role_name(role: &str) -> Option<&'static str> {
+    Some(match role {
+        "system" => "System",
+        "user" => "User",
+        "assistant" => "Assistant",
+        "tool" => "Tool",
+        _ => return None,
+    })
+}
+
+/// A message's text with its blank lines collapsed (a blank line ends a turn in the chat
+/// format), as the server and `rwkv chat` render it.
+fn one_turn(text: &str) -> String {
+    let mut t = text.replace("\r\n", "\n").trim().to_string();
+    while t.contains("\n\n") {
+        t = t.replace("\n\n", "\n");
+    }
+    t
+}
+
+/// The example of one jsonl line (`line` numbers it in messages).
+fn example_of(
+    v: &serde_json::Value,
+    tok: &dyn Tokenizer,
+    what: &str,
+    line: usize,
+) -> Result<Example> {
+    let bad = |m: String| Error::bad(format!("{what}:{line}: {m}"));
+    let mut ids = Vec::new();
+    let mut flags = Vec::new();
+    let mut push = |text: &str, trained: bool| -> Result<()> {
+        let t = tok.encode(text)?;
+        flags.extend(std::iter::repeat_n(trained, t.len()));
+        ids.extend(t);
+        Ok(())
+    };
+    if let Some(text) = v.get("text") {
+        let text = text
+            .as_str()
+            .ok_or_else(|| bad("\"text\" is not a string".into()))?;
+        push(text, true)?;
+    } else if let Some(msgs) = v.get("messages") {
+        let msgs = msgs
+            .as_array()
+            .ok_or_else(|| bad("\"messages\" is not an array".into()))?;
+        for (k, m) in msgs.iter().enumerate() {
+            let role = m.get("role").and_then(|r| r.as_str()).unwrap_or("");
+            let name = role_name(role)
+                .ok_or_else(|| bad(format!("message {k}: unknown role {role:?}")))?;
+            let content = m
+                .get("content")
+                .and_then(|c| c.as_str())
+                .ok_or_else(|| bad(format!("message {k}: \"content\" is not a string")))?;
+            let body = one_turn(content);
+            if name == "Assistant" {
+                push("Assistant:", false)?;
+                push(&format!(" {body}\n\n"), true)?;
+            } else {
+                push(&format!("{name}: {body}\n\n"), false)?;
+            }
+        }
+    } else {
+        return Err(bad(
+            "expected an object with \"text\" or \"messages\"".into()
+        ));
+    }
+    // Position i predicts token i + 1: it is trained when that token is.
+    let trained = flags.get(1..).unwrap_or(&[]).to_vec();
+    Ok(Example { ids, trained })
+}
+
+/// Reads tuning data: a `.jsonl` file's examples, else the file as one text.
+fn read_data(path: &Path, tok: &dyn Tokenizer) -> Result<Data> {
+    let what = path.display().to_string();
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let text = String::from_utf8(bytes).map_err(|e| {
+        Error::bad(format!(
+            "{what}: not UTF-8 text (at byte {})",
+            e.utf8_error().valid_up_to()
+        ))
+    })?;
+    if path.extension().is_none_or(|e| e != "jsonl") {
+        return Ok(Data::Stream(tok.encode(&text)?));
+    }
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let v: serde_json::Value = serde_json::from_str(line)
+            .map_err(|e| Error::bad(format!("{what}:{}: not valid JSON: {e}", i + 1)))?;
+        out.push(example_of(&v, tok, &what, i + 1)?);
+    }
+    Ok(Data::Examples(out))
+}
+
+impl Data {
+    /// Splits off the held-out end: the last `fraction` of a text's tokens or of the
+    /// examples.
+    fn split(self, fraction: f64) -> (Data, Data) {
+        match self {
+            Data::Stream(ids) => {
+                let cut = rwkv_core::data::val_start(ids.len(), fraction);
+                let val = ids[cut..].to_vec();
+                let mut train = ids;
+                train.truncate(cut);
+                (Data::Stream(train), Data::Stream(val))
+            }
+            Data::Examples(mut ex) => {
+                let n = ((ex.len() as f64 * fraction).ceil() as usize).min(ex.len());
+                let val = ex.split_off(ex.len() - n);
+                (Data::Examples(ex), Data::Examples(val))
+            }
+        }
+    }
+
+    /// Checks that there is something to learn from with windows of `ctx` tokens, dropping
+    /// examples with no trained token inside their first window; `what` names the data.
+    fn usable(self, ctx: usize, what: &str) -> Result<Data> {
+        match self {
+            Data::Stream(ids) if ids.len() > ctx => Ok(Data::Stream(ids)),
+            Data::Stream(ids) => Err(Error::bad(format!(
+                "{what}: {} tokens, fewer than one window of ctx {ctx} plus one",
+                ids.len()
+            ))),
+            Data::Examples(ex) => {
+                let kept: Vec<Example> = ex
+                    .into_iter()
+                    .filter(|e| e.trained.iter().take(ctx).any(|&t| t))
+                    .collect();
+                if kept.is_empty() {
+                    return Err(Error::bad(format!(
+                        "{what}: no usable examples (none has a trained token in its first {ctx})"
+                    )));
+                }
+                Ok(Data::Examples(kept))
+            }
+        }
+    }
+
+    /// Appends one training window of `ctx` inputs and targets ([`IGNORE`] where not trained)
+    /// drawn with `rng`.
+    fn window(&self, ctx: usize, rng: &mut Rng, inp: &mut Vec<u32>, tgt: &mut Vec<u32>) {
+        match self {
+            Data::Stream(ids) => {
+                let span = (ids.len() - ctx) as u64;
+                let s = (rng.next_u64() % span) as usize;
+                inp.extend_from_slice(&ids[s..s + ctx]);
+                tgt.extend_from_slice(&ids[s + 1..s + ctx + 1]);
+            }
+            Data::Examples(ex) => {
+                let e = &ex[(rng.next_u64() % ex.len() as u64) as usize];
+                for i in 0..ctx {
+                    match (e.ids.get(i), e.ids.get(i + 1)) {
+                        (Some(&x), Some(&y)) => {
+                            inp.push(x);
+                            tgt.push(if e.trained[i] { y } else { IGNORE });
+                        }
+                        (Some(&x), None) => {
+                            inp.push(x);
+                            tgt.push(IGNORE);
+                        }
+                        _ => {
+                            inp.push(0);
+                            tgt.push(IGNORE);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The held-out loss with the state `start`, through the inference engine: a text in windows
+/// of `ctx` tokens, each from `start` (what `rwkv eval --ctx --state` reports), or each
+/// example's trained tokens (its first `ctx + 1` tokens) from `start`.
+fn held_out_loss(model: &Model, val: &Data, ctx: usize, start: &State) -> Result<f64> {
+    match val {
+        Data::Stream(ids) => {
+            Ok(rwkv_core::eval::score(model, ids, 0, Some(ctx), Some(start), &mut |_, _| {})?.loss)
+        }
+        Data::Examples(ex) => {
+            let v = model.vocab_size();
+            let (mut sum, mut n) = (0f64, 0usize);
+            for e in ex {
+                let len = e.ids.len().min(ctx + 1);
+                if len < 2 {
+                    continue;
+                }
+                let mut st = start.clone();
+                let logits = model.forward(&e.ids[..len - 1], &mut st, Logits::All)?;
+                for (i, row) in logits.chunks_exact(v).enumerate() {
+                    if e.trained[i] {
+                        sum += nll(row, e.ids[i + 1] as usize);
+                        n += 1;
+                    }
+                }
+            }
+            Ok(sum / n.max(1) as f64)
+        }
+    }
+}
+
+/// `-log softmax(row)[target]`, in f64.
+fn nll(row: &[f32], target: usize) -> f64 {
+    let mx = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) as f64;
+    let s: f64 = row.iter().map(|&z| (z as f64 - mx).exp()).sum();
+    s.ln() + mx - row[target] as f64
+}
+
+/// A tuned WKV state `[L, H, N, N]` (inference layout) as a [`State`] of `model` (the token
+/// shifts at zero, as RWKV-PEFT's states start).
+pub fn state_of(model: &Model, s0: &[f32]) -> State {
+    let mut st = model.new_state();
+    let l = model.info().n_layer;
+    let per = s0.len() / l.max(1);
+    for layer in 0..l {
+        st.get_mut(layer, StateSlot::AttKv)
+            .copy_from_slice(&s0[layer * per..(layer + 1) * per]);
+    }
+    st
+}
+
+/// The RWKV-PEFT `time_state` tensors of a tuned state: each head's matrix transposed.
+fn time_state_tensors(s0: &[f32], l: usize, h: usize, n: usize) -> Vec<OutTensor<'static>> {
+    let nn = n * n;
+    (0..l)
+        .map(|layer| {
+            let mut t = vec![0f32; h * nn];
+            for head in 0..h {
+                let src = &s0[(layer * h + head) * nn..][..nn];
+                let dst = &mut t[head * nn..][..nn];
+                for i in 0..n {
+                    for j in 0..n {
+                        dst[j * n + i] = src[i * n + j];
+                    }
+                }
+            }
+            OutTensor::f32(format!("blocks.{layer}.att.time_state"), vec![h, n, n], &t)
+        })
+        .collect()
+}
+
+/// What a finished tuning run reports.
+#[derive(Debug, Clone)]
+pub struct TuneSummary {
+    /// Held-out loss from the zero state (the model as it was).
+    pub val_before: f64,
+    /// Held-out loss from the tuned state.
+    pub val_after: f64,
+    /// Median tuning throughput (tokens per second, padding included).
+    pub tokens_per_s: f64,
+    /// The tuned state (this project's state file).
+    pub state: PathBuf,
+    /// The same in RWKV-PEFT's layout.
+    pub time_state: PathBuf,
+}
+
+/// One shard's work areas (by window count) and the frozen model's (small) gradient buffers.
+type ShardWork = std::sync::Mutex<Option<(Vec<Work>, Vec<Vec<f32>>)>>;
+
+/// The tuner between steps.
+struct Tuner {
+    cfg: TuneConfig,
+    params: Params,
+    pass: Fused7,
+    prepared: Prepared,
+    /// The tuned initial state `[L, H, N, N]`.
+    s0: Vec<f32>,
+    slot: Slot,
+    adam: AdamConfig,
+    step: u64,
+    rng: Rng,
+    shards: Vec<ShardWork>,
+}
+
+/// Tokens per piece of a shard (as the trainer's).
+const PIECE_TOKENS: usize = 192;
+
+impl Tuner {
+    fn new(cfg: TuneConfig, ck: &Checkpoint) -> Result<Tuner> {
+        let params = Params::from_checkpoint_keys(ck, |_| true)?;
+        let mut pass = Fused7::new(&params)?;
+        pass.products_mut()
+            .set_bf16(cfg.precision == Precision::Bf16);
+        pass.products_mut().set_frozen(true);
+        let mut prepared = Prepared::default();
+        let values: Vec<&[f32]> = params.values().iter().map(Vec::as_slice).collect();
+        // The weights never change: their forms for the products are made once.
+        pass.products().prepare(&values, &mut prepared);
+        let d = params.schema();
+        let len = d.n_layer * d.n_embd * d.head_size;
+        Ok(Tuner {
+            rng: Rng::new(cfg.seed ^ 0x5eed_da7a),
+            cfg,
+            params,
+            pass,
+            prepared,
+            s0: vec![0.0; len],
+            slot: Slot::new("time_state", 4, len),
+            adam: AdamConfig {
+                beta1: 0.9,
+                beta2: 0.99,
+                eps: 1e-18,
+                weight_decay: 0.0,
+            },
+            step: 0,
+            shards: Vec::new(),
+        })
+    }
+
+    /// One optimizer step over `batch` windows; returns (loss, gradient norm, lr).
+    fn step(&mut self, data: &Data) -> Result<(f64, f64, f64)> {
+        let (ctx, b) = (self.cfg.ctx, self.cfg.batch);
+        let (mut inp, mut tgt) = (Vec::with_capacity(b * ctx), Vec::with_capacity(b * ctx));
+        for _ in 0..b {
+            data.window(ctx, &mut self.rng, &mut inp, &mut tgt);
+        }
+        let rows = tgt.iter().filter(|&&t| t != IGNORE).count();
+        let scale = 1.0 / rows.max(1) as f32;
+        let n_shards = rayon::current_num_threads().clamp(1, b);
+        self.shards.resize_with(n_shards, Default::default);
+        let bounds: Vec<(usize, usize)> = (0..n_shards)
+            .map(|i| (i * b / n_shards, (i + 1) * b / n_shards))
+            .collect();
+        let values: Vec<&[f32]> = self.params.values().iter().map(Vec::as_slice).collect();
+        let (pass, pr, s0, l2) = (&self.pass, &self.prepared, &self.s0, self.cfg.l2wrap as f32);
+        let piece = (PIECE_TOKENS / ctx).max(1);
+        let mut slots: Vec<_> = self
+            .shards
+            .iter_mut()
+            .map(|w| w.get_mut().unwrap_or_else(|e| e.into_inner()))
+            .collect();
+        let losses: Vec<Result<f64>> = bounds
+            .par_iter()
+            .zip(slots.par_iter_mut())
+            .map(|(&(w0, w1), slot)| {
+                let (ws, g) =
+                    slot.get_or_insert_with(|| (Vec::new(), pass.products().zero_grads()));
+                for w in ws.iter_mut() {
+                    w.start_from(s0, true);
+                }
+                let mut l = 0.0;
+                for p0 in (w0..w1).step_by(piece) {
+                    let p1 = (p0 + piece).min(w1);
+                    let shape = (p1 - p0, ctx);
+                    let w = match ws.iter().position(|w| Fused7::shape(w) == shape) {
+                        Some(i) => &mut ws[i],
+                        None => {
+                            let mut w = pass.work(shape.0, shape.1);
+                            w.start_from(s0, true);
+                            ws.push(w);
+                            ws.last_mut().expect("just pushed")
+                        }
+                    };
+                    let (r0, r1) = (p0 * ctx, p1 * ctx);
+                    l +=
+                        pass.accumulate(&values, pr, &inp[r0..r1], &tgt[r0..r1], scale, l2, w, g)?;
+                }
+                Ok(l * scale as f64)
+            })
+            .collect();
+        let mut loss = 0.0;
+        for l in losses {
+            loss += l?;
+        }
+        // The state's gradient: every work area's, in shard order.
+        let mut grad = vec![0f32; self.s0.len()];
+        for slot in &slots {
+            for w in slot.iter().flat_map(|(ws, _)| ws.iter()) {
+                grad.iter_mut()
+                    .zip(w.state_grad())
+                    .for_each(|(a, b)| *a += b);
+            }
+        }
+        drop(slots);
+        if !loss.is_finite() {
+            return Ok((loss, f64::NAN, 0.0));
+        }
+        let norm = grad
+            .iter()
+            .map(|&x| (x as f64) * (x as f64))
+            .sum::<f64>()
+            .sqrt();
+        let clip = if norm > self.cfg.grad_clip {
+            (self.cfg.grad_clip / (norm + 1e-6)) as f32
+        } else {
+            1.0
+        };
+        let lr = lr_at(
+            self.step,
+            self.cfg.steps,
+            self.cfg.warmup,
+            self.cfg.lr,
+            self.cfg.lr_final(),
+        );
+        self.step += 1;
+        self.slot
+            .update(&mut self.s0, &grad, clip, lr, self.step, &self.adam);
+        Ok((loss, norm, lr))
+    }
+
+    fn shape(&self) -> (usize, usize, usize) {
+        let d = self.params.schema();
+        (d.n_layer, d.n_embd / d.head_size, d.head_size)
+    }
+
+    /// Writes the tuned state (ours and RWKV-PEFT's) and the resumable checkpoint.
+    fn save(&self, dir: &Path, model: &Model) -> Result<()> {
+        let (l, h, n) = self.shape();
+        state_of(model, &self.s0).save(dir.join("state.safetensors"))?;
+        rwkv_core::checkpoint::write::write_pth(
+            &dir.join("time_state.pth"),
+            &time_state_tensors(&self.s0, l, h, n),
+        )?;
+        let shape = vec![l, h, n, n];
+        let all = vec![
+            OutTensor::f32("time_state", shape.clone(), &self.s0),
+            OutTensor::f32("adam.m", shape.clone(), &self.slot.m),
+            OutTensor::f32("adam.v", shape, &self.slot.v),
+        ];
+        let mut meta = BTreeMap::new();
+        meta.insert("step".into(), self.step.to_string());
+        meta.insert("rng".into(), self.rng.state().to_string());
+        meta.insert(
+            "config".into(),
+            toml::to_string(&self.cfg).map_err(|e| Error::Internal(e.to_string()))?,
+        );
+        write_safetensors(&dir.join("tune.safetensors"), &all, &meta)
+    }
+
+    /// Continues from `dir`'s checkpoint: the state, its moments, the step and the data order.
+    fn resume(&mut self, dir: &Path) -> Result<()> {
+        let path = dir.join("tune.safetensors");
+        if !path.is_file() {
+            return Err(Error::bad(format!(
+                "resume: {} has no tune.safetensors to resume from",
+                dir.display()
+            )));
+        }
+        let ck = Checkpoint::open(&path)?;
+        let (l, h, n) = self.shape();
+        for (name, out) in [
+            ("time_state", &mut self.s0),
+            ("adam.m", &mut self.slot.m),
+            ("adam.v", &mut self.slot.v),
+        ] {
+            ck.expect_shape(name, &[l, h, n, n])?;
+            *out = ck.f32_vec(name)?;
+        }
+        let md = ck.metadata();
+        let get = |k: &str| -> Result<u64> {
+            md.get(k)
+                .and_then(|v| v.parse().ok())
+                .ok_or_else(|| Error::bad(format!("{}: no {k} in the metadata", path.display())))
+        };
+        self.step = get("step")?;
+        self.rng = Rng::from_state(get("rng")?);
+        Ok(())
+    }
+}
+
+/// Runs (or, with `resume`, continues) a tuning run; `stop_at` ends it after that step as an
+/// interruption would. `tok` tokenizes the data (the model's tokenizer by default).
+pub fn tune(
+    cfg: TuneConfig,
+    tok: &dyn Tokenizer,
+    resume: bool,
+    stop_at: Option<u64>,
+) -> Result<TuneSummary> {
+    cfg.check()?;
+    let mut cfg = cfg;
+    cfg.lr_final = Some(cfg.lr_final());
+    let ck = Checkpoint::open(&cfg.model)?;
+    let info = rwkv_core::checkpoint::detect::detect(&ck)?;
+    let what = cfg.model.display().to_string();
+    if info.generation != Generation::V7 {
+        return Err(Error::bad(format!(
+            "{what}: state tuning runs on RWKV-7 (the trainer's passes); this is RWKV {}",
+            info.generation
+        )));
+    }
+    if info.deep_embed > 0 {
+        return Err(Error::bad(format!(
+            "{what}: RWKV-7a's DeepEmbed is not in the trainer's passes; state tuning runs on RWKV-7"
+        )));
+    }
+    if tok.vocab_size() > info.vocab_size {
+        return Err(Error::bad(format!(
+            "tokenizer {} has {} tokens, more than the model's {}",
+            tok.name(),
+            tok.vocab_size(),
+            info.vocab_size
+        )));
+    }
+    let data = read_data(&cfg.data, tok)?;
+    let (train, val) = match &cfg.val_data {
+        Some(p) => (data, read_data(p, tok)?),
+        None => data.split(cfg.val_fraction),
+    };
+    let dname = cfg.data.display().to_string();
+    let train = train.usable(cfg.ctx, &dname)?;
+    let vname = cfg
+        .val_data
+        .as_ref()
+        .map_or(format!("{dname} (held out)"), |p| p.display().to_string());
+    let val = val.usable(cfg.ctx, &vname)?;
+    let dir = cfg.out.clone();
+    std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+    rwkv_core::checkpoint::remove_stale_temporaries(&dir);
+    // Validation runs on the inference engine over the file as stored (memory-mapped).
+    let model = Model::from_checkpoint(&ck, None)?;
+    let mut t = Tuner::new(cfg.clone(), &ck)?;
+    if resume {
+        t.resume(&dir)?;
+    }
+    write_config(&dir, &cfg)?;
+    let val_before = held_out_loss(&model, &val, cfg.ctx, &model.new_state())?;
+    eprintln!(
+        "state tuning {} · {} layers × {} · ctx {} · batch {} · {} steps · held-out loss {val_before:.4} from the zero state",
+        what, info.n_layer, info.n_embd, cfg.ctx, cfg.batch, cfg.steps
+    );
+    let sch = Schedule {
+        steps: cfg.steps,
+        eval_every: cfg.eval_every,
+        log_every: cfg.log_every,
+        save_every: cfg.save_every,
+        tokens_per_step: (cfg.batch * cfg.ctx) as f64,
+        stop_at,
+    };
+    let mut run = TuneRun {
+        t,
+        train: &train,
+        val: &val,
+        model: &model,
+        dir: &dir,
+    };
+    let out = run_loop(&mut run, &sch, &dir)?;
+    if run.t.step == 0 {
+        // Nothing was trained (and so nothing saved): the files still describe the run.
+        run.save()?;
+    }
+    Ok(TuneSummary {
+        val_before,
+        val_after: out.val_loss,
+        tokens_per_s: out.tokens_per_s,
+        state: dir.join("state.safetensors"),
+        time_state: dir.join("time_state.pth"),
+    })
+}
+
+/// The tuner as the run loop sees it.
+struct TuneRun<'a> {
+    t: Tuner,
+    train: &'a Data,
+    val: &'a Data,
+    model: &'a Model,
+    dir: &'a Path,
+}
+
+impl Stepper for TuneRun<'_> {
+    fn done(&self) -> u64 {
+        self.t.step
+    }
+    fn step(&mut self) -> Result<(f64, f64, f64)> {
+        self.t.step(self.train)
+    }
+    fn validate(&mut self) -> Result<f64> {
+        let start = state_of(self.model, &self.t.s0);
+        held_out_loss(self.model, self.val, self.t.cfg.ctx, &start)
+    }
+    fn save(&mut self) -> Result<()> {
+        self.t.save(self.dir, self.model)
+    }
+    fn checkpoint(&self) -> PathBuf {
+        self.dir.join("tune.safetensors")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fixture(rel: &str) -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../tests/fixtures")
+            .join(rel)
+    }
+
+    /// Loss (mean over the trained targets) of the pass on the fixture model from `s0`, and
+    /// the state's gradient.
+    fn pass_loss(s0: &[f32], inp: &[u32], tgt: &[u32], ctx: usize) -> (f64, Vec<f32>) {
+        let ck = Checkpoint::open(fixture("v7/model.safetensors")).unwrap();
+        let params = Params::from_checkpoint_keys(&ck, |_| true).unwrap();
+        let mut pass = Fused7::new(&params).unwrap();
+        pass.products_mut().set_bf16(false);
+        pass.products_mut().set_frozen(true);
+        let values: Vec<&[f32]> = params.values().iter().map(Vec::as_slice).collect();
+        let mut pr = Prepared::default();
+        pass.products().prepare(&values, &mut pr);
+        let b = inp.len() / ctx;
+        let mut w = pass.work(b, ctx);
+        w.start_from(s0, true);
+        let mut g = pass.products().zero_grads();
+        let rows = tgt.iter().filter(|&&t| t != IGNORE).count();
+        let scale = 1.0 / rows as f32;
+        let l = pass
+            .accumulate(&values, &pr, inp, tgt, scale, 0.0, &mut w, &mut g)
+            .unwrap();
+        (l * scale as f64, w.state_grad().to_vec())
+    }
+
+    /// The state's gradient against central differences of the inference engine's loss (an
+    /// independent forward pass), at a random state, with some targets ignored.
+    #[test]
+    fn the_state_gradient_matches_finite_differences() {
+        let model = Model::load(fixture("v7/model.safetensors")).unwrap();
+        let (l, c, n) = (2, 128, 64);
+        let len = l * c * n;
+        let mut rng = Rng::new(7);
+        let s0: Vec<f32> = (0..len)
+            .map(|_| ((rng.next_u64() >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.6)
+            .collect();
+        let ctx = 20;
+        let inp: Vec<u32> = (0..2 * ctx).map(|i| ((i * 37 + 11) % 300) as u32).collect();
+        let mut tgt: Vec<u32> = (0..2 * ctx).map(|i| ((i * 53 + 5) % 300) as u32).collect();
+        for t in tgt.iter_mut().step_by(3) {
+            *t = IGNORE;
+        }
+        let (loss, grad) = pass_loss(&s0, &inp, &tgt, ctx);
+        // The same loss from the inference engine, window by window from the state.
+        let engine_loss = |s: &[f32]| -> f64 {
+            let st = state_of(&model, s);
+            let (mut sum, mut k) = (0f64, 0usize);
+            for (wi, win) in inp.chunks(ctx).enumerate() {
+                let logits = model.forward(win, &mut st.clone(), Logits::All).unwrap();
+                for (i, row) in logits.chunks_exact(300).enumerate() {
+                    let t = tgt[wi * ctx + i];
+                    if t != IGNORE {
+                        sum += nll(row, t as usize);
+                        k += 1;
+                    }
+                }
+            }
+            sum / k as f64
+        };
+        let base = engine_loss(&s0);
+        assert!((base - loss).abs() < 1e-4, "engine {base} vs pass {loss}");
+        // The largest gradients' coordinates and a few others.
+        let mut idx: Vec<usize> = (0..len).collect();
+        idx.sort_by(|&a, &b| grad[b].abs().total_cmp(&grad[a].abs()));
+        let mut worst = 0f64;
+        for &i in idx.iter().take(6).chain(&[1, 4097, len - 3]) {
+            let h = 1e-2f32;
+            let (mut up, mut dn) = (s0.clone(), s0.clone());
+            up[i] += h;
+            dn[i] -= h;
+            let fd = (engine_loss(&up) - engine_loss(&dn)) / (2.0 * h as f64);
+            let err = (fd - grad[i] as f64).abs() / (grad[idx[0]].abs() as f64);
+            worst = worst.max(err);
+            assert!(
+                err < 2e-3,
+                "state[{i}]: finite difference {fd}, gradient {}",
+                grad[i]
+            );
+        }
+        eprintln!(
+            "largest gradient {:e}; worst error {worst:e} of it",
+            grad[idx[0]]
+        );
+    }
+
+    #[test]
+    fn chat_lines_train_on_the_assistant_only() {
+        let tok = rwkv_core::tokenizer::load("bytes").unwrap();
+        let v: serde_json::Value = serde_json::from_str(
+            r#"{"messages":[{"role":"user","content":"Hi\n\nthere"},{"role":"assistant","content":"Yo"}]}"#,
+        )
+        .unwrap();
+        let e = example_of(&v, tok.as_ref(), "x.jsonl", 3).unwrap();
+        let text = String::from_utf8(e.ids.iter().map(|&b| b as u8).collect()).unwrap();
+        assert_eq!(text, "User: Hi\nthere\n\nAssistant: Yo\n\n");
+        let trained: String = e
+            .ids
+            .iter()
+            .skip(1)
+            .zip(&e.trained)
+            .filter(|(_, &t)| t)
+            .map(|(&b, _)| b as u8 as char)
+            .collect();
+        assert_eq!(trained, " Yo\n\n");
+        let bad: serde_json::Value =
+            serde_json::from_str(r#"{"messages":[{"role":"bot","content":"x"}]}"#).unwrap();
+        let e = example_of(&bad, tok.as_ref(), "x.jsonl", 3)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("x.jsonl:3") && e.contains("unknown role"), "{e}");
+    }
+}
