@@ -76,8 +76,9 @@ enum Cmd {
     Init(InitArgs),
     /// Train an RWKV-7 or RWKV-4 model from a text file, time-parallel on the CPU.
     Train(TrainArgs),
-    /// Adapt an RWKV-7 to new data by state tuning: the weights stay frozen, every layer's
-    /// initial WKV state is learnt (written as a state file and as RWKV-PEFT's time_state).
+    /// Adapt an RWKV-7 to new data with its weights frozen: state tuning (every layer's
+    /// initial WKV state, written as a state file and as RWKV-PEFT's time_state) or LoRA
+    /// (RWKV-PEFT's lora_A/lora_B file).
     Tune(TuneArgs),
     /// Score a model on a text: loss, perplexity and bits per byte (parallel mode).
     Eval(EvalArgs),
@@ -803,10 +804,25 @@ struct TuneArgs {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     data: Option<PathBuf>,
-    /// What is learnt: state (every layer's initial WKV state) [default: state].
+    /// What is learnt: state (every layer's initial WKV state) or lora (low-rank adapters on
+    /// the --targets weights) [default: state].
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     method: Option<String>,
+    /// LoRA rank [default: 16].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    rank: Option<usize>,
+    /// LoRA alpha: the scale is alpha / rank; load the result with --lora lora.pth:ALPHA
+    /// [default: 16].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    alpha: Option<f64>,
+    /// LoRA: the weights of every block that get an adapter, comma-separated
+    /// [default: att.receptance,att.key,att.value,att.output,ffn.key,ffn.value].
+    #[arg(long, value_delimiter = ',')]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    targets: Option<Vec<String>>,
     /// world, bytes or a tokenizer file (default: chosen from the model's vocabulary).
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -831,7 +847,7 @@ struct TuneArgs {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     steps: Option<u64>,
-    /// Peak learning rate [default: 0.1].
+    /// Peak learning rate [default: 0.1 for state, 1e-3 for lora].
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     lr: Option<f64>,
@@ -851,8 +867,8 @@ struct TuneArgs {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     seed: Option<u64>,
-    /// Run directory: state.safetensors, time_state.pth, tune.safetensors, metrics.jsonl,
-    /// loss.svg [default: runs/tune].
+    /// Run directory: state.safetensors and time_state.pth (or lora.pth), tune.safetensors,
+    /// metrics.jsonl, loss.svg [default: runs/tune].
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     out: Option<PathBuf>,
@@ -906,10 +922,10 @@ fn tune(a: TuneArgs) -> Result<()> {
         }
     };
     let s = rwkv::train::tune(c, tok.as_ref(), a.resume, a.stop_at)?;
+    let files: Vec<String> = s.files.iter().map(|f| f.display().to_string()).collect();
     println!(
-        "state {} (RWKV-PEFT: {}) | held-out loss {:.4} -> {:.4} | {:.0} tokens/s",
-        s.state.display(),
-        s.time_state.display(),
+        "tuned {} | held-out loss {:.4} -> {:.4} | {:.0} tokens/s",
+        files.join(" "),
         s.val_before,
         s.val_after,
         s.tokens_per_s

@@ -37,6 +37,8 @@ use std::path::{Path, PathBuf};
 pub enum Method {
     /// The initial WKV state of every layer (RWKV-PEFT's `time_state`).
     State,
+    /// Low-rank adapters on linear weights (RWKV-PEFT's `lora_A`, `lora_B`).
+    Lora,
 }
 
 impl std::str::FromStr for Method {
@@ -44,7 +46,10 @@ impl std::str::FromStr for Method {
     fn from_str(s: &str) -> Result<Method> {
         match s {
             "state" => Ok(Method::State),
-            _ => Err(Error::bad(format!("unknown tuning method {s:?} (state)"))),
+            "lora" => Ok(Method::Lora),
+            _ => Err(Error::bad(format!(
+                "unknown tuning method {s:?} (state, lora)"
+            ))),
         }
     }
 }
@@ -61,6 +66,12 @@ pub struct TuneConfig {
     pub tokenizer: Option<String>,
     /// What is trained.
     pub method: Method,
+    /// LoRA: the adapters' rank.
+    pub rank: usize,
+    /// LoRA: their alpha (the scale is `alpha / rank`, as RWKV-PEFT's and `--lora FILE:ALPHA`).
+    pub alpha: f64,
+    /// LoRA: the linear weights of every block that get an adapter (`att.key`, `ffn.value`, ...).
+    pub targets: Vec<String>,
     /// Fraction of the data (its end: tokens of a text, lines of a jsonl) held out.
     pub val_fraction: f64,
     /// Separate validation data (same kinds as `data`).
@@ -71,8 +82,8 @@ pub struct TuneConfig {
     pub batch: usize,
     /// Optimizer steps.
     pub steps: u64,
-    /// Peak learning rate.
-    pub lr: f64,
+    /// Peak learning rate (default: 0.1 for a state, 1e-3 for LoRA).
+    pub lr: Option<f64>,
     /// Learning rate at the last step (default `lr / 10`).
     pub lr_final: Option<f64>,
     /// Warm-up steps.
@@ -102,12 +113,15 @@ impl Default for TuneConfig {
             data: PathBuf::new(),
             tokenizer: None,
             method: Method::State,
+            rank: 16,
+            alpha: 16.0,
+            targets: LORA_TARGETS.iter().map(|t| t.to_string()).collect(),
             val_fraction: 0.1,
             val_data: None,
             ctx: 256,
             batch: 4,
             steps: 200,
-            lr: 0.1,
+            lr: None,
             lr_final: None,
             warmup: 10,
             grad_clip: 1.0,
@@ -139,7 +153,7 @@ impl TuneConfig {
                 ("eval-every", self.eval_every),
                 ("log-every", self.log_every),
             ],
-            self.lr,
+            self.lr(),
             self.val_data.is_some(),
             self.val_fraction,
         )?;
@@ -149,8 +163,15 @@ impl TuneConfig {
         Ok(())
     }
 
+    fn lr(&self) -> f64 {
+        self.lr.unwrap_or(match self.method {
+            Method::State => 0.1,
+            Method::Lora => 1e-3,
+        })
+    }
+
     fn lr_final(&self) -> f64 {
-        self.lr_final.unwrap_or(self.lr / 10.0)
+        self.lr_final.unwrap_or(self.lr() / 10.0)
     }
 }
 
@@ -418,20 +439,50 @@ fn time_state_tensors(s0: &[f32], l: usize, h: usize, n: usize) -> Vec<OutTensor
 /// What a finished tuning run reports.
 #[derive(Debug, Clone)]
 pub struct TuneSummary {
-    /// Held-out loss from the zero state (the model as it was).
+    /// Held-out loss of the model as it was (from the zero state).
     pub val_before: f64,
-    /// Held-out loss from the tuned state.
+    /// Held-out loss from the tuned state, or with the tuned adapters.
     pub val_after: f64,
     /// Median tuning throughput (tokens per second, padding included).
     pub tokens_per_s: f64,
-    /// The tuned state (this project's state file).
-    pub state: PathBuf,
-    /// The same in RWKV-PEFT's layout.
-    pub time_state: PathBuf,
+    /// The files that hold the result: `state.safetensors` and RWKV-PEFT's `time_state.pth`,
+    /// or RWKV-PEFT's `lora.pth`.
+    pub files: Vec<PathBuf>,
 }
 
 /// One shard's work areas (by window count) and the frozen model's (small) gradient buffers.
 type ShardWork = std::sync::Mutex<Option<(Vec<Work>, Vec<Vec<f32>>)>>;
+
+/// One trained tensor and its optimizer state.
+struct Trained {
+    /// Its name in the files (`time_state`, `blocks.N.att.key.lora_A`, ...).
+    name: String,
+    shape: Vec<usize>,
+    values: Vec<f32>,
+    slot: Slot,
+}
+
+impl Trained {
+    fn new(name: String, shape: Vec<usize>, values: Vec<f32>) -> Trained {
+        let slot = Slot::new(&name, shape.len(), values.len());
+        Trained {
+            name,
+            shape,
+            values,
+            slot,
+        }
+    }
+}
+
+/// The linear weights RWKV-PEFT puts adapters on by default (each block's).
+pub const LORA_TARGETS: [&str; 6] = [
+    "att.receptance",
+    "att.key",
+    "att.value",
+    "att.output",
+    "ffn.key",
+    "ffn.value",
+];
 
 /// The tuner between steps.
 struct Tuner {
@@ -439,9 +490,10 @@ struct Tuner {
     params: Params,
     pass: Fused7,
     prepared: Prepared,
-    /// The tuned initial state `[L, H, N, N]`.
-    s0: Vec<f32>,
-    slot: Slot,
+    /// State: one tensor, the initial state `[L, H, N, N]`. LoRA: `A` then `B` of each adapter.
+    trained: Vec<Trained>,
+    /// LoRA: the parameter index of each adapted weight, in the order of `trained`'s pairs.
+    adapted: Vec<usize>,
     adam: AdamConfig,
     step: u64,
     rng: Rng,
@@ -458,20 +510,85 @@ impl Tuner {
         pass.products_mut()
             .set_bf16(cfg.precision == Precision::Bf16);
         pass.products_mut().set_frozen(true);
+        let mut rng = Rng::new(cfg.seed ^ 0x5eed_da7a);
+        let d = params.schema().clone();
+        let (mut trained, mut adapted) = (Vec::new(), Vec::new());
+        match cfg.method {
+            Method::State => {
+                let shape = vec![d.n_layer, d.n_embd / d.head_size, d.head_size, d.head_size];
+                let len = shape.iter().product();
+                trained.push(Trained::new("time_state".into(), shape, vec![0.0; len]));
+            }
+            Method::Lora => {
+                if cfg.rank == 0 {
+                    return Err(Error::bad("rank must be at least 1"));
+                }
+                let scale = (cfg.alpha / cfg.rank as f64) as f32;
+                for t in &cfg.targets {
+                    if !params
+                        .names()
+                        .iter()
+                        .any(|n| n == &format!("blocks.0.{t}.weight"))
+                    {
+                        return Err(Error::bad(format!(
+                            "LoRA target {t} names no tensor (no blocks.0.{t}.weight in {})",
+                            cfg.model.display()
+                        )));
+                    }
+                }
+                for layer in 0..d.n_layer {
+                    for t in &cfg.targets {
+                        let prefix = format!("blocks.{layer}.{t}");
+                        let i = params.find(&format!("{prefix}.weight"))?;
+                        let (n, k) = match params.shapes()[i][..] {
+                            [n, k] => (n, k),
+                            _ => {
+                                return Err(Error::bad(format!("{prefix}.weight is not a matrix")))
+                            }
+                        };
+                        pass.products_mut()
+                            .set_adapter(i, cfg.rank, scale)
+                            .map_err(|_| {
+                                Error::bad(format!(
+                                    "LoRA target {prefix}.weight is not a linear weight"
+                                ))
+                            })?;
+                        // RWKV-PEFT's initialisation: A as nn.Linear's (kaiming-uniform,
+                        // bound 1/√in), B zero, so that tuning starts from the model itself.
+                        let bound = 1.0 / (k as f32).sqrt();
+                        let av: Vec<f32> = (0..cfg.rank * k)
+                            .map(|_| {
+                                let u = (rng.next_u64() >> 40) as f32 / (1u64 << 24) as f32;
+                                (2.0 * u - 1.0) * bound
+                            })
+                            .collect();
+                        trained.push(Trained::new(
+                            format!("{prefix}.lora_A"),
+                            vec![cfg.rank, k],
+                            av,
+                        ));
+                        trained.push(Trained::new(
+                            format!("{prefix}.lora_B"),
+                            vec![n, cfg.rank],
+                            vec![0.0; n * cfg.rank],
+                        ));
+                        adapted.push(i);
+                    }
+                }
+            }
+        }
         let mut prepared = Prepared::default();
         let values: Vec<&[f32]> = params.values().iter().map(Vec::as_slice).collect();
         // The weights never change: their forms for the products are made once.
         pass.products().prepare(&values, &mut prepared);
-        let d = params.schema();
-        let len = d.n_layer * d.n_embd * d.head_size;
         Ok(Tuner {
-            rng: Rng::new(cfg.seed ^ 0x5eed_da7a),
+            rng,
             cfg,
             params,
             pass,
             prepared,
-            s0: vec![0.0; len],
-            slot: Slot::new("time_state", 4, len),
+            trained,
+            adapted,
             adam: AdamConfig {
                 beta1: 0.9,
                 beta2: 0.99,
@@ -483,12 +600,24 @@ impl Tuner {
         })
     }
 
+    /// The tuned initial state (empty for LoRA).
+    fn s0(&self) -> &[f32] {
+        match self.cfg.method {
+            Method::State => &self.trained[0].values,
+            Method::Lora => &[],
+        }
+    }
+
     /// One optimizer step over `batch` windows; returns (loss, gradient norm, lr).
     fn step(&mut self, data: &Data) -> Result<(f64, f64, f64)> {
         let (ctx, b) = (self.cfg.ctx, self.cfg.batch);
         let (mut inp, mut tgt) = (Vec::with_capacity(b * ctx), Vec::with_capacity(b * ctx));
         for _ in 0..b {
             data.window(ctx, &mut self.rng, &mut inp, &mut tgt);
+        }
+        for (j, &i) in self.adapted.iter().enumerate() {
+            let (a, bm) = (&self.trained[2 * j].values, &self.trained[2 * j + 1].values);
+            self.prepared.set_adapter(i, a, bm);
         }
         let rows = tgt.iter().filter(|&&t| t != IGNORE).count();
         let scale = 1.0 / rows.max(1) as f32;
@@ -498,7 +627,12 @@ impl Tuner {
             .map(|i| (i * b / n_shards, (i + 1) * b / n_shards))
             .collect();
         let values: Vec<&[f32]> = self.params.values().iter().map(Vec::as_slice).collect();
-        let (pass, pr, s0, l2) = (&self.pass, &self.prepared, &self.s0, self.cfg.l2wrap as f32);
+        let state = self.cfg.method == Method::State;
+        let s0 = match self.cfg.method {
+            Method::State => self.trained[0].values.as_slice(),
+            Method::Lora => &[],
+        };
+        let (pass, pr, l2) = (&self.pass, &self.prepared, self.cfg.l2wrap as f32);
         let piece = (PIECE_TOKENS / ctx).max(1);
         let mut slots: Vec<_> = self
             .shards
@@ -511,8 +645,9 @@ impl Tuner {
             .map(|(&(w0, w1), slot)| {
                 let (ws, g) =
                     slot.get_or_insert_with(|| (Vec::new(), pass.products().zero_grads()));
+                g.iter_mut().for_each(|v| v.fill(0.0));
                 for w in ws.iter_mut() {
-                    w.start_from(s0, true);
+                    w.start_from(s0, state);
                 }
                 let mut l = 0.0;
                 for p0 in (w0..w1).step_by(piece) {
@@ -522,7 +657,7 @@ impl Tuner {
                         Some(i) => &mut ws[i],
                         None => {
                             let mut w = pass.work(shape.0, shape.1);
-                            w.start_from(s0, true);
+                            w.start_from(s0, state);
                             ws.push(w);
                             ws.last_mut().expect("just pushed")
                         }
@@ -538,21 +673,31 @@ impl Tuner {
         for l in losses {
             loss += l?;
         }
-        // The state's gradient: every work area's, in shard order.
-        let mut grad = vec![0f32; self.s0.len()];
-        for slot in &slots {
-            for w in slot.iter().flat_map(|(ws, _)| ws.iter()) {
-                grad.iter_mut()
-                    .zip(w.state_grad())
-                    .for_each(|(a, b)| *a += b);
+        // The trained tensors' gradients, summed over the shards in their order.
+        let mut grads: Vec<Vec<f32>> = self
+            .trained
+            .iter()
+            .map(|t| vec![0f32; t.values.len()])
+            .collect();
+        for (ws, g) in slots.iter().filter_map(|s| s.as_ref()) {
+            if state {
+                for w in ws {
+                    add_to(&mut grads[0], w.state_grad());
+                }
+            }
+            for (j, &i) in self.adapted.iter().enumerate() {
+                let (da, db) = g[i].split_at(grads[2 * j].len());
+                add_to(&mut grads[2 * j], da);
+                add_to(&mut grads[2 * j + 1], db);
             }
         }
         drop(slots);
         if !loss.is_finite() {
             return Ok((loss, f64::NAN, 0.0));
         }
-        let norm = grad
+        let norm = grads
             .iter()
+            .flatten()
             .map(|&x| (x as f64) * (x as f64))
             .sum::<f64>()
             .sqrt();
@@ -565,34 +710,80 @@ impl Tuner {
             self.step,
             self.cfg.steps,
             self.cfg.warmup,
-            self.cfg.lr,
+            self.cfg.lr(),
             self.cfg.lr_final(),
         );
         self.step += 1;
-        self.slot
-            .update(&mut self.s0, &grad, clip, lr, self.step, &self.adam);
+        let (step, adam) = (self.step, &self.adam);
+        self.trained
+            .par_iter_mut()
+            .zip(grads.par_iter())
+            .for_each(|(t, g)| t.slot.update(&mut t.values, g, clip, lr, step, adam));
         Ok((loss, norm, lr))
     }
 
-    fn shape(&self) -> (usize, usize, usize) {
+    fn heads(&self) -> (usize, usize, usize) {
         let d = self.params.schema();
         (d.n_layer, d.n_embd / d.head_size, d.head_size)
     }
 
-    /// Writes the tuned state (ours and RWKV-PEFT's) and the resumable checkpoint.
+    /// The trained tensors under their names (the adapters as RWKV-PEFT saves them:
+    /// `PREFIX.lora_A`, `PREFIX.lora_B`).
+    fn trained_tensors(&self) -> Vec<OutTensor<'_>> {
+        self.trained
+            .iter()
+            .map(|t| OutTensor::f32(t.name.clone(), t.shape.clone(), &t.values))
+            .collect()
+    }
+
+    /// The model with the adapters folded in (for validation).
+    fn merged_model(&self) -> Result<Model> {
+        let mut ck = Checkpoint::open(&self.cfg.model)?;
+        let lora = Checkpoint::from_tensors("the adapters being tuned", &self.trained_tensors())?;
+        rwkv_core::checkpoint::lora::merge_lora(&mut ck, &lora, self.cfg.alpha as f32, false)?;
+        Model::from_checkpoint(&ck, None)
+    }
+
+    /// The held-out loss now: from the tuned state, or of the model with the adapters.
+    fn validate(&self, model: &Model, val: &Data) -> Result<f64> {
+        match self.cfg.method {
+            Method::State => held_out_loss(model, val, self.cfg.ctx, &state_of(model, self.s0())),
+            Method::Lora => {
+                let m = self.merged_model()?;
+                held_out_loss(&m, val, self.cfg.ctx, &m.new_state())
+            }
+        }
+    }
+
+    /// Writes the tuned tensors (ours and RWKV-PEFT's files) and the resumable checkpoint.
     fn save(&self, dir: &Path, model: &Model) -> Result<()> {
-        let (l, h, n) = self.shape();
-        state_of(model, &self.s0).save(dir.join("state.safetensors"))?;
-        rwkv_core::checkpoint::write::write_pth(
-            &dir.join("time_state.pth"),
-            &time_state_tensors(&self.s0, l, h, n),
-        )?;
-        let shape = vec![l, h, n, n];
-        let all = vec![
-            OutTensor::f32("time_state", shape.clone(), &self.s0),
-            OutTensor::f32("adam.m", shape.clone(), &self.slot.m),
-            OutTensor::f32("adam.v", shape, &self.slot.v),
-        ];
+        match self.cfg.method {
+            Method::State => {
+                let (l, h, n) = self.heads();
+                state_of(model, self.s0()).save(dir.join("state.safetensors"))?;
+                rwkv_core::checkpoint::write::write_pth(
+                    &dir.join("time_state.pth"),
+                    &time_state_tensors(self.s0(), l, h, n),
+                )?;
+            }
+            Method::Lora => rwkv_core::checkpoint::write::write_pth(
+                &dir.join("lora.pth"),
+                &self.trained_tensors(),
+            )?,
+        }
+        let mut all = self.trained_tensors();
+        for t in &self.trained {
+            all.push(OutTensor::f32(
+                format!("adam.m.{}", t.name),
+                t.shape.clone(),
+                &t.slot.m,
+            ));
+            all.push(OutTensor::f32(
+                format!("adam.v.{}", t.name),
+                t.shape.clone(),
+                &t.slot.v,
+            ));
+        }
         let mut meta = BTreeMap::new();
         meta.insert("step".into(), self.step.to_string());
         meta.insert("rng".into(), self.rng.state().to_string());
@@ -603,7 +794,8 @@ impl Tuner {
         write_safetensors(&dir.join("tune.safetensors"), &all, &meta)
     }
 
-    /// Continues from `dir`'s checkpoint: the state, its moments, the step and the data order.
+    /// Continues from `dir`'s checkpoint: the tensors, their moments, the step and the data
+    /// order.
     fn resume(&mut self, dir: &Path) -> Result<()> {
         let path = dir.join("tune.safetensors");
         if !path.is_file() {
@@ -613,14 +805,15 @@ impl Tuner {
             )));
         }
         let ck = Checkpoint::open(&path)?;
-        let (l, h, n) = self.shape();
-        for (name, out) in [
-            ("time_state", &mut self.s0),
-            ("adam.m", &mut self.slot.m),
-            ("adam.v", &mut self.slot.v),
-        ] {
-            ck.expect_shape(name, &[l, h, n, n])?;
-            *out = ck.f32_vec(name)?;
+        for t in &mut self.trained {
+            for (name, out) in [
+                (t.name.clone(), &mut t.values),
+                (format!("adam.m.{}", t.name), &mut t.slot.m),
+                (format!("adam.v.{}", t.name), &mut t.slot.v),
+            ] {
+                ck.expect_shape(&name, &t.shape)?;
+                *out = ck.f32_vec(&name)?;
+            }
         }
         let md = ck.metadata();
         let get = |k: &str| -> Result<u64> {
@@ -634,6 +827,11 @@ impl Tuner {
     }
 }
 
+/// `acc += x`.
+fn add_to(acc: &mut [f32], x: &[f32]) {
+    acc.iter_mut().zip(x).for_each(|(a, b)| *a += b);
+}
+
 /// Runs (or, with `resume`, continues) a tuning run; `stop_at` ends it after that step as an
 /// interruption would. `tok` tokenizes the data (the model's tokenizer by default).
 pub fn tune(
@@ -645,18 +843,19 @@ pub fn tune(
     cfg.check()?;
     let mut cfg = cfg;
     cfg.lr_final = Some(cfg.lr_final());
+    cfg.lr = Some(cfg.lr());
     let ck = Checkpoint::open(&cfg.model)?;
     let info = rwkv_core::checkpoint::detect::detect(&ck)?;
     let what = cfg.model.display().to_string();
     if info.generation != Generation::V7 {
         return Err(Error::bad(format!(
-            "{what}: state tuning runs on RWKV-7 (the trainer's passes); this is RWKV {}",
+            "{what}: tuning runs on RWKV-7 (the trainer's passes); this is RWKV {}",
             info.generation
         )));
     }
     if info.deep_embed > 0 {
         return Err(Error::bad(format!(
-            "{what}: RWKV-7a's DeepEmbed is not in the trainer's passes; state tuning runs on RWKV-7"
+            "{what}: RWKV-7a's DeepEmbed is not in the trainer's passes; tuning runs on RWKV-7"
         )));
     }
     if tok.vocab_size() > info.vocab_size {
@@ -690,8 +889,17 @@ pub fn tune(
     }
     write_config(&dir, &cfg)?;
     let val_before = held_out_loss(&model, &val, cfg.ctx, &model.new_state())?;
+    let method = match cfg.method {
+        Method::State => "state tuning".to_string(),
+        Method::Lora => format!(
+            "LoRA tuning (rank {}, alpha {}, {})",
+            cfg.rank,
+            cfg.alpha,
+            cfg.targets.join(" ")
+        ),
+    };
     eprintln!(
-        "state tuning {} · {} layers × {} · ctx {} · batch {} · {} steps · held-out loss {val_before:.4} from the zero state",
+        "{method} {} · {} layers × {} · ctx {} · batch {} · {} steps · held-out loss {val_before:.4} before",
         what, info.n_layer, info.n_embd, cfg.ctx, cfg.batch, cfg.steps
     );
     let sch = Schedule {
@@ -718,8 +926,10 @@ pub fn tune(
         val_before,
         val_after: out.val_loss,
         tokens_per_s: out.tokens_per_s,
-        state: dir.join("state.safetensors"),
-        time_state: dir.join("time_state.pth"),
+        files: match cfg.method {
+            Method::State => vec![dir.join("state.safetensors"), dir.join("time_state.pth")],
+            Method::Lora => vec![dir.join("lora.pth")],
+        },
     })
 }
 
@@ -740,8 +950,7 @@ impl Stepper for TuneRun<'_> {
         self.t.step(self.train)
     }
     fn validate(&mut self) -> Result<f64> {
-        let start = state_of(self.model, &self.t.s0);
-        held_out_loss(self.model, self.val, self.t.cfg.ctx, &start)
+        self.t.validate(self.model, self.val)
     }
     fn save(&mut self) -> Result<()> {
         self.t.save(self.dir, self.model)
@@ -842,6 +1051,123 @@ mod tests {
             "largest gradient {:e}; worst error {worst:e} of it",
             grad[idx[0]]
         );
+    }
+
+    /// A test adapter: its weight's prefix and index, `A`, `B`, and the weight's `[n, k]`.
+    type Adapted = (&'static str, usize, Vec<f32>, Vec<f32>, usize, usize);
+
+    /// The adapters' gradients against central differences of the inference engine's loss on
+    /// the model with the adapters merged (RWKV-PEFT's `W + B·A·alpha/r`), with `B` nonzero so
+    /// that both factors have gradients.
+    #[test]
+    fn the_lora_gradients_match_finite_differences() {
+        let ck = Checkpoint::open(fixture("v7/model.safetensors")).unwrap();
+        let params = Params::from_checkpoint_keys(&ck, |_| true).unwrap();
+        let mut pass = Fused7::new(&params).unwrap();
+        pass.products_mut().set_bf16(false);
+        pass.products_mut().set_frozen(true);
+        let (r, alpha) = (4, 8.0f32);
+        let mut rng = Rng::new(11);
+        let mut rnd = |n: usize, s: f32| -> Vec<f32> {
+            (0..n)
+                .map(|_| ((rng.next_u64() >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * s)
+                .collect()
+        };
+        let targets = [
+            "blocks.0.att.key",
+            "blocks.1.ffn.value",
+            "blocks.1.att.output",
+        ];
+        let mut ab = Vec::new();
+        for t in targets {
+            let i = params.find(&format!("{t}.weight")).unwrap();
+            let [n, k] = params.shapes()[i][..] else {
+                panic!()
+            };
+            pass.products_mut()
+                .set_adapter(i, r, alpha / r as f32)
+                .unwrap();
+            ab.push((t, i, rnd(r * k, 0.4), rnd(n * r, 0.4), n, k));
+        }
+        let values: Vec<&[f32]> = params.values().iter().map(Vec::as_slice).collect();
+        let mut pr = Prepared::default();
+        pass.products().prepare(&values, &mut pr);
+        for (_, i, a, b, ..) in &ab {
+            pr.set_adapter(*i, a, b);
+        }
+        let ctx = 16;
+        let inp: Vec<u32> = (0..2 * ctx).map(|i| ((i * 41 + 3) % 300) as u32).collect();
+        let tgt: Vec<u32> = (0..2 * ctx).map(|i| ((i * 29 + 7) % 300) as u32).collect();
+        let mut w = pass.work(2, ctx);
+        w.start_from(&[], false);
+        let mut g = pass.products().zero_grads();
+        let scale = 1.0 / tgt.len() as f32;
+        let loss = pass
+            .accumulate(&values, &pr, &inp, &tgt, scale, 0.0, &mut w, &mut g)
+            .unwrap()
+            * scale as f64;
+        let engine_loss = |ab: &[Adapted]| -> f64 {
+            let ts: Vec<OutTensor> = ab
+                .iter()
+                .flat_map(|(t, _, a, b, n, k)| {
+                    [
+                        OutTensor::f32(format!("{t}.lora_A"), vec![r, *k], a),
+                        OutTensor::f32(format!("{t}.lora_B"), vec![*n, r], b),
+                    ]
+                })
+                .collect();
+            let lora = Checkpoint::from_tensors("lora", &ts).unwrap();
+            let mut m = Checkpoint::open(fixture("v7/model.safetensors")).unwrap();
+            rwkv_core::checkpoint::lora::merge_lora(&mut m, &lora, alpha, false).unwrap();
+            let model = Model::from_checkpoint(&m, None).unwrap();
+            let mut sum = 0f64;
+            for (wi, win) in inp.chunks(ctx).enumerate() {
+                let logits = model
+                    .forward(win, &mut model.new_state(), Logits::All)
+                    .unwrap();
+                for (j, row) in logits.chunks_exact(300).enumerate() {
+                    sum += nll(row, tgt[wi * ctx + j] as usize);
+                }
+            }
+            sum / tgt.len() as f64
+        };
+        let base = engine_loss(&ab);
+        assert!((base - loss).abs() < 1e-4, "engine {base} vs pass {loss}");
+        let mut worst = 0f64;
+        for t in 0..ab.len() {
+            let i = ab[t].1;
+            let na = ab[t].2.len();
+            let gmax = g[i].iter().fold(0f32, |m, x| m.max(x.abs())) as f64;
+            // The largest of dA and of dB, and one more of each.
+            let top = |lo: usize, hi: usize| {
+                (lo..hi)
+                    .max_by(|&x, &y| g[i][x].abs().total_cmp(&g[i][y].abs()))
+                    .unwrap()
+            };
+            for c in [top(0, na), top(na, g[i].len()), 5, na + 3] {
+                let h = 1e-2f32;
+                let (mut up, mut dn) = (ab.clone(), ab.clone());
+                let bump = |v: &mut Vec<Adapted>, d: f32| {
+                    if c < na {
+                        v[t].2[c] += d
+                    } else {
+                        v[t].3[c - na] += d
+                    }
+                };
+                bump(&mut up, h);
+                bump(&mut dn, -h);
+                let fd = (engine_loss(&up) - engine_loss(&dn)) / (2.0 * h as f64);
+                let err = (fd - g[i][c] as f64).abs() / gmax;
+                worst = worst.max(err);
+                assert!(
+                    err < 5e-3,
+                    "{} [{c}]: finite difference {fd}, gradient {}",
+                    ab[t].0,
+                    g[i][c]
+                );
+            }
+        }
+        eprintln!("worst LoRA gradient error {worst:e} of each adapter's largest");
     }
 
     #[test]

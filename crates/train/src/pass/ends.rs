@@ -97,8 +97,8 @@ impl Ends {
         dxn: &mut [f32],
         dx: &mut [f32],
     ) {
-        let (c, v, m) = (self.c, self.vocab, e.rstd_o.len());
-        pd.lin_dw(&e.logits, &e.xo, m, v, c, &mut g[self.head]);
+        let m = e.rstd_o.len();
+        pd.lin_dw(pr, self.head, &e.logits, &e.xo, m, g);
         pd.mw_dx(&e.logits, pr, p, self.head, m, dxn, false);
         let (gw, gb) = two(g, self.ln_out.0, self.ln_out.1);
         let (hat, rstd, w) = (&e.hat_o, &e.rstd_o, p[self.ln_out.0]);

@@ -23,6 +23,19 @@ pub struct Products {
     /// By parameter: a matrix or the embedding table (the tensors freezing leaves without
     /// gradient buffers).
     large: Vec<bool>,
+    /// By parameter: the low-rank adapter on a linear weight ([`Products::set_adapter`]).
+    adapters: Vec<Option<Adapter>>,
+}
+
+/// A low-rank adapter (LoRA) on a linear weight `W [n, k]`: the products use
+/// `W + scale·B·A` with `A [r, k]` and `B [n, r]` (RWKV-PEFT's `lora_A`, `lora_B`), whose
+/// values the [`Prepared`] forms carry; the weight's gradient buffer holds `dA` then `dB`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Adapter {
+    /// Rank r.
+    pub rank: usize,
+    /// `alpha / r`.
+    pub scale: f32,
 }
 
 impl Products {
@@ -54,8 +67,34 @@ impl Products {
             lens: params.values().iter().map(Vec::len).collect(),
             bf16: false,
             frozen: false,
+            adapters: vec![None; large.len()],
             large,
         })
+    }
+
+    /// Puts a low-rank adapter of `rank` on linear weight `i` (LoRA tuning; with the weights
+    /// frozen, the adapters are what the backward pass computes gradients for).
+    pub fn set_adapter(&mut self, i: usize, rank: usize, scale: f32) -> Result<()> {
+        match self.mats.get(i) {
+            Some(Some(m)) if m.linear && rank > 0 => {
+                self.adapters[i] = Some(Adapter { rank, scale });
+                Ok(())
+            }
+            _ => Err(Error::Internal(format!(
+                "parameter {i} is not a linear weight"
+            ))),
+        }
+    }
+
+    /// The adapter on parameter `i`, if any.
+    pub fn adapter(&self, i: usize) -> Option<Adapter> {
+        self.adapters.get(i).copied().flatten()
+    }
+
+    /// The sizes of adapter `i`'s `A` and `B` (`r·k`, `n·r`).
+    fn adapter_sizes(&self, i: usize) -> Option<(usize, usize)> {
+        let (ad, m) = (self.adapter(i)?, self.mats[i]?);
+        Some((ad.rank * m.k, m.n * ad.rank))
     }
 
     /// Freezes the weight matrices and the embedding (state tuning): the backward pass then
@@ -144,12 +183,18 @@ impl Products {
         });
     }
 
-    /// Zeroed gradient buffers, one per parameter (empty for the frozen ones).
+    /// Zeroed gradient buffers, one per parameter: empty for the frozen ones, `dA` then `dB`
+    /// for a weight with an adapter.
     pub fn zero_grads(&self) -> Vec<Vec<f32>> {
-        self.lens
-            .iter()
-            .zip(&self.large)
-            .map(|(&l, &big)| vec![0.0; if big && self.frozen { 0 } else { l }])
+        (0..self.lens.len())
+            .map(|i| {
+                let len = match self.adapter_sizes(i) {
+                    Some((a, b)) => a + b,
+                    None if self.large[i] && self.frozen => 0,
+                    None => self.lens[i],
+                };
+                vec![0.0; len]
+            })
             .collect()
     }
 
@@ -173,8 +218,21 @@ impl Products {
             }
         }
         for (i, (a, b)) in p.iter().zip(g.iter()).enumerate() {
-            let frozen = self.frozen && self.large[i] && b.is_empty();
-            if a.len() != self.lens[i] || (b.len() != self.lens[i] && !frozen) {
+            let want = match self.adapter_sizes(i) {
+                Some((sa, sb)) => {
+                    let ok = pr
+                        .lora
+                        .get(i)
+                        .is_some_and(|(va, vb)| va.len() == sa && vb.len() == sb);
+                    if !ok {
+                        return Err(Error::Internal(format!("adapter {i} has no values")));
+                    }
+                    sa + sb
+                }
+                None if self.frozen && self.large[i] => 0,
+                None => self.lens[i],
+            };
+            if a.len() != self.lens[i] || b.len() != want {
                 return Err(Error::Internal(format!("parameter {i} changed size")));
             }
         }
@@ -220,6 +278,11 @@ impl Products {
         let Some(Mat { k, n, .. }) = self.mats[i] else {
             unreachable!("parameter {i} is not a matrix")
         };
+        // An adapter's branch is added before `then`.
+        let (then, after) = match self.adapter(i) {
+            Some(_) => (None, then),
+            None => (then, None),
+        };
         match &pr.fwd[i] {
             Operand::F32(b) => {
                 gemm(m, n, k, y, acc, x, (k, 1), b, (n, 1));
@@ -229,6 +292,18 @@ impl Products {
             }
             Operand::Bf16(b) => gemm_bf16_packed(m, y, acc, x, (k, 1), b, then),
             Operand::None => unreachable!("checked by Products::check"),
+        }
+        if let Some(ad) = self.adapter(i) {
+            // y += scale·(x Aᵀ) Bᵀ.
+            let (a, b) = &pr.lora[i];
+            let r = ad.rank;
+            let mut u = vec![0f32; m * r];
+            gemm(m, r, k, &mut u, false, x, (k, 1), a, (1, k));
+            u.iter_mut().for_each(|z| *z *= ad.scale);
+            gemm(m, n, r, y, true, &u, (r, 1), b, (1, r));
+            if let Some(f) = after {
+                f(&mut y[..m * n]);
+            }
         }
     }
 
@@ -253,20 +328,49 @@ impl Products {
             _ if linear => gemm(m, k, n, dx, acc, dy, (n, 1), p[i], (k, 1)),
             _ => gemm(m, k, n, dx, acc, dy, (n, 1), p[i], (1, n)),
         }
+        if let Some(ad) = self.adapter(i) {
+            // dx += scale·(dy B) A.
+            let (a, b) = &pr.lora[i];
+            let r = ad.rank;
+            let mut v = vec![0f32; m * r];
+            gemm(m, r, n, &mut v, false, dy, (n, 1), b, (r, 1));
+            v.iter_mut().for_each(|z| *z *= ad.scale);
+            gemm(m, k, r, dx, true, &v, (r, 1), a, (k, 1));
+        }
     }
 
-    /// `dW [n, k] += dyᵀ · x` (nothing when frozen).
+    /// The gradient of linear weight `i` (`[n, k]`) from the rows `dy [m, n]` of its output's
+    /// gradient and `x [m, k]` of its input, added into `g[i]`: `dW += dyᵀ·x`; for a weight
+    /// with an adapter, the adapter's instead (`dA += scale·(dy B)ᵀ x`,
+    /// `dB += scale·dyᵀ (x Aᵀ)`); nothing for a frozen weight.
     pub(crate) fn lin_dw(
         &self,
+        pr: &Prepared,
+        i: usize,
         dy: &[f32],
         x: &[f32],
         m: usize,
-        n: usize,
-        k: usize,
-        dw: &mut [f32],
+        g: &mut [Vec<f32>],
     ) {
+        let Some(Mat { k, n, .. }) = self.mats[i] else {
+            unreachable!("parameter {i} is not a matrix")
+        };
+        if let Some(ad) = self.adapter(i) {
+            let (a, b) = &pr.lora[i];
+            let r = ad.rank;
+            let (da, db) = g[i].split_at_mut(r * k);
+            let mut u = vec![0f32; m * r];
+            gemm(m, r, k, &mut u, false, x, (k, 1), a, (1, k));
+            u.iter_mut().for_each(|z| *z *= ad.scale);
+            gemm(n, r, m, db, true, dy, (1, n), &u, (r, 1));
+            let v = &mut u;
+            gemm(m, r, n, v, false, dy, (n, 1), b, (r, 1));
+            v.iter_mut().for_each(|z| *z *= ad.scale);
+            gemm(r, k, m, da, true, v, (1, r), x, (k, 1));
+            return;
+        }
         if !self.frozen {
-            self.gemm(n, k, m, dw, true, dy, (1, n), x, (k, 1));
+            self.gemm(n, k, m, &mut g[i], true, dy, (1, n), x, (k, 1));
         }
     }
 
@@ -315,4 +419,21 @@ pub struct Prepared {
     fwd: Vec<Operand>,
     /// By parameter: `Bᵀ`, of the input gradient's product (bfloat16 only).
     bwd: Vec<Operand>,
+    /// By parameter: an adapter's `A` and `B` (empty without one).
+    lora: Vec<(Vec<f32>, Vec<f32>)>,
+}
+
+impl Prepared {
+    /// Sets the values of the adapter on parameter `i` (`A [r, k]`, `B [n, r]`), after every
+    /// change of them.
+    pub fn set_adapter(&mut self, i: usize, a: &[f32], b: &[f32]) {
+        if self.lora.len() <= i {
+            self.lora.resize_with(i + 1, Default::default);
+        }
+        let (va, vb) = &mut self.lora[i];
+        va.clear();
+        va.extend_from_slice(a);
+        vb.clear();
+        vb.extend_from_slice(b);
+    }
 }

@@ -286,7 +286,7 @@ impl Pass for Fused4 {
         w: &mut Work,
         g: &mut [Vec<f32>],
     ) {
-        let (c, t, f) = (self.c, w.t, self.ffn);
+        let (c, t) = (self.c, w.t);
         let m = w.bs * t;
         let mc = m * c;
         let pd = &self.prod;
@@ -303,13 +303,13 @@ impl Pass for Fused4 {
             mul(&w.dx, &a.fr, dkv);
             mul(&w.dx, &a.fkv, dr);
             dispatch!(sigmoid_back(&a.fr, dr));
-            pd.lin_dw(dkv, &w.hbuf, m, c, f, &mut g[bk.fv]);
+            pd.lin_dw(pr, bk.fv, dkv, &w.hbuf, m, g);
             pd.mw_dx(dkv, pr, p, bk.fv, m, &mut w.dh, false);
             dispatch!(relu_sq_back(&a.hpre, &mut w.dh));
             let (xk, xr) = w.mixed[..2 * mc].split_at(mc);
-            pd.lin_dw(&w.dh, xk, m, f, c, &mut g[bk.fk]);
+            pd.lin_dw(pr, bk.fk, &w.dh, xk, m, g);
             pd.mw_dx(&w.dh, pr, p, bk.fk, m, &mut w.dmixed[..mc], false);
-            pd.lin_dw(dr, xr, m, c, c, &mut g[bk.fr]);
+            pd.lin_dw(pr, bk.fr, dr, xr, m, g);
             pd.mw_dx(dr, pr, p, bk.fr, m, &mut w.dmixed[mc..2 * mc], false);
             let dm = &w.dmixed[..2 * mc];
             shift_back(&a.xn2, t, &cm, dm, &mut w.dxn, &mut w.small[..2 * c]);
@@ -322,7 +322,7 @@ impl Pass for Fused4 {
                 layer_norm_back(&w.dxn, hat, rstd, lw, &mut w.dx, true, gw, gb);
             }
             // Time mixing: x += (r ⊙ y) W_o, y = wkv(k, v), r = σ(x_r W_r).
-            pd.lin_dw(&w.dx, &a.ry, m, c, c, &mut g[bk.wo]);
+            pd.lin_dw(pr, bk.wo, &w.dx, &a.ry, m, g);
             pd.mw_dx(&w.dx, pr, p, bk.wo, m, &mut w.dxn, false);
             let (k, rest) = a.kvr.split_at(mc);
             let (vv, r) = rest.split_at(mc);
@@ -355,7 +355,7 @@ impl Pass for Fused4 {
                 .enumerate()
             {
                 let x = &w.mixed[k * mc..(k + 1) * mc];
-                pd.lin_dw(d, x, m, c, c, &mut g[wi]);
+                pd.lin_dw(pr, wi, d, x, m, g);
                 pd.mw_dx(d, pr, p, wi, m, &mut w.dmixed[k * mc..(k + 1) * mc], false);
             }
             shift_back(&a.xn1, t, &cm, &w.dmixed, &mut w.dxn, &mut w.small);

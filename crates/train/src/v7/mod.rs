@@ -335,7 +335,7 @@ impl Pass for Fused7 {
         w: &mut Work,
         g: &mut [Vec<f32>],
     ) {
-        let (c, t, f) = (self.c, w.t, self.ffn);
+        let (c, t) = (self.c, w.t);
         let m = w.bs * t;
         let mc = m * c;
         let [rw, ra, rv, rg] = self.ranks;
@@ -348,10 +348,10 @@ impl Pass for Fused7 {
             // Channel mixing.
             shift_fwd(&a.xn2, t, &[p[bk.fmix]], &mut w.xk2);
             dispatch!(relu_sq(&a.hpre, &mut w.hbuf));
-            self.prod.lin_dw(&w.dx, &w.hbuf, m, c, f, &mut g[bk.fv]);
+            self.prod.lin_dw(pr, bk.fv, &w.dx, &w.hbuf, m, g);
             self.prod.mw_dx(&w.dx, pr, p, bk.fv, m, &mut w.dh, false);
             dispatch!(relu_sq_back(&a.hpre, &mut w.dh));
-            self.prod.lin_dw(&w.dh, &w.xk2, m, f, c, &mut g[bk.fk]);
+            self.prod.lin_dw(pr, bk.fk, &w.dh, &w.xk2, m, g);
             self.prod
                 .mw_dx(&w.dh, pr, p, bk.fk, m, &mut w.dmixed[..mc], false);
             shift_back(
@@ -377,7 +377,7 @@ impl Pass for Fused7 {
                 );
             }
             // Time mixing: output projection, then the WKV ops' own backward passes.
-            self.prod.lin_dw(&w.dx, &a.o, m, c, c, &mut g[bk.wo]);
+            self.prod.lin_dw(pr, bk.wo, &w.dx, &a.o, m, g);
             self.prod.mw_dx(&w.dx, pr, p, bk.wo, m, &mut w.dxn, false);
             w.dwp.iter_mut().for_each(|z| *z = 0.0);
             {
@@ -438,9 +438,9 @@ impl Pass for Fused7 {
             let (dm3, rest) = rest.split_at_mut(mc);
             let (dm4, dm5) = rest.split_at_mut(mc);
             // Receptance and key.
-            self.prod.lin_dw(dr, mx(0), m, c, c, &mut g[bk.wr]);
+            self.prod.lin_dw(pr, bk.wr, dr, mx(0), m, g);
             self.prod.mw_dx(dr, pr, p, bk.wr, m, dm0, false);
-            self.prod.lin_dw(dk, mx(2), m, c, c, &mut g[bk.wk]);
+            self.prod.lin_dw(pr, bk.wk, dk, mx(2), m, g);
             self.prod.mw_dx(dk, pr, p, bk.wk, m, dm2, false);
             // Decay logits: w0 + tanh(xw W1) W2.
             col_sums(dw, &mut g[bk.w0]);
@@ -474,13 +474,13 @@ impl Pass for Fused7 {
                     self.prod
                         .mm_db(mx(3), &w.dlo[..m * rv], m, c, rv, &mut g[v1]);
                     self.prod.mw_dx(&w.dlo[..m * rv], pr, p, v1, m, dm3, false);
-                    self.prod.lin_dw(dv, mx(3), m, c, c, &mut g[bk.wv]);
+                    self.prod.lin_dw(pr, bk.wv, dv, mx(3), m, g);
                     self.prod.mw_dx(dv, pr, p, bk.wv, m, dm3, true);
                 }
                 _ => {
                     // The first block's value is also every later block's v_first.
                     add(dv, &w.dvf);
-                    self.prod.lin_dw(dv, mx(3), m, c, c, &mut g[bk.wv]);
+                    self.prod.lin_dw(pr, bk.wv, dv, mx(3), m, g);
                     self.prod.mw_dx(dv, pr, p, bk.wv, m, dm3, false);
                 }
             }
