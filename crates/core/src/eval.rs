@@ -106,9 +106,11 @@ pub fn score(
         Some(ctx) => {
             let ws = windows(tokens.len(), ctx);
             let mut scratch = Scratch::default();
-            // Several windows per call: one batched pass shares the weight reads.
-            const GROUP: usize = 16;
-            for group in ws.chunks(GROUP) {
+            // Several windows per call: one batched pass shares the weight reads. Up to 16,
+            // and no more than 64 M logits at once (256 MB: four windows of 256 tokens of a
+            // 65,536-token vocabulary).
+            let group_len = (64 << 20) / (ctx * v).max(1);
+            for group in ws.chunks(group_len.clamp(1, 16)) {
                 let mut states: Vec<_> = group.iter().map(|_| fresh()).collect();
                 let mut items: Vec<BatchItem> = group
                     .iter()

@@ -39,6 +39,30 @@ pub struct Params {
 impl Params {
     /// Parameters from named tensors (from `init_tensors` or a checkpoint).
     pub fn from_tensors(tensors: Vec<NamedTensor>) -> Result<Params> {
+        Self::build(tensors, &|_| false)
+    }
+
+    /// The tensors of a checkpoint as f32, except those `later` names, which are listed with
+    /// their shapes but no values (frozen weights whose product forms are made from the
+    /// checkpoint one at a time: [`crate::pass::products::Products::prepare_one`]).
+    pub fn from_checkpoint_deferred(
+        ck: &Checkpoint,
+        later: impl Fn(&str) -> bool,
+    ) -> Result<Params> {
+        let mut ts = Vec::new();
+        for name in ck.names() {
+            let meta = ck.get(name).ok_or_else(|| Error::Internal(name.clone()))?;
+            let values = if later(name) {
+                Vec::new()
+            } else {
+                ck.f32_vec(name)?
+            };
+            ts.push((name.clone(), meta.shape.clone(), values));
+        }
+        Self::build(ts, &later)
+    }
+
+    fn build(tensors: Vec<NamedTensor>, later: &dyn Fn(&str) -> bool) -> Result<Params> {
         let shapes: HashMap<&str, &[usize]> = tensors
             .iter()
             .map(|(n, s, _)| (n.as_str(), s.as_slice()))
@@ -57,7 +81,8 @@ impl Params {
             values: Vec::new(),
         };
         for (name, shape, data) in tensors {
-            if shape.iter().product::<usize>() != data.len() {
+            let deferred = data.is_empty() && later(&name);
+            if shape.iter().product::<usize>() != data.len() && !deferred {
                 return Err(Error::Internal(format!(
                     "tensor {name} has {} values for shape {shape:?}",
                     data.len()

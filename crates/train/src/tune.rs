@@ -505,10 +505,21 @@ const PIECE_TOKENS: usize = 192;
 
 impl Tuner {
     fn new(cfg: TuneConfig, ck: &Checkpoint) -> Result<Tuner> {
-        let params = Params::from_checkpoint_keys(ck, |_| true)?;
+        // With bfloat16 products the frozen weights are held only as the products' packed
+        // forms, each made from the checkpoint in turn: no f32 copy of the model.
+        let bf16 = cfg.precision == Precision::Bf16 && rwkv_core::cpu::has_avx512_bf16();
+        let linear = |n: &str| {
+            n != "emb.weight"
+                && n.ends_with(".weight")
+                && ck.get(n).is_some_and(|m| m.shape.len() == 2)
+        };
+        let params = if bf16 {
+            Params::from_checkpoint_deferred(ck, linear)?
+        } else {
+            Params::from_checkpoint_keys(ck, |_| true)?
+        };
         let mut pass = Fused7::new(&params)?;
-        pass.products_mut()
-            .set_bf16(cfg.precision == Precision::Bf16);
+        pass.products_mut().set_bf16(bf16);
         pass.products_mut().set_frozen(true);
         let mut rng = Rng::new(cfg.seed ^ 0x5eed_da7a);
         let d = params.schema().clone();
@@ -581,6 +592,12 @@ impl Tuner {
         let values: Vec<&[f32]> = params.values().iter().map(Vec::as_slice).collect();
         // The weights never change: their forms for the products are made once.
         pass.products().prepare(&values, &mut prepared);
+        for (i, name) in params.names().iter().enumerate() {
+            if params.values()[i].is_empty() {
+                pass.products()
+                    .prepare_one(i, &ck.f32_vec(name)?, &mut prepared);
+            }
+        }
         Ok(Tuner {
             rng,
             cfg,

@@ -64,7 +64,7 @@ impl Products {
         }
         Ok(Products {
             mats,
-            lens: params.values().iter().map(Vec::len).collect(),
+            lens: params.shapes().iter().map(|s| s.iter().product()).collect(),
             bf16: false,
             frozen: false,
             adapters: vec![None; large.len()],
@@ -130,57 +130,79 @@ impl Products {
     pub fn prepare(&self, p: &[&[f32]], out: &mut Prepared) {
         out.fwd.resize_with(p.len(), || Operand::None);
         out.bwd.resize_with(p.len(), || Operand::None);
-        let bf16 = self.bf16;
         let jobs = out.fwd.par_iter_mut().zip(out.bwd.par_iter_mut());
         jobs.enumerate().for_each(|(i, (f, b))| {
-            let Some(m) = &self.mats[i] else {
-                return;
-            };
-            let w = p[i];
-            let (k, n) = (m.k, m.n);
-            // The forward product's B is `[k, n]`: a linear weight `[n, k]` read transposed,
-            // a LoRA matrix as it is; the input gradient's B is its transpose.
-            let (fs, bs) = if m.linear {
-                ((1, k), (k, 1))
-            } else {
-                ((n, 1), (1, n))
-            };
-            if bf16 {
-                for (o, kk, nn, st) in [(&mut *f, k, n, fs), (&mut *b, n, k, bs)] {
-                    match o {
-                        Operand::Bf16(pb) if pb.shape() == (kk, nn) => pb.repack(w, st),
-                        _ => {
-                            if let Some(pb) = PackedB::new(kk, nn, w, st) {
-                                *o = Operand::Bf16(pb);
-                            }
-                        }
-                    }
-                }
-                return;
-            }
-            *b = Operand::None;
-            if !matches!(f, Operand::F32(_)) {
-                *f = Operand::F32(Vec::new());
-            }
-            let Operand::F32(o) = f else {
-                unreachable!("just set")
-            };
-            o.resize(w.len(), 0.0);
-            if !m.linear {
-                o.copy_from_slice(w);
-                return;
-            }
-            // In 16 × 16 blocks, so that both sides stay in the L1 cache.
-            for j0 in (0..n).step_by(16) {
-                for l0 in (0..k).step_by(16) {
-                    for j in j0..(j0 + 16).min(n) {
-                        for l in l0..(l0 + 16).min(k) {
-                            o[l * n + j] = w[j * k + l];
-                        }
-                    }
-                }
+            // A weight not held in memory ([`Products::prepare_one`] made its forms).
+            if !p[i].is_empty() {
+                self.prepare_into(i, p[i], f, b);
             }
         });
+    }
+
+    /// Makes the forms of matrix `i` alone from its values `w` (a frozen weight's, read one
+    /// at a time from the checkpoint so that the f32 values of all of them never exist at
+    /// once: with bfloat16 products the pass then holds only the packed forms).
+    pub fn prepare_one(&self, i: usize, w: &[f32], out: &mut Prepared) {
+        let n = self.lens.len();
+        out.fwd.resize_with(n, || Operand::None);
+        out.bwd.resize_with(n, || Operand::None);
+        let (f, b) = (&mut out.fwd[i], &mut out.bwd[i]);
+        self.prepare_into(i, w, f, b);
+    }
+
+    fn prepare_into(&self, i: usize, w: &[f32], f: &mut Operand, b: &mut Operand) {
+        let Some(m) = &self.mats[i] else {
+            return;
+        };
+        let (k, n) = (m.k, m.n);
+        // The forward product's B is `[k, n]`: a linear weight `[n, k]` read transposed,
+        // a LoRA matrix as it is; the input gradient's B is its transpose.
+        let (fs, bs) = if m.linear {
+            ((1, k), (k, 1))
+        } else {
+            ((n, 1), (1, n))
+        };
+        if self.bf16 {
+            for (o, kk, nn, st) in [(&mut *f, k, n, fs), (&mut *b, n, k, bs)] {
+                match o {
+                    Operand::Bf16(pb) if pb.shape() == (kk, nn) => pb.repack(w, st),
+                    _ => {
+                        if let Some(pb) = PackedB::new(kk, nn, w, st) {
+                            *o = Operand::Bf16(pb);
+                        }
+                    }
+                }
+            }
+            return;
+        }
+        *b = Operand::None;
+        if !matches!(f, Operand::F32(_)) {
+            *f = Operand::F32(Vec::new());
+        }
+        let Operand::F32(o) = f else {
+            unreachable!("just set")
+        };
+        o.resize(w.len(), 0.0);
+        if !m.linear {
+            o.copy_from_slice(w);
+            return;
+        }
+        // In 16 × 16 blocks, so that both sides stay in the L1 cache.
+        for j0 in (0..n).step_by(16) {
+            for l0 in (0..k).step_by(16) {
+                for j in j0..(j0 + 16).min(n) {
+                    for l in l0..(l0 + 16).min(k) {
+                        o[l * n + j] = w[j * k + l];
+                    }
+                }
+            }
+        }
+    }
+
+    /// Whether matrix `i` can be left out of memory once prepared: frozen, and read by both
+    /// products in its bfloat16 forms only.
+    pub fn holds_forms_only(&self, i: usize) -> bool {
+        self.frozen && self.bf16 && self.mats.get(i).is_some_and(|m| m.is_some())
     }
 
     /// Zeroed gradient buffers, one per parameter: empty for the frozen ones, `dA` then `dB`
@@ -232,7 +254,8 @@ impl Products {
                 None if self.frozen && self.large[i] => 0,
                 None => self.lens[i],
             };
-            if a.len() != self.lens[i] || b.len() != want {
+            let held = a.len() == self.lens[i] || (a.is_empty() && self.holds_forms_only(i));
+            if !held || b.len() != want {
                 return Err(Error::Internal(format!("parameter {i} changed size")));
             }
         }
