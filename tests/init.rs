@@ -101,3 +101,33 @@ fn init_is_reproducible_and_seeded() {
     )
     .is_err());
 }
+
+/// `--fast` keeps every tensor, shape and non-orthogonal value of the official initialisation
+/// and replaces each orthogonal matrix by Gaussian values of the same scale.
+#[test]
+fn fast_init_keeps_the_tensors_and_the_scale() {
+    use rwkv::init::init_tensors_with;
+    let spec = InitSpec {
+        arch: Generation::V7,
+        n_layer: 2,
+        n_embd: 128,
+        vocab: 300,
+        head_size: 64,
+        seed: 1,
+    };
+    let exact = init_tensors_with(&spec, false).unwrap();
+    let fast = init_tensors_with(&spec, true).unwrap();
+    assert_eq!(exact.len(), fast.len());
+    let rms = |v: &[f32]| (v.iter().map(|x| (x * x) as f64).sum::<f64>() / v.len() as f64).sqrt();
+    let mut replaced = 0;
+    for ((n, s, a), (n2, s2, b)) in exact.iter().zip(&fast) {
+        assert_eq!((n, s), (n2, s2));
+        if a != b {
+            // An orthogonal matrix (or one drawn after one): same scale within 5 %.
+            let (ra, rb) = (rms(a), rms(b));
+            assert!((ra - rb).abs() < 0.05 * ra, "{n}: rms {ra} vs {rb}");
+            replaced += 1;
+        }
+    }
+    assert!(replaced >= 8, "{replaced} matrices differ");
+}
