@@ -513,6 +513,44 @@ fn tuned_loras_lower_the_loss_and_load_with_lora() {
     );
 }
 
+/// A quantized model (`rwkv convert --quant int8|q4`) tunes with its weights as stored: the
+/// forward products on the integer kernels, the input gradient through the dequantized rows;
+/// its tuned LoRA loads with `--lora` on the same quantized file.
+#[test]
+fn quantized_models_tune_as_stored() {
+    let d = tmpdir("tune-quant");
+    let (jsonl, txt) = speeches(&d);
+    let builtin = rwkv::default_model().unwrap();
+    for q in ["int8", "q4"] {
+        let qm = d.join(format!("{q}.safetensors"));
+        ok(&[
+            "convert",
+            builtin.to_str().unwrap(),
+            qm.to_str().unwrap(),
+            "--quant",
+            q,
+        ]);
+        let m = qm.to_str().unwrap();
+        let (before, after) = tune_losses(&tune(
+            &jsonl,
+            &d.join(format!("s-{q}")),
+            &["--model", m, "--steps", "8"],
+        ));
+        assert!(after < before - 0.005, "{q} state: {before} -> {after}");
+        let out = d.join(format!("l-{q}"));
+        let lora = [
+            "--model", m, "--method", "lora", "--rank", "4", "--alpha", "8", "--steps", "4",
+        ];
+        let (_, after) = tune_losses(&tune(&txt, &out, &lora));
+        let spec = format!("{}:8", out.join("lora.pth").display());
+        let eval_loss = held_out_eval(&txt, &["--model", m, "--lora", &spec]);
+        assert!(
+            (eval_loss - after).abs() < 1e-4,
+            "{q}: eval {eval_loss} vs tune {after}"
+        );
+    }
+}
+
 /// A tuning run stopped and resumed ends exactly where an uninterrupted one does (state and
 /// LoRA).
 #[test]

@@ -45,19 +45,36 @@ impl Params {
     /// The tensors of a checkpoint as f32, except those `later` names, which are listed with
     /// their shapes but no values (frozen weights whose product forms are made from the
     /// checkpoint one at a time: [`crate::pass::products::Products::prepare_one`]).
+    ///
+    /// A quantized checkpoint's matrices (`rwkv convert --quant`, GGUF Q8_0/Q4_0) are listed with
+    /// their unpacked shapes (their `.scales` tensors with them); a quantized embedding is
+    /// dequantized.
     pub fn from_checkpoint_deferred(
         ck: &Checkpoint,
         later: impl Fn(&str) -> bool,
     ) -> Result<Params> {
+        use rwkv_core::tensor::DType;
         let mut ts = Vec::new();
         for name in ck.names() {
+            if name.ends_with(".scales") {
+                continue;
+            }
             let meta = ck.get(name).ok_or_else(|| Error::Internal(name.clone()))?;
+            let mut shape = meta.shape.clone();
+            if meta.dtype == DType::U8 && shape.len() == 2 {
+                shape[1] *= 2;
+            }
             let values = if later(name) {
                 Vec::new()
+            } else if let [rows, cols] = shape[..] {
+                match ck.quantized_matrix(name, rows, cols)? {
+                    Some(q) => q.to_f32(),
+                    None => ck.f32_vec(name)?,
+                }
             } else {
                 ck.f32_vec(name)?
             };
-            ts.push((name.clone(), meta.shape.clone(), values));
+            ts.push((name.clone(), shape, values));
         }
         Self::build(ts, &later)
     }

@@ -26,6 +26,7 @@ use rwkv_core::checkpoint::{write_safetensors, Checkpoint, Generation, OutTensor
 use rwkv_core::error::{Error, Result};
 use rwkv_core::init::Rng;
 use rwkv_core::model::{Logits, Model, Slot as StateSlot, State};
+use rwkv_core::tensor::{DType, Layout, Matrix};
 use rwkv_core::tokenizer::Tokenizer;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -505,19 +506,21 @@ const PIECE_TOKENS: usize = 192;
 
 impl Tuner {
     fn new(cfg: TuneConfig, ck: &Checkpoint) -> Result<Tuner> {
-        // With bfloat16 products the frozen weights are held only as the products' packed
-        // forms, each made from the checkpoint in turn: no f32 copy of the model.
-        let bf16 = cfg.precision == Precision::Bf16 && rwkv_core::cpu::has_avx512_bf16();
+        // The frozen linear weights are never held in f32: with bfloat16 products (a float
+        // file on a CPU with AVX512-BF16) as the products' packed forms, each made from the
+        // checkpoint in turn; otherwise as stored (memory-mapped; quantized files too).
+        let quantized = ck.names().iter().any(|n| {
+            ck.get(n)
+                .is_some_and(|m| matches!(m.dtype, DType::I8 | DType::U8))
+        });
+        let bf16 =
+            cfg.precision == Precision::Bf16 && rwkv_core::cpu::has_avx512_bf16() && !quantized;
         let linear = |n: &str| {
             n != "emb.weight"
                 && n.ends_with(".weight")
                 && ck.get(n).is_some_and(|m| m.shape.len() == 2)
         };
-        let params = if bf16 {
-            Params::from_checkpoint_deferred(ck, linear)?
-        } else {
-            Params::from_checkpoint_keys(ck, |_| true)?
-        };
+        let params = Params::from_checkpoint_deferred(ck, linear)?;
         let mut pass = Fused7::new(&params)?;
         pass.products_mut().set_bf16(bf16);
         pass.products_mut().set_frozen(true);
@@ -593,9 +596,27 @@ impl Tuner {
         // The weights never change: their forms for the products are made once.
         pass.products().prepare(&values, &mut prepared);
         for (i, name) in params.names().iter().enumerate() {
-            if params.values()[i].is_empty() {
+            if !params.values()[i].is_empty() {
+                continue;
+            }
+            let [n_out, n_in] = params.shapes()[i][..] else {
+                return Err(Error::Internal(format!("{name} is not a matrix")));
+            };
+            if bf16 {
                 pass.products()
                     .prepare_one(i, &ck.f32_vec(name)?, &mut prepared);
+            } else {
+                let data = match ck.quantized_matrix(name, n_out, n_in)? {
+                    Some(q) => q,
+                    None => ck.float_tensor(name)?,
+                };
+                let w = Matrix {
+                    n_in,
+                    n_out,
+                    layout: Layout::OutIn,
+                    data,
+                };
+                pass.products().prepare_stored(i, w, &mut prepared)?;
             }
         }
         Ok(Tuner {
@@ -988,16 +1009,44 @@ mod tests {
     }
 
     /// Loss (mean over the trained targets) of the pass on the fixture model from `s0`, and
-    /// the state's gradient.
-    fn pass_loss(s0: &[f32], inp: &[u32], tgt: &[u32], ctx: usize) -> (f64, Vec<f32>) {
+    /// the state's gradient; with `stored`, the linear weights run as stored (the f32 values
+    /// of the others only).
+    fn pass_loss(
+        s0: &[f32],
+        inp: &[u32],
+        tgt: &[u32],
+        ctx: usize,
+        stored: bool,
+    ) -> (f64, Vec<f32>) {
         let ck = Checkpoint::open(fixture("v7/model.safetensors")).unwrap();
-        let params = Params::from_checkpoint_keys(&ck, |_| true).unwrap();
+        let linear = |n: &str| {
+            n != "emb.weight" && n.ends_with(".weight") && ck.get(n).unwrap().shape.len() == 2
+        };
+        let params = if stored {
+            Params::from_checkpoint_deferred(&ck, linear).unwrap()
+        } else {
+            Params::from_checkpoint_keys(&ck, |_| true).unwrap()
+        };
         let mut pass = Fused7::new(&params).unwrap();
         pass.products_mut().set_bf16(false);
         pass.products_mut().set_frozen(true);
         let values: Vec<&[f32]> = params.values().iter().map(Vec::as_slice).collect();
         let mut pr = Prepared::default();
         pass.products().prepare(&values, &mut pr);
+        for (i, name) in params.names().iter().enumerate() {
+            if values[i].is_empty() {
+                let [n_out, n_in] = params.shapes()[i][..] else {
+                    panic!()
+                };
+                let w = Matrix {
+                    n_in,
+                    n_out,
+                    layout: Layout::OutIn,
+                    data: ck.float_tensor(name).unwrap(),
+                };
+                pass.products().prepare_stored(i, w, &mut pr).unwrap();
+            }
+        }
         let b = inp.len() / ctx;
         let mut w = pass.work(b, ctx);
         w.start_from(s0, true);
@@ -1027,7 +1076,21 @@ mod tests {
         for t in tgt.iter_mut().step_by(3) {
             *t = IGNORE;
         }
-        let (loss, grad) = pass_loss(&s0, &inp, &tgt, ctx);
+        let (loss, grad) = pass_loss(&s0, &inp, &tgt, ctx, false);
+        // The weights as stored (bf16, read in place and widened block by block) give the
+        // same loss and gradient.
+        let (sl, sg) = pass_loss(&s0, &inp, &tgt, ctx, true);
+        assert!((sl - loss).abs() < 1e-5, "stored {sl} vs {loss}");
+        let gmax = grad.iter().fold(0f32, |m, x| m.max(x.abs()));
+        let gerr = grad
+            .iter()
+            .zip(&sg)
+            .fold(0f32, |m, (a, b)| m.max((a - b).abs()))
+            / gmax;
+        assert!(
+            gerr < 1e-4,
+            "stored weights: gradient off by {gerr:e} of the largest"
+        );
         // The same loss from the inference engine, window by window from the state.
         let engine_loss = |s: &[f32]| -> f64 {
             let st = state_of(&model, s);

@@ -79,11 +79,14 @@ pub fn merge_lora(
         let b = lora
             .meta(&bname)
             .map_err(|_| Error::bad(format!("{lw}: {name} has no {bname}")))?;
-        let (out, inp) = match base.shape[..] {
-            [o, i] if matches!(base.dtype, DType::F32 | DType::F16 | DType::BF16) => (o, i),
+        // A quantized matrix (int8, q4: two values per byte) is merged into its dequantized
+        // values, and stays f32.
+        let (out, inp) = match (&base.shape[..], base.dtype) {
+            (&[o, i], DType::F32 | DType::F16 | DType::BF16 | DType::I8) => (o, i),
+            (&[o, i], DType::U8) => (o, 2 * i),
             _ => {
                 return Err(Error::bad(format!(
-                    "{lw}: {target} is {} {:?}; a LoRA merges into a float matrix",
+                    "{lw}: {target} is {} {:?}; a LoRA merges into a float or quantized matrix",
                     base.dtype, base.shape
                 )))
             }
@@ -96,7 +99,15 @@ pub fn merge_lora(
             )));
         }
         let (a, bv) = (lora.f32_vec(name)?, lora.f32_vec(&bname)?);
-        let mut w = ck.f32_vec(&target)?;
+        let mut w = match ck.quantized_matrix(&target, out, inp)? {
+            Some(q) => {
+                let scales = format!("{target}.scales");
+                ck.tensors.remove(&scales);
+                ck.order.retain(|n| *n != scales);
+                q.to_f32()
+            }
+            None => ck.f32_vec(&target)?,
+        };
         let scale = alpha / r as f32;
         for o in 0..out {
             let row = &mut w[o * inp..(o + 1) * inp];
@@ -110,7 +121,7 @@ pub fn merge_lora(
         put(
             ck,
             &target,
-            base.shape.clone(),
+            vec![out, inp],
             &w,
             narrow.then_some(base.dtype),
         );

@@ -8,7 +8,7 @@ use rayon::prelude::*;
 use rwkv_core::error::{Error, Result};
 use rwkv_core::kernels::sgemm::{gemm, gemm_bf16, gemm_bf16_packed, PackedB};
 use rwkv_core::schema::{self, Role};
-use rwkv_core::tensor::Layout;
+use rwkv_core::tensor::{Layout, Matrix};
 
 /// The matrix parameters of one model and the precision its products run in.
 pub struct Products {
@@ -199,10 +199,36 @@ impl Products {
         }
     }
 
-    /// Whether matrix `i` can be left out of memory once prepared: frozen, and read by both
-    /// products in its bfloat16 forms only.
-    pub fn holds_forms_only(&self, i: usize) -> bool {
-        self.frozen && self.bf16 && self.mats.get(i).is_some_and(|m| m.is_some())
+    /// Whether frozen matrix `i` is read by both products through its prepared forms only
+    /// (its bfloat16 packs, or the stored weights), so that its f32 values need not exist.
+    pub fn holds_forms_only(&self, i: usize, pr: &Prepared) -> bool {
+        let forms = matches!(
+            (pr.fwd.get(i), pr.bwd.get(i)),
+            (Some(Operand::Stored(_)), _) | (Some(Operand::Bf16(_)), Some(Operand::Bf16(_)))
+        );
+        self.frozen && forms
+    }
+
+    /// Makes frozen linear weight `i`'s forms its stored values `w` (`[out, in]`, any weight
+    /// format, memory-mapped where the file allows): the forward product runs the inference
+    /// kernels on them (int8 and q4 quantize the activations, as at inference), the input
+    /// gradient widens them to f32 a block of rows at a time. Memory is the file's.
+    pub fn prepare_stored(&self, i: usize, w: Matrix, out: &mut Prepared) -> Result<()> {
+        match self.mats.get(i) {
+            Some(Some(m)) if m.linear && (w.n_in, w.n_out) == (m.k, m.n) => {}
+            _ => {
+                return Err(Error::Internal(format!(
+                    "parameter {i} is not a [{}, {}] linear weight",
+                    w.n_out, w.n_in
+                )))
+            }
+        }
+        let n = self.lens.len();
+        out.fwd.resize_with(n, || Operand::None);
+        out.bwd.resize_with(n, || Operand::None);
+        out.fwd[i] = Operand::Stored(w);
+        out.bwd[i] = Operand::None;
+        Ok(())
     }
 
     /// Zeroed gradient buffers, one per parameter: empty for the frozen ones, `dA` then `dB`
@@ -233,6 +259,9 @@ impl Products {
                 (Operand::Bf16(f), Operand::Bf16(b)) => {
                     self.bf16 && f.shape() == (m.k, m.n) && b.shape() == (m.n, m.k)
                 }
+                (Operand::Stored(w), _) => {
+                    self.frozen && m.linear && (w.n_in, w.n_out) == (m.k, m.n)
+                }
                 _ => false,
             };
             if !ok {
@@ -254,7 +283,7 @@ impl Products {
                 None if self.frozen && self.large[i] => 0,
                 None => self.lens[i],
             };
-            let held = a.len() == self.lens[i] || (a.is_empty() && self.holds_forms_only(i));
+            let held = a.len() == self.lens[i] || (a.is_empty() && self.holds_forms_only(i, pr));
             if !held || b.len() != want {
                 return Err(Error::Internal(format!("parameter {i} changed size")));
             }
@@ -314,6 +343,19 @@ impl Products {
                 }
             }
             Operand::Bf16(b) => gemm_bf16_packed(m, y, acc, x, (k, 1), b, then),
+            Operand::Stored(w) => {
+                let y = &mut y[..m * n];
+                if acc {
+                    let mut t = vec![0f32; m * n];
+                    rwkv_core::kernels::matmul(w, &x[..m * k], m, &mut t);
+                    y.iter_mut().zip(&t).for_each(|(a, b)| *a += b);
+                } else {
+                    rwkv_core::kernels::matmul(w, &x[..m * k], m, y);
+                }
+                if let Some(f) = then {
+                    f(y);
+                }
+            }
             Operand::None => unreachable!("checked by Products::check"),
         }
         if let Some(ad) = self.adapter(i) {
@@ -345,8 +387,30 @@ impl Products {
         let Some(Mat { k, n, linear }) = self.mats[i] else {
             unreachable!("parameter {i} is not a matrix")
         };
-        match &pr.bwd[i] {
-            Operand::Bf16(b) => gemm_bf16_packed(m, dx, acc, dy, (n, 1), b, None),
+        match (&pr.bwd[i], &pr.fwd[i]) {
+            (Operand::Bf16(b), _) => gemm_bf16_packed(m, dx, acc, dy, (n, 1), b, None),
+            // dx += dy·W over blocks of W's rows, each widened to f32 as it is used.
+            (_, Operand::Stored(w)) => {
+                const ROWS: usize = 64;
+                let mut block = vec![0f32; ROWS.min(n) * k];
+                for (bi, o0) in (0..n).step_by(ROWS).enumerate() {
+                    let o1 = (o0 + ROWS).min(n);
+                    let wb = &mut block[..(o1 - o0) * k];
+                    w.data.read_into(o0 * k, wb);
+                    let first = bi == 0;
+                    gemm(
+                        m,
+                        k,
+                        o1 - o0,
+                        dx,
+                        acc || !first,
+                        &dy[o0..],
+                        (n, 1),
+                        wb,
+                        (k, 1),
+                    );
+                }
+            }
             // A linear weight is `[n, k]` (Bᵀ row-major), a LoRA matrix `[k, n]`.
             _ if linear => gemm(m, k, n, dx, acc, dy, (n, 1), p[i], (k, 1)),
             _ => gemm(m, k, n, dx, acc, dy, (n, 1), p[i], (1, n)),
@@ -432,6 +496,8 @@ pub enum Operand {
     F32(Vec<f32>),
     /// Packed bfloat16 pairs.
     Bf16(PackedB),
+    /// A frozen linear weight as stored (`[out, in]`; [`Products::prepare_stored`]).
+    Stored(Matrix),
 }
 
 /// The weights in the forms the products read ([`Products::prepare`]), remade once per
