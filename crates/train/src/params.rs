@@ -44,7 +44,7 @@ impl Params {
 
     /// The tensors of a checkpoint as f32, except those `later` names, which are listed with
     /// their shapes but no values (frozen weights whose product forms are made from the
-    /// checkpoint one at a time: [`crate::pass::products::Products::prepare_one`]).
+    /// checkpoint: [`crate::pass::products::Products::prepare_stored`]).
     ///
     /// A quantized checkpoint's matrices (`rwkv convert --quant`, GGUF Q8_0/Q4_0) are listed with
     /// their unpacked shapes (their `.scales` tensors with them); a quantized embedding is

@@ -132,22 +132,11 @@ impl Products {
         out.bwd.resize_with(p.len(), || Operand::None);
         let jobs = out.fwd.par_iter_mut().zip(out.bwd.par_iter_mut());
         jobs.enumerate().for_each(|(i, (f, b))| {
-            // A weight not held in memory ([`Products::prepare_one`] made its forms).
+            // A weight not held in memory ([`Products::prepare_stored`] made its form).
             if !p[i].is_empty() {
                 self.prepare_into(i, p[i], f, b);
             }
         });
-    }
-
-    /// Makes the forms of matrix `i` alone from its values `w` (a frozen weight's, read one
-    /// at a time from the checkpoint so that the f32 values of all of them never exist at
-    /// once: with bfloat16 products the pass then holds only the packed forms).
-    pub fn prepare_one(&self, i: usize, w: &[f32], out: &mut Prepared) {
-        let n = self.lens.len();
-        out.fwd.resize_with(n, || Operand::None);
-        out.bwd.resize_with(n, || Operand::None);
-        let (f, b) = (&mut out.fwd[i], &mut out.bwd[i]);
-        self.prepare_into(i, w, f, b);
     }
 
     fn prepare_into(&self, i: usize, w: &[f32], f: &mut Operand, b: &mut Operand) {
@@ -200,7 +189,7 @@ impl Products {
     }
 
     /// Whether frozen matrix `i` is read by both products through its prepared forms only
-    /// (its bfloat16 packs, or the stored weights), so that its f32 values need not exist.
+    /// (the stored weights, or bfloat16 packs), so that its f32 values need not exist.
     pub fn holds_forms_only(&self, i: usize, pr: &Prepared) -> bool {
         let forms = matches!(
             (pr.fwd.get(i), pr.bwd.get(i)),
