@@ -888,7 +888,8 @@ struct TuneArgs {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     log_every: Option<u64>,
-    /// bf16 or f32 products [default: bf16].
+    /// bf16 or f32 products over the model's small LoRA matrices (the frozen linear weights
+    /// always run as stored) [default: bf16].
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     precision: Option<String>,

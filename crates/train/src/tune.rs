@@ -103,7 +103,9 @@ pub struct TuneConfig {
     pub eval_every: u64,
     /// Steps between metric lines.
     pub log_every: u64,
-    /// `bf16` products (on CPUs with AVX512-BF16) or `f32`.
+    /// `bf16`: the products over the model's small `[in, out]` matrices (its decay, in-context
+    /// rate, value and gate LoRAs) take bfloat16 inputs on CPUs with AVX512-BF16; `f32`. The
+    /// frozen linear weights always run as stored.
     pub precision: Precision,
 }
 
