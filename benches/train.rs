@@ -94,6 +94,7 @@ fn main() {
             n_embd: c,
             vocab: v,
             head_size: 32,
+            positions: 0,
             seed: 1,
         };
         // Random values everywhere (the initial zero projections would make parts of it

@@ -80,6 +80,10 @@ enum Cmd {
     /// initial WKV state, written as a state file and as RWKV-PEFT's time_state) or LoRA
     /// (RWKV-PEFT's lora_A/lora_B file).
     Tune(TuneArgs),
+    /// Measure one of the seed's claims about RWKV and draw it: gen-time (time and memory
+    /// per token against the position, RWKV-7 against a Transformer) or decay (each layer's
+    /// and head's time horizon).
+    Experiment(ExperimentArgs),
     /// Score a model on a text: loss, perplexity and bits per byte (parallel mode).
     Eval(EvalArgs),
     /// Measure prompt and generation speed, bandwidth use and memory.
@@ -221,6 +225,8 @@ enum Arch {
     V5,
     V6,
     V7,
+    /// The Transformer baseline (nanoGPT's architecture).
+    Gpt,
 }
 
 #[derive(Args)]
@@ -237,9 +243,12 @@ struct InitArgs {
     /// Vocabulary size.
     #[arg(long)]
     vocab: usize,
-    /// Head size (v5, v6, v7).
+    /// Head size (v5, v6, v7, gpt).
     #[arg(long, default_value_t = 64)]
     head_size: usize,
+    /// The Transformer's learned positions, the most tokens it reads (gpt only).
+    #[arg(long, default_value_t = 1024)]
+    ctx: usize,
     /// Random seed.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -534,20 +543,25 @@ fn init(a: InitArgs) -> Result<()> {
             Arch::V5 => rwkv::checkpoint::Generation::V5_2,
             Arch::V6 => rwkv::checkpoint::Generation::V6_0,
             Arch::V7 => rwkv::checkpoint::Generation::V7,
+            Arch::Gpt => rwkv::checkpoint::Generation::Gpt,
         },
         n_layer: a.layers,
         n_embd: a.dim,
         vocab: a.vocab,
         head_size: a.head_size,
+        positions: a.ctx,
         seed: a.seed,
     };
     rwkv::init::write_init_with(&spec, &a.out, out_dtype(a.dtype), a.fast)?;
     let ck = Checkpoint::open(&a.out)?;
     let info = detect(&ck)?;
     eprintln!(
-        "wrote {} (RWKV {}, {} layers, width {}, vocab {}, {:.2} M parameters)",
+        "wrote {} ({}, {} layers, width {}, vocab {}, {:.2} M parameters)",
         a.out.display(),
-        info.generation,
+        match info.generation {
+            rwkv::checkpoint::Generation::Gpt => "the Transformer baseline".to_string(),
+            g => format!("RWKV {g}"),
+        },
         info.n_layer,
         info.n_embd,
         info.vocab_size,
@@ -637,6 +651,7 @@ fn main() -> ExitCode {
         Cmd::Init(a) => init(a),
         Cmd::Train(a) => train(a),
         Cmd::Tune(a) => tune(a),
+        Cmd::Experiment(a) => experiment(a),
         Cmd::Eval(a) => eval(a),
         Cmd::Bench(a) => bench(a),
         Cmd::Serve(a) => rwkv::server::serve(a),
@@ -677,7 +692,8 @@ struct TrainArgs {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     val_data: Option<PathBuf>,
-    /// v7 or v4 [default: v7].
+    /// v7, v4 or gpt: the Transformer baseline, nanoGPT's architecture, with nanoGPT's
+    /// recipe's lr 1e-3 to 1e-4 and no L2Wrap unless given [default: v7].
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     arch: Option<String>,
@@ -689,7 +705,7 @@ struct TrainArgs {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     dim: Option<usize>,
-    /// Head size (v7) [default: 32].
+    /// Head size (v7, gpt) [default: 32].
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     head_size: Option<usize>,
@@ -776,11 +792,52 @@ struct TrainArgs {
     precision: Option<String>,
 }
 
+/// `rwkv experiment` flags.
+#[derive(Args)]
+struct ExperimentArgs {
+    /// The experiment: gen-time or decay.
+    name: String,
+    /// A reduced run of seconds instead of minutes.
+    #[arg(long)]
+    quick: bool,
+    /// Directory for its JSON, plots and models [default: experiments/NAME].
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// A checkpoint to analyse (decay; repeatable) [default: the built-in model and one the
+    /// experiment trains at a longer context].
+    #[arg(long)]
+    model: Vec<PathBuf>,
+    /// The text models are trained and measured on.
+    #[arg(long, default_value = "data/tinyshakespeare.txt")]
+    data: PathBuf,
+    /// Threads (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+}
+
+fn experiment(a: ExperimentArgs) -> Result<()> {
+    rwkv::kernels::set_threads(a.threads)?;
+    let cfg = rwkv::train::experiment::ExperimentConfig {
+        out: a
+            .out
+            .unwrap_or_else(|| PathBuf::from("experiments").join(&a.name)),
+        name: a.name,
+        quick: a.quick,
+        models: a.model,
+        data: a.data,
+    };
+    print!("{}", rwkv::train::experiment::run(&cfg)?);
+    Ok(())
+}
+
 fn train(a: TrainArgs) -> Result<()> {
     use rwkv::train::TrainConfig;
     let c = match &a.config {
         Some(p) => TrainConfig::from_toml(p)?,
-        None => TrainConfig::default(),
+        None => match &a.arch {
+            Some(arch) => TrainConfig::for_arch(arch.parse()?),
+            None => TrainConfig::default(),
+        },
     };
     let given = serde_json::to_value(&a).map_err(|e| Error::Internal(e.to_string()))?;
     let c = c.with_overrides(given)?;

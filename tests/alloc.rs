@@ -42,6 +42,7 @@ fn step_and_sample_allocate_nothing() {
         n_embd: 512,
         vocab: 300,
         head_size: 64,
+        positions: 0,
         seed: 1,
     };
     write_init(&spec, &wide, DType::BF16).unwrap();

@@ -25,6 +25,7 @@ fn init_matches_official_key_order_and_shapes() {
             n_embd: 128,
             vocab: 300,
             head_size: 64,
+            positions: 0,
             seed: 1,
         };
         let p = dir.join(format!("{gen}.safetensors"));
@@ -75,6 +76,7 @@ fn init_is_reproducible_and_seeded() {
         n_embd: 64,
         vocab: 50,
         head_size: 32,
+        positions: 0,
         seed,
     };
     let (a, b, c) = (
@@ -113,6 +115,7 @@ fn fast_init_keeps_the_tensors_and_the_scale() {
         n_embd: 128,
         vocab: 300,
         head_size: 64,
+        positions: 0,
         seed: 1,
     };
     let exact = init_tensors_with(&spec, false).unwrap();

@@ -9,34 +9,8 @@ use rwkv::checkpoint::Checkpoint;
 use rwkv::model::{Logits, Model};
 use rwkv::train::TrainModel;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
-fn rwkv(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_rwkv"))
-        .args(args)
-        .env("RAYON_NUM_THREADS", "2")
-        .output()
-        .unwrap()
-}
-
-fn ok(args: &[&str]) -> String {
-    let o = rwkv(args);
-    assert!(
-        o.status.success(),
-        "rwkv {args:?} failed: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-/// A command that must fail with exit code 2; returns the last line of stderr.
-fn bad(args: &[&str]) -> String {
-    let o = rwkv(args);
-    let err = String::from_utf8_lossy(&o.stderr).to_string();
-    assert_eq!(o.status.code(), Some(2), "rwkv {args:?}: {err}");
-    assert!(!err.contains("panicked"), "{err}");
-    err.trim_end().lines().last().unwrap_or("").to_string()
-}
+use common::{rwkv_bad as bad, rwkv_ok as ok};
 
 /// The first 24 kB of tiny Shakespeare.
 fn corpus(dir: &Path) -> PathBuf {
@@ -140,6 +114,100 @@ fn trained_checkpoint_matches(arch: &str) {
         "1",
     ]);
     assert!(!text.is_empty());
+}
+
+/// The Transformer baseline trains through the same command, reports the engine's
+/// validation loss (what `rwkv eval --ctx` gives), resumes exactly, generates past its
+/// positions and refuses a window its positions do not hold.
+#[test]
+fn the_transformer_baseline_trains_evaluates_and_resumes() {
+    let d = tmpdir("train-gpt");
+    let data = corpus(&d);
+    let (a, b) = (d.join("straight"), d.join("interrupted"));
+    let gpt = ["--arch", "gpt", "--steps", "6", "--save-every", "2"];
+    let summary = train(&data, &a, &gpt);
+    let val: f64 = summary
+        .split("validation loss ")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("{summary}"));
+    let model = a.join("model.safetensors");
+    let m = model.to_str().unwrap();
+    let info = ok(&["info", m]);
+    assert!(
+        info.contains("Transformer baseline") && info.contains("context     16"),
+        "{info}"
+    );
+    let eval = ok(&[
+        "eval",
+        "--model",
+        m,
+        "--data",
+        data.to_str().unwrap(),
+        "--val-fraction",
+        "0.1",
+        "--ctx",
+        "16",
+    ]);
+    let got: f64 = eval
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap();
+    assert!((got - val).abs() < 1e-4, "eval {got} vs training's {val}");
+    // The recipe's settings for the Transformer: nanoGPT's lr and no L2Wrap, unless given.
+    let cfg = std::fs::read_to_string(a.join("config.toml")).unwrap();
+    assert!(
+        cfg.contains("arch = \"gpt\"") && cfg.contains("l2wrap = 0.0"),
+        "{cfg}"
+    );
+    let mut stop = gpt.to_vec();
+    stop.extend(["--stop-at", "3"]);
+    train(&data, &b, &stop);
+    let mut resume = gpt.to_vec();
+    resume.push("--resume");
+    train(&data, &b, &resume);
+    assert!(
+        std::fs::read(&model).unwrap() == std::fs::read(b.join("model.safetensors")).unwrap(),
+        "resumed Transformer differs from the uninterrupted run"
+    );
+    let text = ok(&[
+        "generate",
+        "--model",
+        m,
+        "--prompt",
+        "ROMEO:",
+        "--max-tokens",
+        "40",
+        "--seed",
+        "1",
+    ]);
+    assert!(!text.is_empty());
+    let e = bad(&[
+        "eval",
+        "--model",
+        m,
+        "--data",
+        data.to_str().unwrap(),
+        "--ctx",
+        "32",
+    ]);
+    assert!(e.contains("context of 16 positions"), "{e}");
+    let e = bad(&[
+        "train",
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        d.join("x").to_str().unwrap(),
+        "--arch",
+        "gpt",
+        "--dim",
+        "32",
+        "--head-size",
+        "12",
+    ]);
+    assert!(e.contains("head-size 12"), "{e}");
 }
 
 #[test]

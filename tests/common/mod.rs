@@ -167,3 +167,36 @@ pub fn rewrite(
     edit(&mut ts);
     rwkv::checkpoint::write_safetensors(dst, &ts, &Default::default()).unwrap();
 }
+
+/// Runs the `rwkv` binary on two threads.
+#[allow(dead_code)]
+pub fn rwkv_run(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_rwkv"))
+        .args(args)
+        .env("RAYON_NUM_THREADS", "2")
+        .output()
+        .unwrap()
+}
+
+/// Runs `rwkv` and returns its stdout, failing the test if it fails.
+#[allow(dead_code)]
+pub fn rwkv_ok(args: &[&str]) -> String {
+    let o = rwkv_run(args);
+    assert!(
+        o.status.success(),
+        "rwkv {args:?} failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// Runs a command that must fail with exit code 2 and no panic; returns the last line of
+/// stderr.
+#[allow(dead_code)]
+pub fn rwkv_bad(args: &[&str]) -> String {
+    let o = rwkv_run(args);
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    assert_eq!(o.status.code(), Some(2), "rwkv {args:?}: {err}");
+    assert!(!err.contains("panicked"), "{err}");
+    err.trim_end().lines().last().unwrap_or("").to_string()
+}

@@ -21,10 +21,35 @@ pub struct InitSpec {
     pub n_embd: usize,
     /// Vocabulary size.
     pub vocab: usize,
-    /// Head size (v5.2, v6.0, v7).
+    /// Head size (v5.2, v6.0, v7, the Transformer).
     pub head_size: usize,
+    /// The Transformer's learned positions (its context); unused by RWKV.
+    pub positions: usize,
     /// Random seed.
     pub seed: u64,
+}
+
+impl InitSpec {
+    /// The dimensions of the model this makes.
+    pub fn dims(&self) -> Result<Dims> {
+        let d = Dims::new(
+            self.arch,
+            self.n_layer,
+            self.n_embd,
+            self.head_size,
+            self.vocab,
+        )?;
+        if self.arch == Generation::Gpt && self.positions == 0 {
+            return Err(Error::bad(
+                "the Transformer needs at least one position (ctx)",
+            ));
+        }
+        Ok(d.with_positions(if self.arch == Generation::Gpt {
+            self.positions
+        } else {
+            0
+        }))
+    }
 }
 
 /// A small, seedable generator (SplitMix64) with uniform and normal draws.
@@ -157,6 +182,7 @@ impl Init {
                 };
                 orthogonal(rows, cols, *gain, rng)
             }
+            Init::Normal(std) => (0..n).map(|_| (rng.normal() * std) as f32).collect(),
         }
     }
 }
@@ -171,13 +197,7 @@ pub fn init_tensors(spec: &InitSpec) -> Result<Vec<NamedTensor>> {
 /// instead of the hour Gram-Schmidt takes for a 1.5B model, for benchmark shapes whose
 /// speed, not training, is measured.
 pub fn init_tensors_with(spec: &InitSpec, fast: bool) -> Result<Vec<NamedTensor>> {
-    let dims = Dims::new(
-        spec.arch,
-        spec.n_layer,
-        spec.n_embd,
-        spec.head_size,
-        spec.vocab,
-    )?;
+    let dims = spec.dims()?;
     let mut rng = Rng::new(spec.seed);
     Ok(schema::params(&dims)
         .into_iter()
@@ -227,10 +247,13 @@ pub fn write_init_with(spec: &InitSpec, path: &Path, dtype: DType, fast: bool) -
         .collect();
     match fmt {
         crate::checkpoint::Format::Safetensors => {
-            let mut md = std::collections::BTreeMap::new();
-            md.insert("format".to_string(), "pt".to_string());
+            let md = schema::metadata(&spec.dims()?);
             crate::checkpoint::write_safetensors(path, &out, &md)
         }
+        crate::checkpoint::Format::Pth if spec.arch == Generation::Gpt => Err(Error::bad(format!(
+            "{}: the Transformer is written as .safetensors (its head size is kept in the metadata)",
+            path.display()
+        ))),
         crate::checkpoint::Format::Pth => write::write_pth(path, &out),
         crate::checkpoint::Format::Gguf => Err(Error::bad(format!(
             "{}: rwkv init writes .safetensors or .pth; make a GGUF of it with rwkv convert",

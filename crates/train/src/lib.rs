@@ -13,6 +13,8 @@
 //!   learnt through the same pass).
 
 mod common;
+pub mod experiment;
+pub mod gpt;
 #[cfg(feature = "graph")]
 pub mod graph;
 pub mod optim;

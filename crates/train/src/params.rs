@@ -17,10 +17,12 @@ pub struct Dims {
     pub n_layer: usize,
     /// Width.
     pub n_embd: usize,
-    /// Head size (RWKV-7).
+    /// Head size (RWKV-7, the Transformer).
     pub head_size: usize,
     /// Vocabulary size.
     pub vocab: usize,
+    /// The Transformer's learned positions (0 for RWKV).
+    pub positions: usize,
 }
 
 /// The parameters of a model being trained.
@@ -39,7 +41,26 @@ pub struct Params {
 impl Params {
     /// Parameters from named tensors (from `init_tensors` or a checkpoint).
     pub fn from_tensors(tensors: Vec<NamedTensor>) -> Result<Params> {
-        Self::build(tensors, &|_| false)
+        Self::build(tensors, &|_| false, None)
+    }
+
+    /// [`Params::from_tensors`] for the Transformer, whose head size its tensors do not say.
+    pub fn from_tensors_with_heads(tensors: Vec<NamedTensor>, head_size: usize) -> Result<Params> {
+        Self::build(tensors, &|_| false, Some(head_size))
+    }
+
+    /// The Transformer's head size from a checkpoint's metadata (`None` for RWKV files).
+    fn heads_of(ck: &Checkpoint) -> Result<Option<usize>> {
+        match ck.metadata().get(schema::gpt::HEAD_SIZE_KEY) {
+            None => Ok(None),
+            Some(h) => h.parse().map(Some).map_err(|_| {
+                Error::bad(format!(
+                    "{}: metadata {} is not a number",
+                    ck.path().display(),
+                    schema::gpt::HEAD_SIZE_KEY
+                ))
+            }),
+        }
     }
 
     /// The tensors of a checkpoint as f32, except those `later` names, which are listed with
@@ -76,15 +97,19 @@ impl Params {
             };
             ts.push((name.clone(), shape, values));
         }
-        Self::build(ts, &later)
+        Self::build(ts, &later, Self::heads_of(ck)?)
     }
 
-    fn build(tensors: Vec<NamedTensor>, later: &dyn Fn(&str) -> bool) -> Result<Params> {
+    fn build(
+        tensors: Vec<NamedTensor>,
+        later: &dyn Fn(&str) -> bool,
+        heads: Option<usize>,
+    ) -> Result<Params> {
         let shapes: HashMap<&str, &[usize]> = tensors
             .iter()
             .map(|(n, s, _)| (n.as_str(), s.as_slice()))
             .collect();
-        let dims = infer_dims(&shapes)?;
+        let dims = infer_dims(&shapes, heads)?;
         // Every tensor as the generation's schema has it: no more, no fewer, no other shape.
         let listed = tensors.iter().map(|(n, s, _)| (n.as_str(), s.as_slice()));
         let schema = schema_dims(&dims, &shapes);
@@ -120,12 +145,24 @@ impl Params {
             let meta = ck.get(name).ok_or_else(|| Error::Internal(name.clone()))?;
             ts.push((name.clone(), meta.shape.clone(), ck.f32_vec(name)?));
         }
-        Self::from_tensors(ts)
+        Self::build(ts, &|_| false, Self::heads_of(ck)?)
     }
 
     /// The schema's dimensions of the model.
     pub fn schema(&self) -> &schema::Dims {
         &self.schema
+    }
+
+    /// The metadata its safetensors files carry (the Transformer's head size).
+    pub fn metadata(&self) -> std::collections::BTreeMap<String, String> {
+        schema::metadata(&self.schema)
+    }
+
+    /// The model as a checkpoint in memory, for the inference engine.
+    pub fn checkpoint(&self, what: &str) -> Result<Checkpoint> {
+        let bytes =
+            rwkv_core::checkpoint::safetensors_bytes(&self.out_tensors(), &self.metadata())?;
+        Checkpoint::from_bytes(what, bytes)
     }
 
     /// The place of tensor `name` in the order of [`Params::names`].
@@ -186,6 +223,20 @@ fn schema_dims(d: &Dims, shapes: &HashMap<&str, &[usize]>) -> schema::Dims {
             .and_then(|s| s.get(i).copied())
             .unwrap_or(0)
     };
+    if d.arch == Generation::Gpt {
+        let gpt = schema::gpt::block(0);
+        return schema::Dims {
+            generation: d.arch,
+            n_layer: d.n_layer,
+            n_embd: d.n_embd,
+            head_size: d.head_size,
+            ffn_dim: col(&format!("{gpt}mlp.c_fc.weight"), 0),
+            vocab: d.vocab,
+            lora: Vec::new(),
+            deep_embed: 0,
+            positions: d.positions,
+        };
+    }
     let lora = match d.arch {
         Generation::V7 => vec![
             ("w", col("blocks.0.att.w1", 1)),
@@ -205,11 +256,52 @@ fn schema_dims(d: &Dims, shapes: &HashMap<&str, &[usize]>) -> schema::Dims {
         lora,
         // The trainer's passes have no DeepEmbed: its tensors are reported as unknown.
         deep_embed: 0,
+        positions: 0,
     }
 }
 
-/// The shape of a model from its tensors' names and shapes.
-pub(crate) fn infer_dims(shapes: &HashMap<&str, &[usize]>) -> Result<Dims> {
+/// The shape of a model from its tensors' names and shapes (and, for the Transformer, the
+/// head size `heads`, which they do not say).
+pub(crate) fn infer_dims(shapes: &HashMap<&str, &[usize]>, heads: Option<usize>) -> Result<Dims> {
+    use schema::gpt;
+    if let Some(wte) = shapes.get(gpt::WTE) {
+        let two = |name: &str| match shapes.get(name) {
+            Some([a, b]) => Ok((*a, *b)),
+            Some(s) => Err(Error::bad(format!(
+                "{name} has shape {s:?}, not two dimensions"
+            ))),
+            None => Err(Error::bad(format!("tensor {name} is missing"))),
+        };
+        let (vocab, c) = match wte {
+            [v, c] => (*v, *c),
+            s => {
+                return Err(Error::bad(format!(
+                    "{} has shape {s:?}, not [V, C]",
+                    gpt::WTE
+                )))
+            }
+        };
+        let (positions, _) = two(gpt::WPE)?;
+        let n_layer = (0..)
+            .take_while(|&i| shapes.contains_key(format!("{}ln_1.weight", gpt::block(i)).as_str()))
+            .count();
+        let head_size = heads.ok_or_else(|| {
+            Error::bad("the Transformer's head size is not given (its tensors do not say it)")
+        })?;
+        if n_layer == 0 || head_size == 0 || !c.is_multiple_of(head_size) {
+            return Err(Error::bad(format!(
+                "a Transformer of {n_layer} layers of width {c} with heads of {head_size}: not a model"
+            )));
+        }
+        return Ok(Dims {
+            arch: Generation::Gpt,
+            n_layer,
+            n_embd: c,
+            head_size,
+            vocab,
+            positions,
+        });
+    }
     let emb = shapes
         .get("emb.weight")
         .copied()
@@ -248,6 +340,7 @@ pub(crate) fn infer_dims(shapes: &HashMap<&str, &[usize]>) -> Result<Dims> {
         n_embd: c,
         head_size,
         vocab,
+        positions: 0,
     })
 }
 
@@ -265,6 +358,7 @@ mod tests {
                 n_embd: 64,
                 vocab: 50,
                 head_size: 16,
+                positions: 0,
                 seed: 1,
             };
             let good = init_tensors(&spec).unwrap();

@@ -2,6 +2,7 @@
 
 use super::optim::{lr_at, AdamConfig, Slot};
 use super::params::{Dims, Params};
+use crate::gpt::FusedGpt;
 use crate::pass::products::Prepared;
 use crate::pass::Pass;
 use crate::v4::Fused4;
@@ -15,7 +16,6 @@ use rwkv_core::init::{init_tensors, InitSpec, Rng};
 use rwkv_core::model::Model;
 use rwkv_core::progress::{bar, fmt_secs};
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -29,6 +29,9 @@ pub enum Arch {
     /// RWKV-4.
     #[serde(rename = "v4")]
     V4,
+    /// The Transformer baseline (nanoGPT's architecture).
+    #[serde(rename = "gpt")]
+    Gpt,
 }
 
 /// Settings named by a string (`arch`, `precision`) read through their `FromStr`, so that a
@@ -52,6 +55,7 @@ impl Arch {
         match self {
             Arch::V7 => Generation::V7,
             Arch::V4 => Generation::V4,
+            Arch::Gpt => Generation::Gpt,
         }
     }
 }
@@ -62,7 +66,10 @@ impl std::str::FromStr for Arch {
         match s {
             "v7" => Ok(Arch::V7),
             "v4" => Ok(Arch::V4),
-            _ => Err(Error::bad(format!("arch {s}: training supports v7 and v4"))),
+            "gpt" => Ok(Arch::Gpt),
+            _ => Err(Error::bad(format!(
+                "arch {s}: training supports v7, v4 and gpt (the Transformer baseline)"
+            ))),
         }
     }
 }
@@ -187,6 +194,25 @@ impl Default for TrainConfig {
 }
 
 impl TrainConfig {
+    /// The defaults for `arch`: RWKV-LM's settings for RWKV, nanoGPT's CPU recipe for the
+    /// Transformer (`lr` 1e-3 to 1e-4, as its `train_shakespeare_char.py`, and no L2Wrap,
+    /// which is RWKV-LM's).
+    pub fn for_arch(arch: Arch) -> TrainConfig {
+        let d = TrainConfig {
+            arch,
+            ..TrainConfig::default()
+        };
+        match arch {
+            Arch::Gpt => TrainConfig {
+                lr: 1e-3,
+                lr_final: Some(1e-4),
+                l2wrap: 0.0,
+                ..d
+            },
+            _ => d,
+        }
+    }
+
     /// This configuration with the settings in `overrides` (an object of the same keys, as
     /// `rwkv train`'s flags serialise) replaced.
     pub fn with_overrides(&self, overrides: serde_json::Value) -> Result<TrainConfig> {
@@ -228,7 +254,7 @@ impl TrainConfig {
             self.val_data.is_some(),
             self.val_fraction,
         )?;
-        if self.arch == Arch::V7
+        if self.arch != Arch::V4
             && (self.head_size == 0 || !self.dim.is_multiple_of(self.head_size))
         {
             return Err(Error::bad(format!(
@@ -397,7 +423,7 @@ fn vocab_for(spec: &str) -> Result<usize> {
 /// from a fresh state (every token after the first is predicted exactly once): the current
 /// weights scored by the inference engine, through the code of `rwkv eval --ctx`.
 pub fn window_loss(m: &Params, toks: &Tokens, range: (usize, usize), ctx: usize) -> Result<f64> {
-    let ck = Checkpoint::from_tensors("the model being trained", &m.out_tensors())?;
+    let ck = m.checkpoint("the model being trained")?;
     let model = Model::from_checkpoint(&ck, None)?;
     let mut ids = Vec::with_capacity(range.1 - range.0);
     toks.copy(range.0, range.1, &mut ids);
@@ -416,6 +442,7 @@ struct Runner<P: Pass> {
 enum Engine {
     V4(Runner<Fused4>),
     V7(Runner<Fused7>),
+    Gpt(Runner<FusedGpt>),
 }
 
 /// Evaluates `$body` with `$r` bound to the engine's [`Runner`], whichever its generation.
@@ -424,6 +451,7 @@ macro_rules! each {
         match $engine {
             Engine::V4($r) => $body,
             Engine::V7($r) => $body,
+            Engine::Gpt($r) => $body,
         }
     };
 }
@@ -442,9 +470,10 @@ impl Engine {
         Ok(match params.dims.arch {
             Generation::V4 => Engine::V4(runner(Fused4::new(params)?, bf16)),
             Generation::V7 => Engine::V7(runner(Fused7::new(params)?, bf16)),
+            Generation::Gpt => Engine::Gpt(runner(FusedGpt::new(params)?, bf16)),
             g => {
                 return Err(Error::bad(format!(
-                    "training covers RWKV-4 and RWKV-7, not {g:?}"
+                    "training covers RWKV-4, RWKV-7 and the Transformer, not {g:?}"
                 )))
             }
         })
@@ -475,9 +504,15 @@ impl Trainer {
             n_embd: cfg.dim,
             vocab,
             head_size: cfg.head_size,
+            positions: cfg.ctx,
             seed: cfg.seed,
         };
-        Trainer::with_params(cfg, Params::from_tensors(init_tensors(&spec)?)?)
+        let tensors = init_tensors(&spec)?;
+        let params = match cfg.arch {
+            Arch::Gpt => Params::from_tensors_with_heads(tensors, cfg.head_size)?,
+            _ => Params::from_tensors(tensors)?,
+        };
+        Trainer::with_params(cfg, params)
     }
 
     /// A trainer at step 0 with fresh optimizer state.
@@ -491,7 +526,8 @@ impl Trainer {
         let adam = AdamConfig {
             beta1: 0.9,
             beta2: 0.99,
-            eps: 1e-18,
+            // RWKV-LM's epsilon; nanoGPT keeps PyTorch's.
+            eps: if cfg.arch == Arch::Gpt { 1e-8 } else { 1e-18 },
             weight_decay: cfg.weight_decay,
         };
         let engine = Engine::new(&params, cfg.precision == Precision::Bf16)?;
@@ -518,7 +554,7 @@ impl Trainer {
             all.push(OutTensor::f32(format!("adam.v.{n}"), s.clone(), &slot.v));
         }
         let out = &all[..weights];
-        let mut meta = BTreeMap::new();
+        let mut meta = self.params.metadata();
         meta.insert("step".into(), self.step.to_string());
         meta.insert("rng".into(), self.rng.state().to_string());
         meta.insert(
@@ -527,8 +563,7 @@ impl Trainer {
         );
         // The model first, then the state that points past it: a kill between the two leaves
         // a state whose weights are in the state file itself, so resuming stays exact.
-        let mut mmeta = BTreeMap::new();
-        mmeta.insert("format".into(), "pt".into());
+        let mut mmeta = self.params.metadata();
         mmeta.insert("step".into(), self.step.to_string());
         write_safetensors(&dir.model(), out, &mmeta)?;
         if self.cfg.pth {
@@ -579,6 +614,7 @@ impl Trainer {
                 cfg.head_size
             },
             vocab,
+            positions: if cfg.arch == Arch::Gpt { cfg.ctx } else { 0 },
         };
         if params.dims != want {
             return Err(Error::bad(format!(

@@ -7,7 +7,7 @@ use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
-/// The RWKV generation of a checkpoint.
+/// The RWKV generation of a checkpoint, or the Transformer the project compares RWKV with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub enum Generation {
     /// RWKV-4 (the paper's architecture).
@@ -22,17 +22,28 @@ pub enum Generation {
     /// RWKV-7 "Goose" (x070).
     #[serde(rename = "v7")]
     V7,
+    /// Not RWKV: the Transformer baseline, nanoGPT's architecture (pre-LayerNorm blocks
+    /// without biases, learned positions, causal softmax attention, a GELU MLP, the head tied
+    /// to the embedding), under nanoGPT's tensor names ([`crate::schema::gpt`]).
+    #[serde(rename = "gpt")]
+    Gpt,
 }
 
 impl Generation {
-    /// Short name: v4, v5.2, v6.0, v7.
+    /// Short name: v4, v5.2, v6.0, v7 (gpt for the Transformer baseline).
     pub fn name(self) -> &'static str {
         match self {
             Generation::V4 => "v4",
             Generation::V5_2 => "v5.2",
             Generation::V6_0 => "v6.0",
             Generation::V7 => "v7",
+            Generation::Gpt => "gpt",
         }
+    }
+
+    /// Whether this is an RWKV generation (not the Transformer baseline).
+    pub fn is_rwkv(self) -> bool {
+        self != Generation::Gpt
     }
     /// Parses a name as written by [`Generation::name`].
     pub fn from_name(s: &str) -> Option<Self> {
@@ -41,6 +52,7 @@ impl Generation {
             "v5.2" => Generation::V5_2,
             "v6.0" => Generation::V6_0,
             "v7" => Generation::V7,
+            "gpt" => Generation::Gpt,
             _ => return None,
         })
     }
@@ -74,6 +86,9 @@ pub struct ModelInfo {
     /// RWKV-7a's DeepEmbed rank R (`ffn.s1` is `[C, R]`, `ffn.s_emb` rows are `R×R`); 0 for a
     /// model without DeepEmbed.
     pub deep_embed: usize,
+    /// The most tokens a model with learned positions reads (the Transformer's rows of
+    /// `wpe`); 0 for RWKV, whose context is unbounded.
+    pub positions: usize,
     /// Total number of parameters.
     pub params: usize,
     /// The dtype most weights are stored in.
@@ -95,7 +110,12 @@ pub struct ModelInfo {
 impl fmt::Display for ModelInfo {
     /// The architecture as `rwkv info` prints it, one `key  value` line each.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.deep_embed > 0 {
+        if self.generation == Generation::Gpt {
+            writeln!(
+                f,
+                "generation  Transformer baseline (nanoGPT architecture, not RWKV)"
+            )?;
+        } else if self.deep_embed > 0 {
             writeln!(
                 f,
                 "generation  RWKV {} (RWKV-7a, DeepEmbed rank {})",
@@ -111,6 +131,9 @@ impl fmt::Display for ModelInfo {
             writeln!(f, "heads       {} x {}", self.n_head, self.head_size)?;
         }
         writeln!(f, "ffn         {}", self.ffn_dim)?;
+        if self.positions > 0 {
+            writeln!(f, "context     {} (learned positions)", self.positions)?;
+        }
         writeln!(f, "vocab       {}", self.vocab_size)?;
         if !self.lora.is_empty() {
             let l: Vec<String> = self.lora.iter().map(|(k, v)| format!("{k}={v}")).collect();
@@ -145,6 +168,9 @@ fn layer_generation(ck: &Checkpoint, i: usize) -> Option<Generation> {
 /// Detects the generation and every dimension of a checkpoint.
 pub fn detect(ck: &Checkpoint) -> Result<ModelInfo> {
     let what = ck.path().display().to_string();
+    if ck.has(gpt::WTE) {
+        return detect_gpt(ck, &what);
+    }
     let emb = ck.get("emb.weight").ok_or_else(|| {
         Error::bad(format!(
             "{what}: missing tensor emb.weight: not an RWKV checkpoint"
@@ -244,6 +270,9 @@ pub fn detect(ck: &Checkpoint) -> Result<ModelInfo> {
             }
             (dim("blocks.0.att.r_k", 0)?, dim("blocks.0.att.r_k", 1)?)
         }
+        Generation::Gpt => {
+            return Err(Error::Internal("the Transformer has no RWKV layers".into()))
+        }
     };
     let deep_embed = deep_embed(ck, generation, &what, &dim)?;
     if generation != Generation::V4 && n_head * head_size != c {
@@ -251,6 +280,44 @@ pub fn detect(ck: &Checkpoint) -> Result<ModelInfo> {
             "{what}: {n_head} heads of size {head_size} do not make the width {c}"
         )));
     }
+    let (params, dtype) = totals(ck);
+    Ok(ModelInfo {
+        generation,
+        n_layer,
+        n_embd: c,
+        n_head,
+        head_size,
+        ffn_dim,
+        vocab_size: vocab,
+        lora,
+        deep_embed,
+        positions: 0,
+        params,
+        dtype,
+        format: ck.format().to_string(),
+        layout: ck.layout().to_string(),
+        vocab: ck.vocab().cloned(),
+        tokenizer_file: ck.tokenizer_file().map(|p| p.to_path_buf()),
+        file_bytes: ck.file_size(),
+    })
+}
+
+/// The Transformer baseline's names that tell it apart and give its dimensions (the rest of
+/// its tensors are in [`crate::schema::gpt`]).
+pub mod gpt {
+    /// The token embedding, which is also the head (`[V, C]`).
+    pub const WTE: &str = "transformer.wte.weight";
+    /// The learned positions `[positions, C]`.
+    pub const WPE: &str = "transformer.wpe.weight";
+    /// The blocks' key prefix (`transformer.h.{i}.`).
+    pub const BLOCKS: &str = "transformer.h.";
+    /// The metadata key of the head size (nanoGPT's `n_head` is in its config, not in a
+    /// shape).
+    pub const HEAD_SIZE_KEY: &str = "head_size";
+}
+
+/// The number of parameters and the dtype most of them are stored in.
+fn totals(ck: &Checkpoint) -> (usize, DType) {
     let mut params = 0usize;
     let mut by_dtype: BTreeMap<String, (usize, DType)> = BTreeMap::new();
     for name in ck.names() {
@@ -264,20 +331,86 @@ pub fn detect(ck: &Checkpoint) -> Result<ModelInfo> {
         .max_by_key(|(n, _)| *n)
         .map(|(_, d)| *d)
         .unwrap_or(DType::F32);
+    (params, dtype)
+}
+
+/// The Transformer baseline's dimensions: the width and vocabulary from `wte`, the context
+/// from `wpe`, the layers from the `transformer.h.N.` keys and the head size from the
+/// metadata (nanoGPT keeps `n_head` in its config, not in any tensor's shape).
+fn detect_gpt(ck: &Checkpoint, what: &str) -> Result<ModelInfo> {
+    let shape = |name: &str| -> Result<(usize, usize)> {
+        let m = ck
+            .get(name)
+            .ok_or_else(|| Error::bad(format!("{what}: missing tensor {name}")))?;
+        match m.shape[..] {
+            [a, b] => Ok((a, b)),
+            _ => Err(Error::bad(format!(
+                "{what}: tensor {name} has shape {:?}, expected two dimensions",
+                m.shape
+            ))),
+        }
+    };
+    let (vocab, c) = shape(gpt::WTE)?;
+    let (positions, _) = shape(gpt::WPE)?;
+    let mut idx = BTreeSet::new();
+    for name in ck.names() {
+        if let Some(rest) = name.strip_prefix(gpt::BLOCKS) {
+            let i: usize = rest
+                .split('.')
+                .next()
+                .and_then(|n| n.parse().ok())
+                .ok_or_else(|| Error::bad(format!("{what}: unexpected tensor name {name}")))?;
+            idx.insert(i);
+        }
+    }
+    let n_layer = idx.len();
+    if n_layer == 0 || idx.iter().enumerate().any(|(want, got)| want != *got) {
+        return Err(Error::bad(format!(
+            "{what}: the transformer.h.N layers are not numbered 0..{n_layer}"
+        )));
+    }
+    let (ffn_dim, _) = shape(&format!("{}0.mlp.c_fc.weight", gpt::BLOCKS))?;
+    let head_size: usize = ck
+        .metadata()
+        .get(gpt::HEAD_SIZE_KEY)
+        .ok_or_else(|| {
+            Error::bad(format!(
+                "{what}: no {} in the metadata (a Transformer's head count is not in its tensors)",
+                gpt::HEAD_SIZE_KEY
+            ))
+        })?
+        .parse()
+        .map_err(|_| {
+            Error::bad(format!(
+                "{what}: metadata {} is not a number",
+                gpt::HEAD_SIZE_KEY
+            ))
+        })?;
+    if head_size == 0 || !c.is_multiple_of(head_size) {
+        return Err(Error::bad(format!(
+            "{what}: head size {head_size} does not divide the width {c}"
+        )));
+    }
+    let (params, dtype) = totals(ck);
     Ok(ModelInfo {
-        generation,
+        generation: Generation::Gpt,
         n_layer,
         n_embd: c,
-        n_head,
+        n_head: c / head_size,
         head_size,
         ffn_dim,
         vocab_size: vocab,
-        lora,
-        deep_embed,
+        lora: BTreeMap::new(),
+        deep_embed: 0,
+        positions,
         params,
         dtype,
         format: ck.format().to_string(),
-        layout: ck.layout().to_string(),
+        // Its names are nanoGPT's, not an official RWKV checkpoint's.
+        layout: match ck.layout() {
+            "official" => "nanoGPT".to_string(),
+            l => l.to_string(),
+        },
         vocab: ck.vocab().cloned(),
         tokenizer_file: ck.tokenizer_file().map(|p| p.to_path_buf()),
         file_bytes: ck.file_size(),

@@ -594,7 +594,7 @@ fn gguf_out_name(generation: Generation, name: &str) -> Option<(String, Put)> {
             }
             _ => return None,
         }),
-        Generation::V4 | Generation::V5_2 => None,
+        Generation::V4 | Generation::V5_2 | Generation::Gpt => None,
     }
 }
 

@@ -207,7 +207,6 @@ mod avx2 {
 }
 
 /// f32 dot product, fastest available code path.
-#[cfg(test)]
 #[inline]
 pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
     #[cfg(target_arch = "x86_64")]

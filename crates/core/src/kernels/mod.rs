@@ -18,7 +18,7 @@ pub mod quant;
 mod rows;
 pub mod sgemm;
 pub mod wkv;
-pub use dot::{axpy_row, dot_row};
+pub use dot::{axpy_row, dot_f32, dot_row};
 
 /// Sets the number of worker threads of the kernels' pool (once per process, before any work).
 pub fn set_threads(n: Option<usize>) -> crate::Result<()> {
@@ -452,6 +452,24 @@ pub fn exp(x: f32) -> f32 {
     p = p * r + 0.5;
     let er = p * r * r + r + 1.0;
     er * f32::from_bits(((ni + 127) as u32) << 23)
+}
+
+/// The error function, within 1.5e-7 of the exact value (Abramowitz and Stegun 7.1.26), in
+/// f32 with the branch-free [`exp`], so that the loops over it vectorise.
+#[inline(always)]
+pub fn erf(x: f32) -> f32 {
+    let a = x.abs();
+    let t = 1.0 / (1.0 + 0.327_591_1 * a);
+    let poly = t
+        * (0.254_829_6
+            + t * (-0.284_496_74 + t * (1.421_413_7 + t * (-1.453_152 + t * 1.061_405_4))));
+    (1.0 - poly * exp(-a * a)).copysign(x)
+}
+
+/// GELU of the error function, `x·Φ(x)` (PyTorch's `nn.GELU()`, which nanoGPT uses).
+#[inline(always)]
+pub fn gelu(x: f32) -> f32 {
+    0.5 * x * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2))
 }
 
 /// Copies a row of an embedding table (any float format) into `out` as f32.

@@ -7,6 +7,7 @@
 
 mod common;
 pub mod consts;
+pub mod gpt;
 mod state;
 pub mod v4;
 pub mod v5;
@@ -43,6 +44,9 @@ pub const CHUNK: usize = 256;
 #[derive(Default)]
 pub struct Scratch {
     bufs: Vec<Vec<f32>>,
+    /// When set, RWKV-6 and RWKV-7 append every token's decay factors to their layer's
+    /// list ([`Model::decay_factors`]).
+    pub(crate) decays: Option<Vec<Vec<f32>>>,
 }
 
 impl Scratch {
@@ -90,6 +94,8 @@ pub enum Model {
     V6(v6::V6),
     /// RWKV-7.
     V7(v7::V7),
+    /// The Transformer baseline (not RWKV).
+    Gpt(gpt::Gpt),
 }
 
 impl Model {
@@ -131,6 +137,7 @@ impl Model {
             Generation::V5_2 => Model::V5(v5::V5::load(&mut ld, info)?),
             Generation::V6_0 => Model::V6(v6::V6::load(&mut ld, info)?),
             Generation::V7 => Model::V7(v7::V7::load(&mut ld, info)?),
+            Generation::Gpt => Model::Gpt(gpt::Gpt::load(&mut ld, info)?),
         };
         ld.finish()?;
         Ok(m)
@@ -143,6 +150,7 @@ impl Model {
             Model::V5(m) => &m.info,
             Model::V6(m) => &m.info,
             Model::V7(m) => &m.info,
+            Model::Gpt(m) => &m.info,
         }
     }
 
@@ -158,6 +166,7 @@ impl Model {
             Model::V5(m) => &m.io.head,
             Model::V6(m) => &m.io.head,
             Model::V7(m) => &m.io.head,
+            Model::Gpt(m) => &m.wte,
         };
         head.data.format_name().to_string()
     }
@@ -167,6 +176,30 @@ impl Model {
         State::zeros(self.info())
     }
 
+    /// Each layer's decay factors: the per-channel multiplier in `(0, 1)` that a channel's
+    /// WKV state keeps from one token to the next. RWKV-4 and RWKV-5.2 decay by a constant,
+    /// one row of `C`; RWKV-6 and RWKV-7's decay depends on the token, so `tokens` run
+    /// through the model from a fresh state and each layer gets one row per token
+    /// (`[T, C]`). The Transformer has none.
+    pub fn decay_factors(&self, tokens: &[u32]) -> Result<Vec<Vec<f32>>> {
+        match self {
+            Model::V4(m) => Ok(m.decay_factors()),
+            Model::V5(m) => Ok(m.decay_factors()),
+            Model::V6(_) | Model::V7(_) => {
+                if tokens.is_empty() {
+                    return Err(Error::bad("no tokens to measure the decay over"));
+                }
+                let mut st = self.new_state();
+                st.scratch.decays = Some(vec![Vec::new(); self.info().n_layer]);
+                self.forward(tokens, &mut st, Logits::None)?;
+                Ok(st.scratch.decays.take().unwrap_or_default())
+            }
+            Model::Gpt(_) => Err(Error::bad(
+                "the Transformer has no decay (its attention weighs positions by content)",
+            )),
+        }
+    }
+
     /// Bytes of weights read to generate one token (all matrices and the head, one embedding row).
     pub fn bytes_per_token(&self) -> usize {
         match self {
@@ -174,6 +207,7 @@ impl Model {
             Model::V5(m) => m.bytes_per_token(),
             Model::V6(m) => m.bytes_per_token(),
             Model::V7(m) => m.bytes_per_token(),
+            Model::Gpt(m) => m.bytes_per_token(),
         }
     }
 
@@ -186,6 +220,27 @@ impl Model {
             )));
         }
         Ok(())
+    }
+
+    /// Errors when `n` more tokens do not fit in a Transformer's context (RWKV has no limit).
+    fn check_fits(&self, n: usize, state: &State) -> Result<()> {
+        let room = self.info().positions;
+        let held = state.cached_tokens();
+        if self.info().generation == Generation::Gpt && held + n > room {
+            return Err(Error::bad(format!(
+                "{n} tokens do not fit after the {held} in the Transformer's context of {room} positions"
+            )));
+        }
+        Ok(())
+    }
+
+    /// The most tokens one chunk runs: [`CHUNK`], or fewer for a Transformer of a shorter
+    /// context.
+    fn chunk_len(&self) -> usize {
+        match self.info().positions {
+            0 => CHUNK,
+            p => p.min(CHUNK),
+        }
     }
 
     /// Time-sequential mode: advances `state` by one token and writes the next-token logits
@@ -224,7 +279,7 @@ impl Model {
         let n = tokens.len();
         let mut start = 0;
         while start < n {
-            let end = (start + CHUNK).min(n);
+            let end = (start + self.chunk_len()).min(n);
             let part = &tokens[start..end];
             match which {
                 Logits::All => self.chunk(part, state, Logits::All, &mut out[start * v..end * v]),
@@ -254,6 +309,7 @@ impl Model {
             .iter()
             .map(|it| {
                 self.check(it.tokens, it.state)?;
+                self.check_fits(it.tokens.len(), it.state)?;
                 Ok(match it.logits {
                     Logits::All => vec![0.0; it.tokens.len() * v],
                     Logits::Last if !it.tokens.is_empty() => vec![0.0; v],
@@ -308,7 +364,20 @@ impl Model {
         results
     }
 
+    /// Runs one chunk of at most [`Model::chunk_len`] tokens of a single sequence. A
+    /// Transformer whose context would overflow is cropped to its last `positions` tokens
+    /// first (those before the chunk re-encoded from position 0), as nanoGPT crops its
+    /// context to `block_size` when it generates.
     fn chunk(&self, tokens: &[u32], state: &mut State, which: Logits, out: &mut [f32]) {
+        let room = self.info().positions;
+        if room > 0 && state.cached_tokens() + tokens.len() > room {
+            let keep = room - tokens.len();
+            let h = std::mem::take(&mut state.history);
+            let kept = &h[h.len() - keep..];
+            if !kept.is_empty() {
+                self.chunk(kept, state, Logits::None, &mut []);
+            }
+        }
         let mut scratch = std::mem::take(&mut state.scratch);
         let mut seqs = [Seq {
             row0: 0,
@@ -344,6 +413,7 @@ impl Model {
             Model::V5(m) => m.run(tokens, seqs, scratch),
             Model::V6(m) => m.run(tokens, seqs, scratch),
             Model::V7(m) => m.run(tokens, seqs, scratch),
+            Model::Gpt(m) => m.run(tokens, seqs, scratch),
         }
     }
 }
@@ -606,47 +676,60 @@ impl Io {
     /// Final norm and head for the rows each sequence asked for. `xn` and `tmp` are work
     /// buffers.
     pub fn logits(&self, x: &[f32], seqs: &mut [Seq<'_>], xn: &mut Vec<f32>, tmp: &mut Vec<f32>) {
-        let c = self.ln0.w.len();
-        let v = self.head.n_out;
-        // A lone sequence gets its logits written straight into its output.
-        if let [s] = seqs {
-            let rows = s.logit_rows();
-            if rows.is_empty() {
-                return;
-            }
-            let r = rows.len();
-            let xn = buf(xn, r * c);
-            self.ln_out.rows(&x[rows.start * c..rows.end * c], xn);
-            kernels::matmul(&self.head, xn, r, &mut s.out[..r * v]);
-            return;
-        }
-        let total: usize = seqs.iter().map(|s| s.logit_rows().len()).sum();
-        if total == 0 {
-            return;
-        }
-        let xn = buf(xn, total * c);
-        let mut r = 0;
-        for s in seqs.iter() {
-            let rows = s.logit_rows();
-            let k = rows.len();
-            self.ln_out.rows(
-                &x[rows.start * c..rows.end * c],
-                &mut xn[r * c..(r + k) * c],
-            );
-            r += k;
-        }
-        let tmp = buf(tmp, total * v);
-        kernels::matmul(&self.head, xn, total, tmp);
-        let mut r = 0;
-        for s in seqs.iter_mut() {
-            let k = s.logit_rows().len();
-            s.out[..k * v].copy_from_slice(&tmp[r * v..(r + k) * v]);
-            r += k;
-        }
+        head_logits(&self.ln_out, &self.head, x, seqs, xn, tmp)
     }
 
     pub fn bytes_per_token(&self) -> usize {
         self.head.bytes() + self.ln0.w.len() * self.emb.dtype().size()
+    }
+}
+
+/// The final norm `ln_out` and the `head` for the rows of `x` each sequence asked for, into
+/// their outputs. `xn` and `tmp` are work buffers.
+pub(crate) fn head_logits(
+    ln_out: &Norm,
+    head: &Matrix,
+    x: &[f32],
+    seqs: &mut [Seq<'_>],
+    xn: &mut Vec<f32>,
+    tmp: &mut Vec<f32>,
+) {
+    let c = head.n_in;
+    let v = head.n_out;
+    // A lone sequence gets its logits written straight into its output.
+    if let [s] = seqs {
+        let rows = s.logit_rows();
+        if rows.is_empty() {
+            return;
+        }
+        let r = rows.len();
+        let xn = buf(xn, r * c);
+        ln_out.rows(&x[rows.start * c..rows.end * c], xn);
+        kernels::matmul(head, xn, r, &mut s.out[..r * v]);
+        return;
+    }
+    let total: usize = seqs.iter().map(|s| s.logit_rows().len()).sum();
+    if total == 0 {
+        return;
+    }
+    let xn = buf(xn, total * c);
+    let mut r = 0;
+    for s in seqs.iter() {
+        let rows = s.logit_rows();
+        let k = rows.len();
+        ln_out.rows(
+            &x[rows.start * c..rows.end * c],
+            &mut xn[r * c..(r + k) * c],
+        );
+        r += k;
+    }
+    let tmp = buf(tmp, total * v);
+    kernels::matmul(head, xn, total, tmp);
+    let mut r = 0;
+    for s in seqs.iter_mut() {
+        let k = s.logit_rows().len();
+        s.out[..k * v].copy_from_slice(&tmp[r * v..(r + k) * v]);
+        r += k;
     }
 }
 

@@ -20,6 +20,10 @@ pub enum Slot {
     Pp,
     /// The channel-mixing token shift (`ffn_x_prev`, `[C]`).
     FfnShift,
+    /// The Transformer's keys of every position so far (`[positions, C]`, heads side by side).
+    Keys,
+    /// The Transformer's values, as [`Slot::Keys`].
+    Values,
 }
 
 /// `pp` of a fresh RWKV-4 state: no history, so `e^pp` is zero (the official package's value).
@@ -30,6 +34,7 @@ impl Slot {
     pub fn layout(generation: Generation) -> &'static [Slot] {
         match generation {
             Generation::V4 => &[Slot::AttShift, Slot::Aa, Slot::Bb, Slot::Pp, Slot::FfnShift],
+            Generation::Gpt => &[Slot::Keys, Slot::Values],
             _ => &[Slot::AttShift, Slot::AttKv, Slot::FfnShift],
         }
     }
@@ -43,12 +48,17 @@ impl Slot {
             Slot::Bb => "bb",
             Slot::Pp => "pp",
             Slot::FfnShift => "ffn_x_prev",
+            Slot::Keys => "k_cache",
+            Slot::Values => "v_cache",
         }
     }
 
     /// The slot's place within a layer of `generation`'s state.
     fn offset(self, generation: Generation) -> usize {
         match (generation, self) {
+            (Generation::Gpt, Slot::Keys) => 0,
+            (Generation::Gpt, Slot::Values) => 1,
+            (Generation::Gpt, s) => panic!("a Transformer's cache has no {}", s.name()),
             (_, Slot::AttShift) => 0,
             (Generation::V4, Slot::Aa) => 1,
             (Generation::V4, Slot::Bb) => 2,
@@ -66,7 +76,8 @@ impl Slot {
 ///
 /// Its tensors follow the official `rwkv` package's flat list: the slots of
 /// [`Slot::layout`] for each layer in turn. Its size never depends on how many tokens it has
-/// seen.
+/// seen. (For the Transformer baseline it is the KV cache instead, room for every position
+/// reserved up front and filled as tokens come: the memory the seed's comparison is about.)
 /// Cloning forks a conversation. The state also carries the work buffers of the model's
 /// token step, so that generating allocates nothing; they are not part of a clone or a file.
 pub struct State {
@@ -77,6 +88,10 @@ pub struct State {
     head_size: usize,
     pub(crate) tensors: Vec<Vec<f32>>,
     shapes: Vec<Vec<usize>>,
+    /// The Transformer's tokens in its cache, in order (empty for RWKV).
+    pub(crate) history: Vec<u32>,
+    /// The Transformer's attention weights of one row (work space of its token step).
+    pub(crate) scores: Vec<f32>,
     pub(crate) scratch: super::Scratch,
 }
 
@@ -90,6 +105,8 @@ impl Clone for State {
             head_size: self.head_size,
             tensors: self.tensors.clone(),
             shapes: self.shapes.clone(),
+            history: self.history.clone(),
+            scores: Vec::new(),
             scratch: Default::default(),
         }
     }
@@ -119,6 +136,7 @@ impl State {
             for &slot in Slot::layout(info.generation) {
                 let (shape, start) = match slot {
                     Slot::AttKv => (vec![h, n, n], 0.0),
+                    Slot::Keys | Slot::Values => (vec![info.positions, c], 0.0),
                     Slot::Pp => (vec![c], V4_PP_START),
                     _ => (vec![c], 0.0),
                 };
@@ -134,8 +152,15 @@ impl State {
             head_size: n,
             tensors,
             shapes,
+            history: Vec::with_capacity(info.positions),
+            scores: Vec::new(),
             scratch: Default::default(),
         }
+    }
+
+    /// The number of tokens a Transformer's cache holds (0 for RWKV, which keeps none).
+    pub fn cached_tokens(&self) -> usize {
+        self.history.len()
     }
 
     /// The number of layers.
@@ -244,6 +269,12 @@ impl State {
 
     /// Saves the state as a safetensors file of `state.{j}` tensors (written atomically).
     pub fn save(&self, path: impl AsRef<Path>) -> Result<()> {
+        if self.generation == Generation::Gpt {
+            return Err(Error::bad(format!(
+                "{}: a Transformer's KV cache is not saved as a state (only RWKV has one)",
+                path.as_ref().display()
+            )));
+        }
         write_safetensors(path.as_ref(), &self.out_tensors("state."), &self.metadata())
     }
 
@@ -257,6 +288,12 @@ impl State {
     /// Reads a state from an opened checkpoint (see [`State::load`]): our own `state.{j}`
     /// tensors, or an RWKV-PEFT state-tuning file ([`State::from_time_state`]).
     pub fn from_checkpoint(ck: &Checkpoint, info: &ModelInfo) -> Result<State> {
+        if info.generation == Generation::Gpt {
+            return Err(Error::bad(format!(
+                "{}: the Transformer has no recurrent state to load (only RWKV has one)",
+                ck.path().display()
+            )));
+        }
         if ck.has(&time_state_name(0)) {
             return Self::from_time_state(ck, info);
         }

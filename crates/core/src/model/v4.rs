@@ -60,6 +60,14 @@ impl V4 {
         Ok(V4 { info, io, layers })
     }
 
+    /// Each layer's constant per-channel decay factor `exp(-exp(time_decay))`.
+    pub(crate) fn decay_factors(&self) -> Vec<Vec<f32>> {
+        self.layers
+            .iter()
+            .map(|l| l.w.iter().map(|w| w.exp()).collect())
+            .collect()
+    }
+
     pub(crate) fn bytes_per_token(&self) -> usize {
         self.io.bytes_per_token()
             + self

@@ -65,6 +65,11 @@ impl V5 {
         Ok(V5 { info, io, layers })
     }
 
+    /// Each layer's constant per-channel decay factor `exp(-exp(time_decay))`.
+    pub(crate) fn decay_factors(&self) -> Vec<Vec<f32>> {
+        self.layers.iter().map(|l| l.w.clone()).collect()
+    }
+
     pub(crate) fn bytes_per_token(&self) -> usize {
         self.io.bytes_per_token()
             + self

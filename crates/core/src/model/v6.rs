@@ -113,6 +113,7 @@ impl V6 {
         let f = self.info.ffn_dim;
         let dm = self.layers.first().map_or(0, |l| l.maa_w2[0].n_in);
         let dd = self.layers.first().map_or(0, |l| l.decay_w1.n_out);
+        let mut decays = sc.decays.take();
         let [bx, bxn, bd, bxxx, bxw, bxk, bxv, bxr, bxg, br, bk, bv, bg, bw, by, bo, blo, blo2, bhid, btmp] =
             sc.bufs::<20>();
         let x = buf(bx, t * c);
@@ -165,6 +166,9 @@ impl V6 {
             for (i, z) in w.iter_mut().enumerate() {
                 *z = (-(l.decay[i % c] + *z).exp()).exp();
             }
+            if let Some(d) = decays.as_mut() {
+                d[li].extend_from_slice(w);
+            }
             matmul(&l.wr, xr, t, r);
             matmul(&l.wk, xk, t, k);
             matmul(&l.wv, xv, t, v);
@@ -175,5 +179,6 @@ impl V6 {
             l.ffn.run(&l.ln2, x, seqs, li, xn, xk, xr, r, o, hid);
         }
         self.io.logits(x, seqs, bxn, btmp);
+        sc.decays = decays;
     }
 }

@@ -257,6 +257,7 @@ impl V7 {
             })
             .max()
             .unwrap_or(0);
+        let mut decays = sc.decays.take();
         let [x, bxn, xr, xw, xk, xv, xa, xg, r, k, v, w, a, g, kk, y, lo, vf, hid, btmp, x0, dm, dp, dg] =
             sc.bufs::<24>();
         let x = buf(x, t * c);
@@ -341,6 +342,9 @@ impl V7 {
                     }
                 },
             );
+            if let Some(d) = decays.as_mut() {
+                d[li].extend_from_slice(w);
+            }
             // kk = normalize(k * k_k) per head, from the unmodified k; then k = k(1 + (a-1)k_a).
             for (ti, (kr, kkr)) in k.chunks_mut(c).zip(kk.chunks_mut(c)).enumerate() {
                 for j in 0..c {
@@ -427,6 +431,7 @@ impl V7 {
             }
         }
         self.io.logits(x, seqs, bxn, btmp);
+        sc.decays = decays;
     }
 }
 

@@ -13,6 +13,7 @@
 //! RWKV-v4neo `src/model.py` (`RWKV_TimeMix.__init__`, `RWKV_ChannelMix.__init__`,
 //! `generate_init_weight`).
 
+pub mod gpt;
 pub mod v4;
 pub mod v5;
 pub mod v7;
@@ -51,6 +52,8 @@ pub enum Init {
     Uniform(f64),
     /// `torch.nn.init.orthogonal_` of the `[rows, cols]` tensor, times `gain`.
     Orthogonal(f32),
+    /// Normal with mean 0 and this standard deviation (nanoGPT's `normal_(0, std)`).
+    Normal(f64),
 }
 
 /// One tensor of a generation.
@@ -85,6 +88,8 @@ pub struct Dims {
     pub lora: Vec<(&'static str, usize)>,
     /// RWKV-7a's DeepEmbed rank (0: none).
     pub deep_embed: usize,
+    /// The Transformer's learned positions (rows of `wpe`); 0 for RWKV.
+    pub positions: usize,
 }
 
 impl Dims {
@@ -94,6 +99,7 @@ impl Dims {
             Generation::V4 | Generation::V5_2 => Vec::new(),
             Generation::V6_0 => vec!["maa", "decay"],
             Generation::V7 => vec!["w", "a", "v", "g"],
+            Generation::Gpt => Vec::new(),
         };
         Dims {
             generation: info.generation,
@@ -107,6 +113,7 @@ impl Dims {
                 .map(|k| (k, info.lora.get(k).copied().unwrap_or(0)))
                 .collect(),
             deep_embed: info.deep_embed,
+            positions: info.positions,
         }
     }
 
@@ -132,6 +139,7 @@ impl Dims {
             Generation::V5_2 => (v5::ffn_dim(n_embd), Vec::new()),
             Generation::V6_0 => (v5::ffn_dim(n_embd), v5::lora_ranks(n_embd)),
             Generation::V7 => (4 * n_embd, v7::lora_ranks(n_embd)),
+            Generation::Gpt => (4 * n_embd, Vec::new()),
         };
         Ok(Dims {
             generation,
@@ -146,7 +154,14 @@ impl Dims {
             vocab,
             lora,
             deep_embed: 0,
+            positions: 0,
         })
+    }
+
+    /// These dimensions with `n` learned positions (the Transformer's context).
+    pub fn with_positions(mut self, n: usize) -> Dims {
+        self.positions = n;
+        self
     }
 
     /// Number of heads (1 for v4).
@@ -166,6 +181,10 @@ impl Dims {
 /// Every parameter of a model with dimensions `d`, in the official key order.
 pub fn params(d: &Dims) -> Vec<Param> {
     let mut out = Params(Vec::new());
+    if d.generation == Generation::Gpt {
+        gpt::params(d, &mut out);
+        return out.0;
+    }
     out.push(
         "emb.weight",
         &[d.vocab, d.n_embd],
@@ -176,6 +195,7 @@ pub fn params(d: &Dims) -> Vec<Param> {
         Generation::V4 => v4::blocks(d, &mut out),
         Generation::V5_2 | Generation::V6_0 => v5::blocks(d, &mut out),
         Generation::V7 => v7::blocks(d, &mut out),
+        Generation::Gpt => unreachable!("written above"),
     }
     let c = d.n_embd;
     out.norm("ln_out", c);
@@ -194,6 +214,17 @@ pub fn params(d: &Dims) -> Vec<Param> {
     out.0
 }
 
+/// The metadata a safetensors file of a model with dimensions `d` carries: PyTorch's
+/// `format`, and for the Transformer the head size its shapes do not say.
+pub fn metadata(d: &Dims) -> std::collections::BTreeMap<String, String> {
+    let mut md = std::collections::BTreeMap::new();
+    md.insert("format".to_string(), "pt".to_string());
+    if d.generation == Generation::Gpt {
+        md.insert(gpt::HEAD_SIZE_KEY.to_string(), d.head_size.to_string());
+    }
+    md
+}
+
 /// [`params`] by name.
 pub fn by_name(d: &Dims) -> HashMap<String, Param> {
     params(d).into_iter().map(|p| (p.name.clone(), p)).collect()
@@ -210,7 +241,7 @@ pub fn check<'a>(
     for (name, shape) in tensors {
         let p = want.remove(name).ok_or_else(|| {
             Error::bad(format!(
-                "unknown tensor {name} (not part of an RWKV {} model)",
+                "unknown tensor {name} (not part of a {} model)",
                 d.generation
             ))
         })?;

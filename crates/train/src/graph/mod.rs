@@ -55,6 +55,7 @@ impl TrainModel {
                 .iter()
                 .map(|(n, s, _)| (n.as_str(), s.as_slice()))
                 .collect(),
+            None,
         )?;
         let dev = Device::Cpu;
         let mut names = Vec::new();

@@ -8,7 +8,6 @@ pub mod kernels;
 pub mod products;
 
 use crate::common::dispatch;
-use ends::{Ends, EndsWork};
 use products::{Prepared, Products};
 use rwkv_core::error::{Error, Result};
 
@@ -26,15 +25,15 @@ pub trait Pass: Sync {
     fn products(&self) -> &Products;
     /// The same, to set their precision.
     fn products_mut(&mut self) -> &mut Products;
-    /// The embedding, the final norm and the head.
-    fn ends(&self) -> &Ends;
+    /// The vocabulary size (the length of a logits row).
+    fn vocab(&self) -> usize;
     /// A work area for shards of `bs` windows of `t` tokens.
     fn work(&self, bs: usize, t: usize) -> Self::Work;
     /// The windows per shard and tokens per window a work area was made for.
     fn shape(w: &Self::Work) -> (usize, usize);
-    /// The ends' part of a work area (where the forward pass leaves the logits and the
-    /// backward pass reads their gradient).
-    fn ends_work(w: &mut Self::Work) -> &mut EndsWork;
+    /// Where the forward pass leaves the logits `[M, V]` and the backward pass reads their
+    /// gradient.
+    fn logits(w: &mut Self::Work) -> &mut [f32];
     /// The forward pass of checked inputs, keeping what the backward pass needs.
     fn forward(&self, p: &[&[f32]], pr: &Prepared, tokens: &[u32], w: &mut Self::Work);
     /// The backward pass from the logits' gradient, adding every parameter's into `g`.
@@ -73,7 +72,7 @@ pub trait Pass: Sync {
             )));
         }
         self.products().check(p, pr, g)?;
-        let v = self.ends().vocab;
+        let v = self.vocab();
         let trained = targets.iter().filter(|&&x| x != IGNORE);
         if let Some(&bad) = tokens.iter().chain(trained).find(|&&x| x as usize >= v) {
             return Err(Error::bad(format!(
@@ -82,7 +81,7 @@ pub trait Pass: Sync {
         }
         self.forward(p, pr, tokens, w);
         let loss = dispatch!(kernels::cross_entropy(
-            &mut Self::ends_work(w).logits,
+            Self::logits(w),
             targets,
             v,
             scale,

@@ -172,16 +172,16 @@ impl Pass for Fused4 {
         &mut self.prod
     }
 
-    fn ends(&self) -> &Ends {
-        &self.ends
+    fn vocab(&self) -> usize {
+        self.ends.vocab
     }
 
     fn shape(w: &Work) -> (usize, usize) {
         (w.bs, w.t)
     }
 
-    fn ends_work(w: &mut Work) -> &mut EndsWork {
-        &mut w.ends
+    fn logits(w: &mut Work) -> &mut [f32] {
+        &mut w.ends.logits
     }
 
     fn work(&self, bs: usize, t: usize) -> Work {
@@ -410,6 +410,7 @@ mod tests {
             n_embd: 40,
             vocab: 50,
             head_size: 0,
+            positions: 0,
             seed: 7,
         });
         let f = Fused4::new(&case.params).unwrap();

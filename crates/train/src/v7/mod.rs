@@ -161,16 +161,16 @@ impl Pass for Fused7 {
         &mut self.prod
     }
 
-    fn ends(&self) -> &Ends {
-        &self.ends
+    fn vocab(&self) -> usize {
+        self.ends.vocab
     }
 
     fn shape(w: &Work) -> (usize, usize) {
         (w.bs, w.t)
     }
 
-    fn ends_work(w: &mut Work) -> &mut EndsWork {
-        &mut w.ends
+    fn logits(w: &mut Work) -> &mut [f32] {
+        &mut w.ends.logits
     }
 
     /// A work area for shards of `bs` windows of `t` tokens.
@@ -818,6 +818,7 @@ mod tests {
             n_embd: 96,
             vocab: 50,
             head_size: head,
+            positions: 0,
             seed: 7,
         })
     }

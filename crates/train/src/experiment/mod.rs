@@ -1,0 +1,247 @@
+//! `rwkv experiment NAME`: the seed's claims about RWKV measured by the product itself, each
+//! experiment writing a JSON of every figure and its plots into `--out`, and printing a
+//! short table. `--quick` runs a reduced version in seconds (what the tests run).
+//!
+//! - [`gen_time`]: time per token and memory against the position, RWKV-7 against the
+//!   Transformer baseline of the same blocks;
+//! - [`decay`]: every layer's and head's time horizon, from the decay of any RWKV checkpoint.
+
+pub mod decay;
+pub mod gen_time;
+pub mod plot;
+
+use crate::run::{train, Arch, TrainConfig};
+use rwkv_core::checkpoint::Generation;
+use rwkv_core::error::{Error, Result};
+use rwkv_core::model::Model;
+use serde::Serialize;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// The experiments, by name.
+pub const NAMES: [&str; 2] = ["gen-time", "decay"];
+
+/// What an experiment runs on.
+#[derive(Debug, Clone)]
+pub struct ExperimentConfig {
+    /// Which experiment ([`NAMES`]).
+    pub name: String,
+    /// The reduced version.
+    pub quick: bool,
+    /// Where its files go.
+    pub out: PathBuf,
+    /// Checkpoints to analyse (`decay`; default: the built-in model and one trained at a
+    /// longer context).
+    pub models: Vec<PathBuf>,
+    /// The text models are trained and measured on.
+    pub data: PathBuf,
+}
+
+/// A model shape of the experiments.
+#[derive(Debug, Clone, Serialize)]
+pub struct Shape {
+    /// Blocks.
+    pub layers: usize,
+    /// Width.
+    pub dim: usize,
+    /// Head size.
+    pub head_size: usize,
+    /// Vocabulary (256: bytes).
+    pub vocab: usize,
+}
+
+/// Writes `v` as pretty JSON, atomically.
+pub(crate) fn write_json(path: &Path, v: &impl Serialize) -> Result<()> {
+    let s = serde_json::to_string_pretty(v).map_err(|e| Error::Internal(e.to_string()))?;
+    rwkv_core::checkpoint::write_atomic(path, |w| w.write_all(s.as_bytes()))
+}
+
+/// One progress line on stderr: `what`, a bar, done/total and the time left.
+pub(crate) fn progress(what: &str, done: usize, total: usize, start: Instant) {
+    let el = start.elapsed().as_secs_f64();
+    let left = el / done.max(1) as f64 * (total - done) as f64;
+    eprint!(
+        "\r{what}{} {done}/{total} | ETA {}   ",
+        rwkv_core::progress::bar(done as u64, total as u64),
+        rwkv_core::progress::fmt_secs(left)
+    );
+}
+
+/// Runs the experiment `cfg.name`; returns the table it prints.
+pub fn run(cfg: &ExperimentConfig) -> Result<String> {
+    if !NAMES.contains(&cfg.name.as_str()) {
+        return Err(Error::bad(format!(
+            "unknown experiment {} (one of: {})",
+            cfg.name,
+            NAMES.join(", ")
+        )));
+    }
+    std::fs::create_dir_all(&cfg.out).map_err(|e| Error::io(&cfg.out, e))?;
+    let start = Instant::now();
+    let table = match cfg.name.as_str() {
+        "gen-time" => gen_time_table(cfg)?,
+        _ => decay_table(cfg)?,
+    };
+    Ok(format!(
+        "{table}(files in {}, {:.0} s)\n",
+        cfg.out.display(),
+        start.elapsed().as_secs_f64()
+    ))
+}
+
+fn gen_time_table(cfg: &ExperimentConfig) -> Result<String> {
+    // The 0.1B shape (L12 D768) would take about half an hour for the Transformer's 16,384
+    // tokens on two cores (its KV cache reads grow to 0.6 GB per token); L6 D384 keeps the
+    // run under ten minutes with the same contrast.
+    let (shape, tokens, every) = if cfg.quick {
+        (
+            Shape {
+                layers: 2,
+                dim: 64,
+                head_size: 32,
+                vocab: 256,
+            },
+            512,
+            64,
+        )
+    } else {
+        (
+            Shape {
+                layers: 6,
+                dim: 384,
+                head_size: 64,
+                vocab: 256,
+            },
+            16384,
+            256,
+        )
+    };
+    let r = gen_time::run(&shape, tokens, every, &cfg.out)?;
+    let mut t = format!(
+        "gen-time: {} layers, width {}, {} tokens each, bf16 weights\n",
+        shape.layers, shape.dim, tokens
+    );
+    t += "model        params   block params   ms/token first → last   state/cache first → last\n";
+    for run in &r.runs {
+        let last = run.positions.len() - 1;
+        t += &format!(
+            "{:<12} {:>6.2} M  {:>8.2} M     {:>7.3} → {:>7.3}        {:>8.2} → {:>8.2} MiB\n",
+            run.model,
+            run.params as f64 / 1e6,
+            run.block_params as f64 / 1e6,
+            run.ms_per_token[0],
+            run.ms_per_token[last],
+            run.state_mb[0],
+            run.state_mb[last]
+        );
+    }
+    for (p, x) in &r.total_time_ratio {
+        t += &format!("Transformer / RWKV-7 total time at {p} tokens: {x:.2}x\n");
+    }
+    for (p, x) in &r.per_token_ratio {
+        t += &format!("Transformer / RWKV-7 time of token {p}: {x:.2}x\n");
+    }
+    Ok(t)
+}
+
+/// The models `decay` analyses by default: the built-in model (context 64) and one trained on
+/// the same text at context 512 (made once under `out/ctx512`, reused after).
+fn default_decay_models(cfg: &ExperimentConfig) -> Result<Vec<PathBuf>> {
+    let mut models = vec![rwkv_core::default_model()?];
+    let dir = cfg
+        .out
+        .join(if cfg.quick { "ctx128-quick" } else { "ctx512" });
+    let model = dir.join("model.safetensors");
+    if !model.is_file() {
+        let c = TrainConfig {
+            data: cfg.data.clone(),
+            out: dir,
+            ..TrainConfig::for_arch(Arch::V7)
+        };
+        // The recipe's model and tokens per step, in longer windows.
+        let c = if cfg.quick {
+            TrainConfig {
+                layers: 2,
+                dim: 32,
+                head_size: 16,
+                ctx: 128,
+                batch: 2,
+                steps: 20,
+                warmup: 2,
+                ..c
+            }
+        } else {
+            TrainConfig {
+                ctx: 512,
+                batch: 2,
+                steps: 1500,
+                ..c
+            }
+        };
+        eprintln!(
+            "decay: training an RWKV-7 at context {} ({} steps)",
+            c.ctx, c.steps
+        );
+        train(c, false, None)?;
+    }
+    models.push(model);
+    Ok(models)
+}
+
+fn decay_table(cfg: &ExperimentConfig) -> Result<String> {
+    let models = if cfg.models.is_empty() {
+        default_decay_models(cfg)?
+    } else {
+        cfg.models.clone()
+    };
+    let n = if cfg.quick { 256 } else { 4096 };
+    let mut all = Vec::new();
+    for path in &models {
+        let model = Model::load(path)?;
+        let what = path.display();
+        let ids = match model.info().generation {
+            Generation::Gpt => {
+                return Err(Error::bad(format!(
+                    "{what}: the Transformer has no decay to analyse (decay reads RWKV checkpoints)"
+                )))
+            }
+            // A constant decay needs no text.
+            Generation::V4 | Generation::V5_2 => Vec::new(),
+            _ => {
+                let tok = rwkv_core::tokenizer::for_model(model.info())
+                    .map_err(|e| Error::bad(format!("{what}: {e}")))?;
+                let text = std::fs::read(&cfg.data).map_err(|e| Error::io(&cfg.data, e))?;
+                // The validation split's first tokens (text the models were not trained on).
+                let text = String::from_utf8_lossy(&text[text.len() * 9 / 10..]).into_owned();
+                let mut ids = tok.encode(&text)?;
+                ids.truncate(n);
+                ids
+            }
+        };
+        let name = if path.as_path() == Path::new(rwkv_core::DEFAULT_MODEL) {
+            "built-in model".to_string()
+        } else {
+            path.display().to_string()
+        };
+        all.push(
+            decay::measure(&model, &name, &ids).map_err(|e| Error::bad(format!("{what}: {e}")))?,
+        );
+    }
+    decay::report(&all, &cfg.out)?;
+    let mut t = String::from("decay: median horizon (tokens) per layer, 10th-90th percentile\n");
+    for hz in &all {
+        t += &format!("{} (RWKV {}):\n", hz.model, hz.generation);
+        for (i, m) in hz.median.iter().enumerate() {
+            t += &format!(
+                "  layer {i:>2}  {m:>9.2}   ({:.2} - {:.2})\n",
+                hz.p10[i], hz.p90[i]
+            );
+        }
+        t += &format!(
+            "  rank correlation of depth and horizon: {:.2}\n",
+            hz.depth_correlation
+        );
+    }
+    Ok(t)
+}
