@@ -123,3 +123,42 @@ fn a_transformer_without_its_head_size_is_refused_by_name() {
     assert!(e.to_string().contains("KV cache"), "{e}");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// A long context's heads run side by side on the pool: the same numbers as one after the
+/// other.
+#[test]
+fn heads_in_parallel_give_the_same_logits() {
+    use rwkv::checkpoint::{Generation, OutTensor};
+    use rwkv::init::{init_tensors_with, InitSpec};
+    let spec = InitSpec {
+        arch: Generation::Gpt,
+        n_layer: 1,
+        n_embd: 256,
+        vocab: 50,
+        head_size: 64,
+        positions: 1200,
+        seed: 3,
+    };
+    let ts = init_tensors_with(&spec, true).unwrap();
+    let out: Vec<OutTensor> = ts
+        .iter()
+        .map(|(n, s, d)| OutTensor::f32(n.clone(), s.clone(), d))
+        .collect();
+    let md = rwkv::schema::metadata(&spec.dims().unwrap());
+    let bytes = rwkv::checkpoint::safetensors_bytes(&out, &md).unwrap();
+    let model = Model::from_checkpoint(&Checkpoint::from_bytes("m", bytes).unwrap(), None).unwrap();
+    let tokens: Vec<u32> = (0..1100u32).map(|i| (i * 7 + 3) % 50).collect();
+    let run = |threads: usize| {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        pool.install(|| {
+            let mut st = model.new_state();
+            let mut last = model.forward(&tokens, &mut st, Logits::Last).unwrap();
+            last.extend(model.step(5, &mut st).unwrap());
+            last
+        })
+    };
+    assert_eq!(run(1), run(2));
+}

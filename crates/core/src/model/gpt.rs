@@ -138,17 +138,17 @@ impl Gpt {
             st.tensors[vi][p * c..(p + 1) * c].copy_from_slice(&row[2 * c..]);
         }
         let scale = 1.0 / (n as f32).sqrt();
+        let heads = c / n;
         let mut scores = std::mem::take(&mut st.scores);
         let (keys, values) = (&st.tensors[ki], &st.tensors[vi]);
         for i in 0..s.n {
             let q = &qkv[(s.row0 + i) * 3 * c..][..c];
             let len = p0 + i + 1;
-            let a = buf(&mut scores, len);
+            let a = buf(&mut scores, heads * len);
             let out = &mut ys[i * c..(i + 1) * c];
-            out.fill(0.0);
-            for h in 0..c / n {
-                let hs = h * n..(h + 1) * n;
-                let qh = &q[hs.clone()];
+            // One head: softmax(q·kᵀ·scale)·v over the positions so far.
+            let head = |h: usize, oh: &mut [f32], a: &mut [f32]| {
+                let qh = &q[h * n..(h + 1) * n];
                 let mut mx = f32::NEG_INFINITY;
                 for (j, aj) in a.iter_mut().enumerate() {
                     *aj = dot_f32(qh, &keys[j * c + h * n..][..n]) * scale;
@@ -159,11 +159,23 @@ impl Gpt {
                     *aj = crate::kernels::exp(*aj - mx);
                     sum += *aj;
                 }
-                let oh = &mut out[hs];
+                oh.fill(0.0);
                 for (j, &aj) in a.iter().enumerate() {
                     let w = aj / sum;
                     let vj = &values[j * c + h * n..][..n];
                     oh.iter_mut().zip(vj).for_each(|(o, v)| *o += w * v);
+                }
+            };
+            // A long context's heads side by side (its cache reads dominate a token's time).
+            if len * c >= crate::kernels::PAR_MIN_WORK && rayon::current_num_threads() > 1 {
+                use rayon::prelude::*;
+                out.par_chunks_mut(n)
+                    .zip(a.par_chunks_mut(len))
+                    .enumerate()
+                    .for_each(|(h, (oh, ah))| head(h, oh, ah));
+            } else {
+                for (h, (oh, ah)) in out.chunks_mut(n).zip(a.chunks_mut(len)).enumerate() {
+                    head(h, oh, ah);
                 }
             }
         }

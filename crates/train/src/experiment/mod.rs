@@ -145,10 +145,14 @@ fn gen_time_table(cfg: &ExperimentConfig) -> Result<String> {
     Ok(t)
 }
 
-/// The models `decay` analyses by default: the built-in model (context 64) and one trained on
-/// the same text at context 512 (made once under `out/ctx512`, reused after).
-fn default_decay_models(cfg: &ExperimentConfig) -> Result<Vec<PathBuf>> {
-    let mut models = vec![rwkv_core::default_model()?];
+/// The models `decay` analyses by default, with their names: the built-in model (context 64)
+/// and one trained on the same text at context 512 (made once under `out/ctx512`, reused
+/// after).
+fn default_decay_models(cfg: &ExperimentConfig) -> Result<Vec<(PathBuf, String)>> {
+    let mut models = vec![(
+        rwkv_core::default_model()?,
+        "built-in model (context 64)".to_string(),
+    )];
     let dir = cfg
         .out
         .join(if cfg.quick { "ctx128-quick" } else { "ctx512" });
@@ -185,7 +189,8 @@ fn default_decay_models(cfg: &ExperimentConfig) -> Result<Vec<PathBuf>> {
         );
         train(c, false, None)?;
     }
-    models.push(model);
+    let ctx = if cfg.quick { 128 } else { 512 };
+    models.push((model, format!("RWKV-7 trained at context {ctx}")));
     Ok(models)
 }
 
@@ -193,11 +198,15 @@ fn decay_table(cfg: &ExperimentConfig) -> Result<String> {
     let models = if cfg.models.is_empty() {
         default_decay_models(cfg)?
     } else {
-        cfg.models.clone()
+        let name = |p: &PathBuf| match p.as_path() == Path::new(rwkv_core::DEFAULT_MODEL) {
+            true => "built-in model".to_string(),
+            false => p.display().to_string(),
+        };
+        cfg.models.iter().map(|p| (p.clone(), name(p))).collect()
     };
     let n = if cfg.quick { 256 } else { 4096 };
     let mut all = Vec::new();
-    for path in &models {
+    for (path, name) in &models {
         let model = Model::load(path)?;
         let what = path.display();
         let ids = match model.info().generation {
@@ -219,13 +228,8 @@ fn decay_table(cfg: &ExperimentConfig) -> Result<String> {
                 ids
             }
         };
-        let name = if path.as_path() == Path::new(rwkv_core::DEFAULT_MODEL) {
-            "built-in model".to_string()
-        } else {
-            path.display().to_string()
-        };
         all.push(
-            decay::measure(&model, &name, &ids).map_err(|e| Error::bad(format!("{what}: {e}")))?,
+            decay::measure(&model, name, &ids).map_err(|e| Error::bad(format!("{what}: {e}")))?,
         );
     }
     decay::report(&all, &cfg.out)?;

@@ -1,6 +1,7 @@
 //! The experiments' pictures: line charts and heatmaps as SVG, written atomically.
 
 use plotters::prelude::*;
+use plotters::style::text_anchor::{HPos, Pos, VPos};
 use rwkv_core::error::{Error, Result};
 use std::path::Path;
 
@@ -112,20 +113,31 @@ pub fn heatmap(
         let root = SVGBackend::with_string(&mut svg, (860, 120 + 34 * rows.max(1) as u32))
             .into_drawing_area();
         root.fill(&WHITE).map_err(|e| perr(&e))?;
+        let (w, h) = (cols.max(1) as f64, rows.max(1) as f64);
         let mut chart = ChartBuilder::on(&root)
             .caption(title, ("sans-serif", 20))
             .margin(15)
             .x_label_area_size(40)
             .y_label_area_size(60)
-            .build_cartesian_2d(0..cols.max(1), 0..rows.max(1))
+            .build_cartesian_2d(0.0..w, 0.0..h)
             .map_err(|e| perr(&e))?;
+        // One label per cell, at its centre.
+        let centre = |v: &f64| {
+            if (v.fract() - 0.5).abs() < 1e-6 {
+                format!("{}", v.floor())
+            } else {
+                String::new()
+            }
+        };
         chart
             .configure_mesh()
             .disable_mesh()
             .x_desc(col_desc)
             .y_desc(row_desc)
-            .x_labels(cols.max(1))
-            .y_labels(rows.max(1))
+            .x_labels(2 * cols.max(1) + 1)
+            .y_labels(2 * rows.max(1) + 1)
+            .x_label_formatter(&centre)
+            .y_label_formatter(&centre)
             .draw()
             .map_err(|e| perr(&e))?;
         // A log scale: horizons range from one token to thousands.
@@ -136,18 +148,23 @@ pub fn heatmap(
                 let f = ((v.max(1e-9).ln() - lo) / (hi - lo)).clamp(0.0, 1.0);
                 let shade = (235.0 - 200.0 * f) as u8;
                 let fill = RGBColor(shade, shade, 255);
+                let (x, y) = (c as f64, r as f64);
                 chart
                     .draw_series(std::iter::once(Rectangle::new(
-                        [(c, r), (c + 1, r + 1)],
+                        [(x, y), (x + 1.0, y + 1.0)],
                         fill.filled(),
                     )))
                     .map_err(|e| perr(&e))?;
                 let ink = if f > 0.6 { WHITE } else { BLACK };
+                let font = ("sans-serif", 13)
+                    .into_font()
+                    .color(&ink)
+                    .pos(Pos::new(HPos::Center, VPos::Center));
                 chart
                     .draw_series(std::iter::once(Text::new(
                         format!("{v:.1}"),
-                        (c, r),
-                        ("sans-serif", 12).into_font().color(&ink),
+                        (x + 0.5, y + 0.5),
+                        font,
                     )))
                     .map_err(|e| perr(&e))?;
             }
