@@ -81,8 +81,9 @@ enum Cmd {
     /// (RWKV-PEFT's lora_A/lora_B file).
     Tune(TuneArgs),
     /// Measure one of the seed's claims about RWKV and draw it: gen-time (time and memory
-    /// per token against the position, RWKV-7 against a Transformer) or decay (each layer's
-    /// and head's time horizon).
+    /// per token against the position, RWKV-7 against a Transformer), context (loss against
+    /// position for models trained at longer contexts), decay (each layer's and head's time
+    /// horizon) or recall (associative recall against a Transformer).
     Experiment(ExperimentArgs),
     /// Score a model on a text: loss, perplexity and bits per byte (parallel mode).
     Eval(EvalArgs),
@@ -795,7 +796,7 @@ struct TrainArgs {
 /// `rwkv experiment` flags.
 #[derive(Args)]
 struct ExperimentArgs {
-    /// The experiment: gen-time or decay.
+    /// The experiment: gen-time, context, decay or recall.
     name: String,
     /// A reduced run of seconds instead of minutes.
     #[arg(long)]

@@ -20,7 +20,7 @@ pub struct Score {
 }
 
 /// `-log softmax(logits)[target]` in f64.
-fn nll(logits: &[f32], target: u32) -> f64 {
+pub fn nll(logits: &[f32], target: u32) -> f64 {
     let mx = logits.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) as f64;
     let s: f64 = logits.iter().map(|&z| (z as f64 - mx).exp()).sum();
     s.ln() + mx - logits[target as usize] as f64

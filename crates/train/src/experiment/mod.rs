@@ -4,11 +4,17 @@
 //!
 //! - [`gen_time`]: time per token and memory against the position, RWKV-7 against the
 //!   Transformer baseline of the same blocks;
-//! - [`decay`]: every layer's and head's time horizon, from the decay of any RWKV checkpoint.
+//! - [`decay`]: every layer's and head's time horizon, from the decay of any RWKV checkpoint;
+//! - [`context`]: the loss against the position with the state carried, for models trained
+//!   on windows of different lengths;
+//! - [`recall`]: associative recall, RWKV-7 against the Transformer, with the queries after
+//!   the pairs and also before them.
 
+pub mod context;
 pub mod decay;
 pub mod gen_time;
 pub mod plot;
+pub mod recall;
 
 use crate::run::{train, Arch, TrainConfig};
 use rwkv_core::checkpoint::Generation;
@@ -20,7 +26,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 /// The experiments, by name.
-pub const NAMES: [&str; 2] = ["gen-time", "decay"];
+pub const NAMES: [&str; 4] = ["gen-time", "context", "decay", "recall"];
 
 /// What an experiment runs on.
 #[derive(Debug, Clone)]
@@ -81,6 +87,8 @@ pub fn run(cfg: &ExperimentConfig) -> Result<String> {
     let start = Instant::now();
     let table = match cfg.name.as_str() {
         "gen-time" => gen_time_table(cfg)?,
+        "context" => context_table(cfg)?,
+        "recall" => recall_table(cfg)?,
         _ => decay_table(cfg)?,
     };
     Ok(format!(
@@ -153,45 +161,212 @@ fn default_decay_models(cfg: &ExperimentConfig) -> Result<Vec<(PathBuf, String)>
         rwkv_core::default_model()?,
         "built-in model (context 64)".to_string(),
     )];
-    let dir = cfg
-        .out
-        .join(if cfg.quick { "ctx128-quick" } else { "ctx512" });
-    let model = dir.join("model.safetensors");
-    if !model.is_file() {
-        let c = TrainConfig {
-            data: cfg.data.clone(),
-            out: dir,
-            ..TrainConfig::for_arch(Arch::V7)
-        };
-        // The recipe's model and tokens per step, in longer windows.
-        let c = if cfg.quick {
-            TrainConfig {
-                layers: 2,
-                dim: 32,
-                head_size: 16,
-                ctx: 128,
-                batch: 2,
-                steps: 20,
-                warmup: 2,
-                ..c
-            }
-        } else {
-            TrainConfig {
-                ctx: 512,
-                batch: 2,
-                steps: 1500,
-                ..c
-            }
-        };
-        eprintln!(
-            "decay: training an RWKV-7 at context {} ({} steps)",
-            c.ctx, c.steps
-        );
-        train(c, false, None)?;
-    }
+    let c = TrainConfig {
+        data: cfg.data.clone(),
+        ..TrainConfig::for_arch(Arch::V7)
+    };
+    // The recipe's model and tokens per step, in longer windows.
+    let c = if cfg.quick {
+        TrainConfig {
+            ctx: 128,
+            batch: 2,
+            steps: 20,
+            ..quick_shape(c)
+        }
+    } else {
+        TrainConfig {
+            ctx: 512,
+            batch: 2,
+            steps: 1500,
+            ..c
+        }
+    };
+    let model = trained(cfg, c, "ctx512")?;
     let ctx = if cfg.quick { 128 } else { 512 };
     models.push((model, format!("RWKV-7 trained at context {ctx}")));
     Ok(models)
+}
+
+/// A tiny model for the quick runs.
+fn quick_shape(c: TrainConfig) -> TrainConfig {
+    TrainConfig {
+        layers: 2,
+        dim: 32,
+        head_size: 16,
+        warmup: 2,
+        ..c
+    }
+}
+
+/// The model `c` trains, under `out/NAME` (`NAME-quick` for the quick runs): trained once,
+/// reused by later runs of the experiments.
+fn trained(cfg: &ExperimentConfig, c: TrainConfig, name: &str) -> Result<PathBuf> {
+    let tag = if cfg.quick { "-quick" } else { "" };
+    let dir = cfg.out.join(format!("{name}{tag}"));
+    let model = dir.join("model.safetensors");
+    // A run a kill interrupted is resumed; a finished one only validates.
+    let resume = dir.join("state.safetensors").is_file();
+    if !resume {
+        eprintln!(
+            "{}: training {} at context {} ({} steps of {} windows)",
+            cfg.name,
+            match c.arch {
+                Arch::Gpt => "the Transformer",
+                _ => "an RWKV-7",
+            },
+            c.ctx,
+            c.steps,
+            c.batch
+        );
+    }
+    train(TrainConfig { out: dir, ..c }, resume, None)?;
+    Ok(model)
+}
+
+fn context_table(cfg: &ExperimentConfig) -> Result<String> {
+    // The same tokens per step (and so the same tokens seen) at every context, in at least
+    // two windows (one shard per thread).
+    let (ctxs, per_step, steps, segment) = if cfg.quick {
+        ([16, 32, 64], 128, 30, 256)
+    } else {
+        ([64, 256, 1024], 2048, 750, 2048)
+    };
+    let toks = rwkv_core::data::load(&cfg.data, "bytes", &cfg.out)?;
+    let from = rwkv_core::data::val_start(toks.len(), 0.1);
+    let mut val = Vec::new();
+    toks.copy(from, toks.len(), &mut val);
+    if cfg.quick {
+        val.truncate(16 * segment + 1);
+    }
+    let mut curves = Vec::new();
+    for ctx in ctxs {
+        let c = TrainConfig {
+            data: cfg.data.clone(),
+            ctx,
+            batch: per_step / ctx,
+            steps,
+            ..TrainConfig::for_arch(Arch::V7)
+        };
+        let c = if cfg.quick { quick_shape(c) } else { c };
+        let path = trained(cfg, c, &format!("ctx{ctx}"))?;
+        let model = Model::load(&path)?;
+        let val_loss =
+            rwkv_core::eval::score(&model, &val, 0, Some(ctx), None, &mut |_, _| {})?.loss;
+        let (bin_start, loss) = context::curve(&model, &val, segment)?;
+        curves.push(context::Curve {
+            ctx,
+            tokens_seen: (per_step as u64) * steps,
+            val_loss,
+            bin_start,
+            loss,
+        });
+    }
+    let r = context::Report {
+        segment,
+        segments: (val.len() - 1) / segment,
+        curves,
+    };
+    context::report(&r, &cfg.out)?;
+    let mut t = format!(
+        "context: loss by position in segments of {segment} tokens, state carried ({} segments)\n",
+        r.segments
+    );
+    t += "trained at   tokens seen   val (own ctx)";
+    let starts = &r.curves[0].bin_start;
+    let shown: Vec<usize> = (0..starts.len())
+        .filter(|&b| b >= 4 && b % 2 == 0)
+        .collect();
+    for &b in &shown {
+        t += &format!("   @{:<5}", starts[b]);
+    }
+    t += "\n";
+    for c in &r.curves {
+        t += &format!(
+            "{:>10}   {:>11}   {:>13.4}",
+            c.ctx, c.tokens_seen, c.val_loss
+        );
+        for &b in &shown {
+            t += &format!("   {:<6.3}", c.loss[b]);
+        }
+        t += "\n";
+    }
+    Ok(t)
+}
+
+fn recall_table(cfg: &ExperimentConfig) -> Result<String> {
+    use recall::Order;
+    let (pairs, train_n, test_n, ctx, steps): (&[usize], _, _, _, _) = if cfg.quick {
+        (&[2, 4], 2000, 40, 64, 30)
+    } else {
+        (&[4, 8, 16, 32], 25_000, 400, 256, 1000)
+    };
+    let mut all = Vec::new();
+    for order in [Order::After, Order::Before] {
+        let tag = match order {
+            Order::After => "after",
+            Order::Before => "before",
+        };
+        let text = cfg.out.join(format!("recall-{tag}.txt"));
+        let train_set = recall::examples(pairs, train_n, order, 1);
+        let bytes: Vec<u8> = train_set
+            .iter()
+            .flat_map(|e| e.tokens.iter().copied())
+            .collect();
+        rwkv_core::checkpoint::write_atomic(&text, |w| w.write_all(&bytes))?;
+        let tests = recall::examples(pairs, test_n, order, 2);
+        for arch in [Arch::V7, Arch::Gpt] {
+            let c = TrainConfig {
+                data: text.clone(),
+                ctx,
+                batch: 4,
+                steps,
+                ..TrainConfig::for_arch(arch)
+            };
+            let c = if cfg.quick { quick_shape(c) } else { c };
+            let name = if arch == Arch::Gpt {
+                "transformer"
+            } else {
+                "rwkv7"
+            };
+            let path = trained(cfg, c, &format!("{name}-{tag}"))?;
+            let model = Model::load(&path)?;
+            let tok = rwkv_core::tokenizer::load("bytes")?;
+            let val = rwkv_core::eval::score_file(
+                &model,
+                tok.as_ref(),
+                Some("bytes"),
+                &text,
+                Some(ctx),
+                Some(0.1),
+                None,
+                &mut |_, _| {},
+            )?;
+            all.push(recall::score(&model, name, order, val.loss, &tests)?);
+        }
+    }
+    recall::report(&all, &cfg.out)?;
+    let mut t = String::from("recall: accuracy of the value after each query (chance 0.1)\n");
+    t += "model        queries   overall";
+    for &n in pairs {
+        t += &format!("   {n:>2} pairs");
+    }
+    t += "\n";
+    for s in &all {
+        t += &format!(
+            "{:<12} {:<8}  {:>7.3}",
+            s.model,
+            match s.order {
+                Order::After => "after",
+                Order::Before => "before",
+            },
+            s.overall
+        );
+        for (_, a) in &s.by_pairs {
+            t += &format!("   {a:>8.3}");
+        }
+        t += "\n";
+    }
+    Ok(t)
 }
 
 fn decay_table(cfg: &ExperimentConfig) -> Result<String> {
