@@ -811,6 +811,16 @@ struct ExperimentArgs {
     /// The text models are trained and measured on.
     #[arg(long, default_value = "data/tinyshakespeare.txt")]
     data: PathBuf,
+    /// gen-time: blocks of both models [default: 6; --quick 2].
+    #[arg(long)]
+    layers: Option<usize>,
+    /// gen-time: width of both models, a multiple of the heads' 64 (32 with --quick)
+    /// [default: 384; --quick 64].
+    #[arg(long)]
+    dim: Option<usize>,
+    /// gen-time: tokens each model generates [default: 16384; --quick 512].
+    #[arg(long)]
+    tokens: Option<usize>,
     /// Threads (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
@@ -826,6 +836,9 @@ fn experiment(a: ExperimentArgs) -> Result<()> {
         quick: a.quick,
         models: a.model,
         data: a.data,
+        layers: a.layers,
+        dim: a.dim,
+        tokens: a.tokens,
     };
     print!("{}", rwkv::train::experiment::run(&cfg)?);
     Ok(())

@@ -34,7 +34,7 @@ fn is_svg(path: &Path) {
 #[test]
 fn gen_time_measures_both_models_and_their_memory() {
     let d = tmpdir("exp-gen-time");
-    let out = ok(&quick("gen-time", &d, &[]));
+    let out = ok(&quick("gen-time", &d, &["--tokens", "512"]));
     assert!(
         out.contains("rwkv7") && out.contains("transformer"),
         "{out}"
@@ -173,6 +173,8 @@ fn bad_experiments_give_one_clear_error() {
         env!("CARGO_MANIFEST_DIR"),
         "/tests/fixtures/gpt/model.safetensors"
     );
+    let e3 = bad(&quick("gen-time", &d, &["--dim", "48"]));
+    assert!(e3.contains("a width that heads of 32 divide"), "{e3}");
     let e = bad(&quick("decay", &d, &["--model", gpt]));
     assert!(e.contains("the Transformer has no decay to analyse"), "{e}");
 }

@@ -42,6 +42,13 @@ pub struct ExperimentConfig {
     pub models: Vec<PathBuf>,
     /// The text models are trained and measured on.
     pub data: PathBuf,
+    /// `gen-time`'s shape and length, instead of its defaults: blocks, width (heads of 64)
+    /// and tokens per model.
+    pub layers: Option<usize>,
+    /// Width.
+    pub dim: Option<usize>,
+    /// Tokens per model.
+    pub tokens: Option<usize>,
 }
 
 /// A model shape of the experiments.
@@ -125,6 +132,18 @@ fn gen_time_table(cfg: &ExperimentConfig) -> Result<String> {
             256,
         )
     };
+    let shape = Shape {
+        layers: cfg.layers.unwrap_or(shape.layers),
+        dim: cfg.dim.unwrap_or(shape.dim),
+        ..shape
+    };
+    let tokens = cfg.tokens.unwrap_or(tokens);
+    if tokens == 0 || shape.layers == 0 || !shape.dim.is_multiple_of(shape.head_size) {
+        return Err(Error::bad(format!(
+            "gen-time needs at least one token and layer, and a width that heads of {} divide",
+            shape.head_size
+        )));
+    }
     let r = gen_time::run(&shape, tokens, every, &cfg.out)?;
     let mut t = format!(
         "gen-time: {} layers, width {}, {} tokens each, bf16 weights\n",
