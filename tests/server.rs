@@ -24,6 +24,11 @@ impl Server {
             env!("CARGO_MANIFEST_DIR"),
             "/tests/fixtures/v7/model.safetensors"
         );
+        Self::start_with(model, extra)
+    }
+
+    /// [`Server::start`] with another model.
+    fn start_with(model: &str, extra: &[&str]) -> Server {
         let mut child = Command::new(env!("CARGO_BIN_EXE_rwkv"))
             .args([
                 "serve",
@@ -535,6 +540,32 @@ fn concurrent_requests_give_the_sequential_results() {
         steps1 - steps0,
         steps2 - steps1
     );
+}
+
+#[test]
+fn a_transformers_context_bounds_prompt_and_completion() {
+    let model = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/gpt/model.safetensors"
+    );
+    let s = Server::start_with(model, &[]);
+    let c = "/v1/completions";
+    // 16 positions: 3 prompt tokens leave room for 13.
+    let (st, v) = s.post(c, &json!({"prompt": [1, 2, 3], "max_tokens": 13}));
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(usage(&v).1, 13);
+    let (st, v) = s.post(c, &json!({"prompt": [1, 2, 3], "max_tokens": 14}));
+    assert_eq!(st, 400, "{v}");
+    assert_eq!(v["error"]["code"], "context_length_exceeded", "{v}");
+    assert_eq!(v["error"]["param"], "max_tokens", "{v}");
+    // Without max_tokens the completion ends where the context does.
+    let (st, v) = s.post(c, &json!({"prompt": [1, 2, 3]}));
+    assert_eq!(st, 200, "{v}");
+    assert!(usage(&v).1 <= 13, "{v}");
+    let (st, v) = s.post(c, &json!({"prompt": vec![1; 16], "max_tokens": 1}));
+    assert_eq!((st, &v["error"]["param"]), (400, &json!("prompt")), "{v}");
+    let (_, info) = s.get("/tokenizer_info");
+    assert!(info.contains("\"max_model_len\":16"), "{info}");
 }
 
 #[test]

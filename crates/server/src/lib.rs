@@ -239,6 +239,7 @@ pub fn serve(args: ServeConfig) -> Result<()> {
         .unwrap_or_else(|| "rwkv".into());
     let vocab = model.vocab_size();
     let width = model.info().n_embd;
+    let context = model.info().positions;
     let metrics = Arc::new(Metrics::default());
     let cfg = EngineConfig {
         max_batch: args.max_batch,
@@ -259,6 +260,7 @@ pub fn serve(args: ServeConfig) -> Result<()> {
         created: unix_now(),
         max_prompt_tokens: args.max_prompt_tokens,
         max_tokens_limit: args.max_tokens_limit,
+        context,
         keys,
         width,
         grammars,
@@ -392,6 +394,17 @@ async fn shutdown_signal() {
     }
 }
 
+impl AppState {
+    /// The longest sequence a request may make: the prompt limit, and for a Transformer its
+    /// positions.
+    fn max_model_len(&self) -> usize {
+        match self.context {
+            0 => self.max_prompt_tokens,
+            c => c.min(self.max_prompt_tokens),
+        }
+    }
+}
+
 /// What the handlers share.
 struct AppState {
     engine: Engine,
@@ -402,6 +415,8 @@ struct AppState {
     created: u64,
     max_prompt_tokens: usize,
     max_tokens_limit: usize,
+    /// The most tokens a sequence may hold: a Transformer's positions (0: RWKV, unbounded).
+    context: usize,
     /// Accepted API keys (none: open).
     keys: Vec<String>,
     /// The model's width (the embeddings' length).
@@ -793,7 +808,7 @@ async fn tokenizer_info(State(app): State<App>) -> Response {
     let body = serde_json::json!({
         "model": app.0.model,
         "vocab_size": app.0.vocab,
-        "max_model_len": app.0.max_prompt_tokens,
+        "max_model_len": app.0.max_model_len(),
         // The vocabularies' end-of-text token (id 0) has no text form; nothing is added to
         // a prompt when it is tokenized.
         "eos_token": null,
@@ -815,7 +830,7 @@ async fn tokenize_text(State(app): State<App>, headers: HeaderMap, body: Body) -
         let body = serde_json::json!({
             "tokens": ids,
             "count": ids.len(),
-            "max_model_len": app.0.max_prompt_tokens,
+            "max_model_len": app.0.max_model_len(),
         });
         Ok::<_, ApiError>(json_response(200, body.to_string()))
     };
@@ -961,6 +976,28 @@ impl App {
                 ))
             }
             Some(n) => n as usize,
+        };
+        // A Transformer's learned positions bound the prompt and the completion together.
+        let held = prompt.len().max(1);
+        let max_tokens = match (s.context, p.max_tokens) {
+            (0, _) => max_tokens,
+            (c, _) if held + max_tokens <= c => max_tokens,
+            (c, None) if held < c => c - held,
+            (c, _) => {
+                return Err(ApiError::invalid(
+                    format!(
+                        "this model's context is {c} tokens, but the prompt ({held} tokens) and \
+                         max_tokens ({max_tokens}) ask for {}",
+                        held + max_tokens
+                    ),
+                    Some(if held >= c {
+                        prompt_param
+                    } else {
+                        "max_tokens"
+                    }),
+                )
+                .with_code("context_length_exceeded"))
+            }
         };
         if prompt.is_empty() {
             // Nothing to condition on: start from the end-of-text token, as the models were
